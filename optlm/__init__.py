@@ -1,0 +1,23 @@
+"""optlm: Meta's OPT language models in lean PyTorch, numerically matching the reference implementation."""
+
+from .config import OPTConfig
+from .hf import (
+    OPTForCausalLM,
+    OPTForQuestionAnswering,
+    OPTForSequenceClassification,
+    OPTModel,
+    OPTOutput,
+)
+from .kv_cache import KVCache
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KVCache",
+    "OPTConfig",
+    "OPTForCausalLM",
+    "OPTForQuestionAnswering",
+    "OPTForSequenceClassification",
+    "OPTModel",
+    "OPTOutput",
+]

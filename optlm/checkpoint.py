@@ -1,0 +1,238 @@
+"""Hugging Face checkpoints: find them, read them without unpickling, map names, validate, save.
+
+Layouts understood: ``model.safetensors``; sharded ``model-0000X-of-0000N.safetensors`` with
+``model.safetensors.index.json``; ``pytorch_model.bin`` (and its sharded index) read only through
+``torch.load(weights_only=True)``. Keys may carry the original hub uploads' ``decoder.*`` prefix or
+transformers' ``model.decoder.*``; both map onto the same module tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+_WEIGHT_FILES = (SAFE_INDEX, SAFE_SINGLE, BIN_INDEX, BIN_SINGLE)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is; the message says what is wrong and how to fix it."""
+
+
+# ---- locating files ----------------------------------------------------------------------------------
+
+def resolve(path_or_id: str | os.PathLike, revision: str | None = None, weights: bool = True) -> Path:
+    """A local directory, or a hub id fetched into (or read from, with HF_HUB_OFFLINE=1) the standard cache."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the directory that holds config.json and the weights")
+    repo_id = str(path_or_id)
+    if repo_id.startswith((".", "/", "~")) or repo_id.count("/") > 1:
+        raise CheckpointError(f"model directory {repo_id} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.txt"]
+    try:
+        snap = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns + ["*.safetensors"]))
+        if weights and not any(snap.glob("*.safetensors")):
+            snap = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns + ["*.bin"]))
+    except HFValidationError as e:
+        raise CheckpointError(f"{repo_id!r} is neither a local directory nor a valid hub id") from e
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(
+            f"{repo_id} is not a local directory and is not in the Hugging Face cache, and the hub cannot be "
+            "reached (offline or HF_HUB_OFFLINE=1); download it once with network access, or pass a local path"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise CheckpointError(f"no model {repo_id!r} on the hub (or it is private); check the name") from e
+    return snap
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, safetensors first."""
+    for index in (SAFE_INDEX, BIN_INDEX):
+        if (directory / index).is_file():
+            with open(directory / index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+            missing = [name for name in files if not (directory / name).is_file()]
+            if missing:
+                raise CheckpointError(f"{directory / index} lists shards that are not there: {', '.join(missing)}")
+            return [directory / name for name in files]
+    for single in (SAFE_SINGLE, BIN_SINGLE):
+        if (directory / single).is_file():
+            return [directory / single]
+    others = sorted(p.name for p in directory.glob("*.safetensors")) + sorted(p.name for p in directory.glob("*.bin"))
+    if len(others) == 1:
+        return [directory / others[0]]
+    raise CheckpointError(
+        f"no weights found in {directory}: looked for {', '.join(_WEIGHT_FILES)}"
+        + (f" (found {', '.join(others)} but no index to say which belong together)" if others else "")
+    )
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+
+def read_state_dict(files: Iterable[Path]) -> dict[str, Tensor]:
+    """All tensors of a checkpoint, memory-mapped where the format allows (no copy until used)."""
+    state: dict[str, Tensor] = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                        state[key] = f.get_tensor(key)
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+                                      "corrupted — download or save it again") from e
+        else:
+            state.update(_load_bin(path))
+    return state
+
+
+def _load_bin(path: Path) -> dict[str, Tensor]:
+    # weights_only=True: the file is never unpickled into arbitrary objects, so it cannot run code.
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:
+        raise CheckpointError(f"{path} could not be read as a weights-only PyTorch file ({e}); convert it to "
+                              "safetensors or re-save it with torch.save(state_dict)") from e
+
+
+# ---- names --------------------------------------------------------------------------------------------
+
+def normalize_keys(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
+    """Map checkpoint names onto ``expected`` model names: add or drop the ``model.`` prefix as needed."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(".version"):  # fairseq bookkeeping buffers, not weights
+            continue
+        if key not in expected:
+            if "model." + key in expected:
+                key = "model." + key
+            elif key.startswith("model.") and key[len("model."):] in expected:
+                key = key[len("model."):]
+        out[key] = value
+    return out
+
+
+def _layer_count(keys: Iterable[str]) -> int:
+    idx = [int(m.group(1)) for k in keys if (m := re.search(r"layers\.(\d+)\.", k))]
+    return max(idx) + 1 if idx else 0
+
+
+def check_state_dict(model: nn.Module, state: dict[str, Tensor], optional: set[str], source: str) -> list[str]:
+    """Raise on missing, unexpected or mis-shaped weights, naming each; return the optional keys missing.
+
+    ``optional`` are weights the model may initialise itself (a new classification head, a tied lm_head).
+    Keys of heads this model does not have (e.g. ``lm_head.weight`` loaded into OPTModel) are ignored.
+    """
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(k for k in expected if k not in state and k not in optional)
+    head_keys = ("lm_head.", "score.", "qa_outputs.")
+    unexpected = sorted(k for k in state if k not in expected and not k.startswith(head_keys))
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+                  for k in sorted(expected) if k in state and state[k].shape != expected[k]]
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {source} does not fit the model built from its config:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                shown = items[:12] + ([f"... and {len(items) - 12} more"] if len(items) > 12 else [])
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+        ckpt_layers, model_layers = _layer_count(state), _layer_count(expected)
+        if ckpt_layers != model_layers:
+            lines.append(f"  the checkpoint has {ckpt_layers} layers but config.json says num_hidden_layers="
+                         f"{model_layers}")
+        if mismatched or ckpt_layers != model_layers:
+            lines.append("  fix config.json (hidden_size, ffn_dim, vocab_size, word_embed_proj_dim, "
+                         "num_hidden_layers …) so it describes these weights")
+        raise CheckpointError("\n".join(lines))
+    return sorted(k for k in optional if k not in state)
+
+
+def storage_dtype(state: dict[str, Tensor]) -> torch.dtype:
+    """The floating dtype the checkpoint stores its weights in."""
+    for value in state.values():
+        if value.is_floating_point():
+            return value.dtype
+    return torch.float32
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+
+def parse_size(size: int | str) -> int:
+    """'5GB', '200MB', '10KiB' or a byte count."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read size {size!r}; write e.g. '5GB', '500MB' or a number of bytes")
+    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    return int(float(m.group(1)) * units[(m.group(2) or "b").lower()])
+
+
+def save_state_dict(state: dict[str, Tensor], directory: Path, max_shard_size: int | str = "5GB") -> None:
+    """Write safetensors, sharded with an index when larger than ``max_shard_size`` (transformers' layout)."""
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, value in state.items():
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value.detach().contiguous()
+        size += nbytes
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in list(directory.glob("model*.safetensors")) + [directory / SAFE_INDEX]:
+        stale.unlink(missing_ok=True)  # a previous save with another shard count must not linger
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SAFE_SINGLE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    with open(directory / SAFE_INDEX, "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+
+
+def count_parameters(files: Iterable[Path]) -> tuple[int, set[str]]:
+    """Parameter count and stored dtypes, read from headers only (no tensor data touched)."""
+    total, dtypes = 0, set()
+    for path in files:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():  # noqa: SIM118
+                    sl = f.get_slice(key)
+                    n = 1
+                    for dim in sl.get_shape():
+                        n *= dim
+                    total += n
+                    dtypes.add(sl.get_dtype())
+        else:
+            for value in _load_bin(path).values():
+                total += value.numel()
+                dtypes.add(str(value.dtype).removeprefix("torch."))
+    return total, dtypes

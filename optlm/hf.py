@@ -1,0 +1,359 @@
+"""The Hugging Face-compatible façade: OPTModel, OPTForCausalLM, OPTForSequenceClassification,
+OPTForQuestionAnswering with transformers' calling conventions (from_pretrained, forward keywords, outputs).
+
+Code written against transformers' OPT classes switches by changing the import. The computation lives in
+``model.py``; this file only translates keywords, computes positions, attaches heads and losses.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from .config import OPTConfig
+from .kv_cache import KVCache
+from .model import OPTDecoder, positions_from_mask
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
+           "fp64": torch.float64, "double": torch.float64}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return None if dtype == "auto" else dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class OPTOutput:
+    """What the forward passes return; fields a head does not produce stay None."""
+
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    start_logits: Tensor | None = None
+    end_logits: Tensor | None = None
+    last_hidden_state: Tensor | None = None
+    past_key_values: KVCache | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+class OPTPreTrainedModel(nn.Module):
+    """Shared loading, saving and bookkeeping. Subclasses set ``_optional_keys`` (weights they may init)."""
+
+    _optional_keys: tuple[str, ...] = ()
+
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.config = config
+
+    # ---- construction ---------------------------------------------------------------------------------
+
+    def init_weights(self) -> None:
+        """Random initialisation as transformers does it: N(0, init_std) weights, zero biases, unit norms."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+                if module.padding_idx is not None:
+                    module.weight.data[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Point the LM head at the input embedding matrix (OPT ties them)."""
+
+    def get_decoder(self) -> OPTDecoder:
+        return self.model.decoder
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen or (exclude_embeddings and "embed" in name):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    def set_attn_implementation(self, name: str) -> None:
+        self.get_decoder().set_attn_implementation(name)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each layer's activations in the backward pass instead of storing them."""
+        self.get_decoder().gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.get_decoder().gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.get_decoder().gradient_checkpointing
+
+    # ---- loading and saving ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None, attn_implementation: str | None = None,
+                        revision: str | None = None, config: OPTConfig | None = None,
+                        torch_dtype: torch.dtype | str | None = None, **config_overrides: Any):
+        """Load a Hugging Face OPT checkpoint (directory or hub id).
+
+        The model is built on the meta device and the memory-mapped checkpoint tensors are assigned to it,
+        so peak memory stays near one copy of the weights. ``dtype=None`` keeps the checkpoint's dtype
+        (transformers' "auto"); ``config_overrides`` (e.g. ``num_labels=3``) edit the loaded config.
+        """
+        dtype = parse_dtype(dtype if dtype is not None else torch_dtype)
+        directory = ckpt.resolve(path_or_hub_id, revision)
+        if config is None:
+            if not (directory / "config.json").is_file():
+                raise ckpt.CheckpointError(f"{directory} has no config.json; an OPT checkpoint directory needs one")
+            config = OPTConfig.from_json_file(directory / "config.json")
+        for key, value in config_overrides.items():
+            if not hasattr(config, key):
+                raise TypeError(f"from_pretrained() got an unexpected keyword argument {key!r}")
+            setattr(config, key, value)
+        if "id2label" not in config_overrides and "num_labels" in config_overrides:
+            config.id2label = config.label2id = None
+        state = ckpt.read_state_dict(ckpt.weight_files(directory))
+
+        with torch.device("meta"):
+            model = cls(config, init=False)
+        state = ckpt.normalize_keys(state, set(model.state_dict()))
+        new_keys = ckpt.check_state_dict(model, state, set(model._optional_keys), str(directory))
+        target = dtype or ckpt.storage_dtype(state)
+        state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()
+                 if k in model.state_dict()}
+        model.load_state_dict(state, strict=False, assign=True)
+        model._materialize(new_keys, target)
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+    def _materialize(self, new_keys: list[str], dtype: torch.dtype) -> None:
+        """Give real memory to weights the checkpoint did not have (tied head, fresh classifier head)."""
+        self.tie_weights()
+        for key in new_keys:
+            module_name, _, _ = key.rpartition(".")
+            module = self.get_submodule(module_name)
+            if any(p.is_meta for p in module.parameters(recurse=False)):
+                module.to_empty(device="cpu", recurse=False)
+                module.to(dtype)
+                nn.init.normal_(module.weight, std=self.config.init_std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        meta = [n for n, p in self.named_parameters() if p.is_meta]
+        assert not meta, f"parameters left on the meta device: {meta}"
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        safe_serialization: bool = True) -> None:
+        """Write config.json and safetensors weights (sharded above ``max_shard_size``) as transformers does."""
+        if not safe_serialization:
+            raise ValueError("optlm saves safetensors only (no pickle); drop safe_serialization=False")
+        directory = Path(save_directory)
+        state = self.state_dict()
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # tied: stored once, as the embedding (transformers omits it too)
+        self.config.extra["dtype"] = str(self.dtype).removeprefix("torch.")
+        self.config.extra.pop("torch_dtype", None)
+        self.config.extra.setdefault("architectures", [type(self).__name__])
+        ckpt.save_state_dict(state, directory, max_shard_size)
+        self.config.save(directory)
+
+    # ---- forward helpers ------------------------------------------------------------------------------
+
+    def _decode(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+                past_key_values: KVCache | None, use_cache: bool | None) -> tuple[Tensor, KVCache | None]:
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        B, T = input_ids.shape
+        cache = past_key_values
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if cache is None and use_cache:
+            cache = KVCache.for_model(self.config, B, T, self.dtype, input_ids.device)
+        past = cache.length if cache is not None else 0
+        if attention_mask is None and cache is not None and cache.mask is not None:
+            attention_mask = torch.cat([cache.mask.long(), cache.mask.new_ones(B, T, dtype=torch.long)], 1)
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        limit = self.config.max_position_embeddings
+        if past + T > limit:
+            raise ValueError(f"input has {past + T} tokens ({past} cached + {T} new); this model allows {limit} "
+                             "(max_position_embeddings) — shorten or truncate it")
+        hidden = self.get_decoder()(input_ids, position_ids, attention_mask, cache)
+        return hidden, cache
+
+
+class OPTModel(OPTPreTrainedModel):
+    """The bare decoder: returns ``last_hidden_state`` (width word_embed_proj_dim)."""
+
+    def __init__(self, config: OPTConfig, init: bool = True):
+        super().__init__(config)
+        self.decoder = OPTDecoder(config)
+        if init:
+            self.init_weights()
+
+    def get_decoder(self) -> OPTDecoder:
+        return self.decoder
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool | None = None) -> OPTOutput:
+        hidden, cache = self._decode(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        return OPTOutput(last_hidden_state=hidden, past_key_values=cache)
+
+
+class OPTForCausalLM(OPTPreTrainedModel):
+    """OPT with its language-model head (tied to the token embeddings)."""
+
+    _optional_keys = ("lm_head.weight",)
+
+    def __init__(self, config: OPTConfig, init: bool = True):
+        super().__init__(config)
+        self.model = OPTModel(config, init=False)
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        if init:
+            self.init_weights()
+        if not config.tie_word_embeddings:
+            self._optional_keys = ()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.decoder.embed_tokens.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.decoder.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool | None = None,
+                labels: Tensor | None = None, logits_to_keep: int = 0) -> OPTOutput:
+        """``logits_to_keep=n`` computes logits for the last n positions only (0 = all), as in transformers."""
+        hidden, cache = self._decode(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, T, V)
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return OPTOutput(loss=loss, logits=logits, last_hidden_state=hidden, past_key_values=cache)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross-entropy: position t predicts labels[t + 1]; ``ignore_index`` labels don't count."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # fp32 like the reference
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
+
+
+class OPTForSequenceClassification(OPTPreTrainedModel):
+    """Classification/regression from the hidden state of each row's rightmost non-pad token."""
+
+    _optional_keys = ("score.weight",)
+
+    def __init__(self, config: OPTConfig, init: bool = True):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = OPTModel(config, init=False)
+        self.score = nn.Linear(config.word_embed_proj_dim, config.num_labels, bias=False)
+        if init:
+            self.init_weights()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool | None = None,
+                labels: Tensor | None = None) -> OPTOutput:
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        hidden, cache = self._decode(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        logits = self.score(hidden)  # (B, T, num_labels)
+        B, T = input_ids.shape
+        pad = self.config.pad_token_id
+        if pad is None:
+            if B != 1:
+                raise ValueError("batches of more than one sequence need config.pad_token_id to find each row's "
+                                 "last token")
+            last = torch.full((B,), T - 1, device=logits.device)
+        else:
+            # The rightmost non-pad token, so left and right padding both pool the real last token.
+            idx = torch.arange(T, device=logits.device)
+            last = (idx * (input_ids != pad)).argmax(-1)
+        pooled = logits[torch.arange(B, device=logits.device), last]  # (B, num_labels)
+        loss = None if labels is None else self._loss(pooled, labels)
+        return OPTOutput(loss=loss, logits=pooled, past_key_values=cache)
+
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        kind = self.config.problem_type
+        if kind is None:  # inferred as transformers does, and remembered
+            if self.num_labels == 1:
+                kind = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                kind = "single_label_classification"
+            else:
+                kind = "multi_label_classification"
+            self.config.problem_type = kind
+        if kind == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+            return F.mse_loss(logits, labels.to(logits.dtype))
+        if kind == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        if kind == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        raise ValueError(f"unknown problem_type {kind!r}; use regression, single_label_classification or "
+                         "multi_label_classification")
+
+
+class OPTForQuestionAnswering(OPTPreTrainedModel):
+    """Extractive QA: start and end logits over the input tokens."""
+
+    _optional_keys = ("qa_outputs.weight", "qa_outputs.bias")
+
+    def __init__(self, config: OPTConfig, init: bool = True):
+        super().__init__(config)
+        self.model = OPTModel(config, init=False)
+        self.qa_outputs = nn.Linear(config.word_embed_proj_dim, 2)
+        if init:
+            self.init_weights()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool | None = None,
+                start_positions: Tensor | None = None, end_positions: Tensor | None = None) -> OPTOutput:
+        hidden, cache = self._decode(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        start_logits, end_logits = self.qa_outputs(hidden).unbind(-1)  # (B, T) each
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            T = start_logits.shape[1]
+            # Positions outside the sequence are clamped to T and ignored, like the reference.
+            start = start_positions.reshape(-1).clamp(0, T).to(start_logits.device)
+            end = end_positions.reshape(-1).clamp(0, T).to(start_logits.device)
+            loss = (F.cross_entropy(start_logits, start, ignore_index=T)
+                    + F.cross_entropy(end_logits, end, ignore_index=T)) / 2
+        return OPTOutput(loss=loss, start_logits=start_logits.contiguous(), end_logits=end_logits.contiguous(),
+                         past_key_values=cache)

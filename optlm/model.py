@@ -1,0 +1,237 @@
+"""The OPT decoder in plain PyTorch (Zhang et al. 2022), numerically matching transformers' modeling_opt.
+
+Parameter names follow the Hugging Face layout (``embed_tokens``, ``layers.N.self_attn.q_proj`` …) so a
+checkpoint maps onto the module tree one to one and adapters can target the same names as ``peft``.
+This file is pure computation: no I/O, no tokenizer, no HF keyword surface (that lives in ``hf.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import OPTConfig
+from .kv_cache import KVCache
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+_ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+# fairseq legacy: learned positions are offset by 2 (ids 0 and 1 were reserved for padding in metaseq), so
+# position p reads row p + 2 and a padding position (-1, see positions_from_mask) reads row 1.
+POSITION_OFFSET = 2
+
+
+def positions_from_mask(mask: Tensor) -> Tensor:
+    """Token positions from a (B, S) 0/1 attention mask, as OPT defines them.
+
+    Counting only real tokens means left padding does not shift positions; padded slots get -1.
+    """
+    mask = mask.long()
+    return torch.cumsum(mask, dim=1) * mask - 1
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, config: OPTConfig, layer_idx: int):
+        super().__init__()
+        d, bias = config.hidden_size, config.enable_bias
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.attn_implementation = "sdpa"
+        # Same construction order as the reference, so seeded initialisation matches it.
+        self.k_proj = nn.Linear(d, d, bias=bias)
+        self.v_proj = nn.Linear(d, d, bias=bias)
+        self.q_proj = nn.Linear(d, d, bias=bias)
+        self.out_proj = nn.Linear(d, d, bias=bias)
+
+    def forward(self, x: Tensor, allowed: Tensor | None, cache: KVCache | None, mask: Tensor | None) -> Tensor:
+        B, T, C = x.shape
+        # OPT scales q before the matmul (not the scores), as fairseq did; this order matters in fp16.
+        q = (self.q_proj(x) * self.scaling).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), S = past + T
+        p = self.dropout if self.training else 0.0
+        impl = self.attn_implementation
+        if impl == "sdpa":
+            # allowed is None only when there is no padding and either T == S (plain causal attention) or T == 1
+            # (one decode query per sequence attending to its whole past).
+            causal = allowed is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, is_causal=causal, scale=1.0)
+        elif impl == "eager":
+            scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, torch.finfo(q.dtype).min)  # (B, nh, T, S)
+            # Softmax in fp32 like the reference, so fp16/bf16 scores cannot overflow.
+            w = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            w = w.masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # fully padded query rows attend to nothing
+            y = F.dropout(w, p=p, training=self.training) @ v  # (B, nh, T, hs)
+        elif impl == "flash_attention_2":
+            y = _flash_attention(q, k, v, mask, p)
+        else:
+            raise ValueError(f"unknown attn_implementation {impl!r}; choose one of {ATTN_IMPLEMENTATIONS}")
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.out_proj(y)
+
+
+def causal_mask(T: int, S: int, device: torch.device, valid: Tensor | None = None) -> Tensor:
+    """Boolean (B|1, 1, T, S) mask: True where query t (slot S-T+t) may attend slot s.
+
+    ``valid`` (B, S) marks real tokens. A padded query row ends up all False; attention then returns zeros
+    for it (what torch's SDPA does, and so what the reference produces), never NaN.
+    """
+    q_slot = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
+    k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = (k_slot <= q_slot)[None]  # (1, T, S)
+    if valid is not None:
+        allowed = allowed & valid[:, None, :].bool()  # (B, T, S)
+    return allowed[:, None]  # (B|1, 1, T, S)
+
+
+def _flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ImportError as e:
+        raise ImportError(
+            "attn_implementation='flash_attention_2' needs the flash_attn package (pip install flash-attn) "
+            "and a CUDA GPU; use 'sdpa' (the default) otherwise"
+        ) from e
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError("flash_attention_2 runs on CUDA tensors in float16 or bfloat16; load the model with "
+                         "device='cuda' and dtype=torch.bfloat16, or use attn_implementation='sdpa'")
+    B, nh, T, hs = q.shape
+    S = k.shape[2]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T|S, nh, hs)
+    if mask is None:
+        # flash_attn aligns the causal diagonal bottom-right, which is our slot layout (queries are the last T).
+        return flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=1.0, causal=True).transpose(1, 2)
+    # Padding: drop padded keys and queries, run variable-length attention, scatter results back.
+    valid = mask[:, :S].bool()  # (B, S)
+    q_valid = valid[:, S - T:]  # (B, T)
+    k_lens, q_lens = valid.sum(1, dtype=torch.int32), q_valid.sum(1, dtype=torch.int32)
+    cu_k = F.pad(torch.cumsum(k_lens, 0, dtype=torch.int32), (1, 0))
+    cu_q = F.pad(torch.cumsum(q_lens, 0, dtype=torch.int32), (1, 0))
+    out = flash_attn_varlen_func(q[q_valid], k[valid], v[valid], cu_q, cu_k, int(q_lens.max()), int(k_lens.max()),
+                                 dropout_p=dropout, softmax_scale=1.0, causal=True)
+    y = q.new_zeros(B, T, nh, hs)
+    y[q_valid] = out
+    return y.transpose(1, 2)  # (B, nh, T, hs)
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, config: OPTConfig, layer_idx: int):
+        super().__init__()
+        d, affine = config.hidden_size, config.layer_norm_elementwise_affine
+        if config.activation_function not in _ACTIVATIONS:
+            raise ValueError(f"activation_function {config.activation_function!r} is not supported; "
+                             f"known: {', '.join(_ACTIVATIONS)}")
+        self.self_attn = OPTAttention(config, layer_idx)
+        self.pre_ln = config.do_layer_norm_before
+        self.dropout = config.dropout
+        self.act = _ACTIVATIONS[config.activation_function]
+        self.self_attn_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
+        self.fc1 = nn.Linear(d, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = nn.Linear(config.ffn_dim, d, bias=config.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
+
+    def forward(self, x: Tensor, allowed: Tensor | None, cache: KVCache | None, mask: Tensor | None) -> Tensor:
+        # Pre-LN (every OPT but 350m) normalises each sublayer's input; post-LN (350m) its residual sum.
+        h = self.self_attn_layer_norm(x) if self.pre_ln else x
+        h = self.self_attn(h, allowed, cache, mask)
+        x = x + F.dropout(h, self.dropout, self.training)
+        if not self.pre_ln:
+            x = self.self_attn_layer_norm(x)
+        h = self.final_layer_norm(x) if self.pre_ln else x
+        h = self.fc2(self.act(self.fc1(h)))
+        x = x + F.dropout(h, self.dropout, self.training)
+        if not self.pre_ln:
+            x = self.final_layer_norm(x)
+        return x
+
+
+class OPTDecoder(nn.Module):
+    """Token + position embeddings, the decoder layers, final norm/projection. Returns hidden states."""
+
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.config = config
+        d, e = config.hidden_size, config.word_embed_proj_dim
+        self.embed_tokens = nn.Embedding(config.vocab_size, e, config.pad_token_id)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, d)
+        # opt-350m keeps 512-wide embeddings and projects them in and out of the 1024-wide decoder.
+        self.project_out = nn.Linear(d, e, bias=False) if e != d else None
+        self.project_in = nn.Linear(e, d, bias=False) if e != d else None
+        # The final norm exists only for pre-LN models (post-LN already ends each block with one), and some
+        # converted metaseq checkpoints drop it (_remove_final_layer_norm).
+        if config.do_layer_norm_before and not config._remove_final_layer_norm:
+            self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=config.layer_norm_elementwise_affine)
+        else:
+            self.final_layer_norm = None
+        self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layerdrop = config.layerdrop
+        self.gradient_checkpointing = False
+
+    def set_attn_implementation(self, name: str) -> None:
+        if name not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"unknown attn_implementation {name!r}; choose one of {ATTN_IMPLEMENTATIONS}")
+        for layer in self.layers:
+            layer.self_attn.attn_implementation = name
+
+    def forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        """ids, positions: (B, T). mask: (B, past + T) 1 = real token, or None for no padding at all.
+
+        With a cache, the new keys/values are written after its filled slots and the cache advances by T.
+        """
+        B, T = ids.shape
+        past = cache.length if cache is not None else 0
+        S = past + T
+        if mask is None and cache is not None and cache.mask is not None:
+            mask = torch.cat([cache.mask, cache.mask.new_ones(B, T)], dim=1)  # earlier padding persists
+        if mask is not None and mask.shape != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected ({B}, {S}) = "
+                             f"(batch, cached tokens {past} + new tokens {T})")
+        if mask is not None and bool(mask.all()):
+            mask = None  # no padding anywhere: take the unmasked fast path
+        if positions.min() < -1 or positions.max() >= self.config.max_position_embeddings:
+            raise ValueError(f"positions must lie in [0, {self.config.max_position_embeddings}) "
+                             f"(max_position_embeddings); got up to {int(positions.max())}")
+        if cache is not None:
+            cache.reserve(T)
+
+        x = self.embed_tokens(ids)  # (B, T, e)
+        if self.project_in is not None:
+            x = self.project_in(x)  # (B, T, d)
+        x = x + self.embed_positions(positions + POSITION_OFFSET)  # (B, T, d)
+
+        impl = self.layers[0].self_attn.attn_implementation if len(self.layers) else "sdpa"
+        allowed = None  # boolean (B|1, 1, T, S) attention mask; None = no padding, SDPA's is_causal suffices
+        if impl != "flash_attention_2" and (mask is not None or impl == "eager" or 1 < T < S):
+            allowed = causal_mask(T, S, x.device, mask)
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
+                continue  # LayerDrop (Fan et al. 2019): skip whole layers at random while training
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, allowed, None, mask, use_reentrant=False)
+            else:
+                x = layer(x, allowed, cache, mask)
+        if cache is not None:
+            cache.advance(T, mask)
+
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)  # (B, T, e)
+        return x
