@@ -74,8 +74,8 @@ class OPTAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, is_causal=causal, scale=1.0)
         elif impl == "eager":
             scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, torch.finfo(q.dtype).min)  # (B, nh, T, S)
-            # Softmax in fp32 like the reference, so fp16/bf16 scores cannot overflow.
-            w = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            # Softmax in (at least) fp32 like the reference, so fp16/bf16 scores cannot overflow.
+            w = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
             w = w.masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # fully padded query rows attend to nothing
             y = F.dropout(w, p=p, training=self.training) @ v  # (B, nh, T, hs)
         elif impl == "flash_attention_2":
