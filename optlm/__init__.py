@@ -9,6 +9,7 @@ from .hf import (
     OPTOutput,
 )
 from .kv_cache import KVCache
+from .tokenizer import StreamDecoder, Tokenizer
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,6 @@ __all__ = [
     "OPTForSequenceClassification",
     "OPTModel",
     "OPTOutput",
+    "StreamDecoder",
+    "Tokenizer",
 ]
