@@ -265,6 +265,18 @@ class OPTForCausalLM(OPTPreTrainedModel):
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return OPTOutput(loss=loss, logits=logits, last_hidden_state=hidden, past_key_values=cache)
 
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """transformers-style ``generate``: prompt + new tokens; see :func:`optlm.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def stream(self, input_ids: Tensor, tokenizer: Any, attention_mask: Tensor | None = None, **kwargs: Any):
+        """Iterator over the text of one prompt's continuation; see :func:`optlm.generate.stream`."""
+        from .generate import stream
+
+        return stream(self, tokenizer, input_ids, attention_mask, **kwargs)
+
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean next-token cross-entropy: position t predicts labels[t + 1]; ``ignore_index`` labels don't count."""

@@ -1,0 +1,614 @@
+"""Autoregressive generation: prefill the prompt once, then one cached decode step per new token.
+
+Strategies: greedy, multinomial sampling, beam search (the vectorised algorithm of transformers 5, including
+its length-penalty and early-stopping rules) and contrastive search (Su et al. 2022, "A Contrastive Framework
+for Neural Text Generation"). Arguments carry transformers' ``generate`` names and meanings so calling code
+ports unchanged; the output is the prompt plus the new tokens, rows that finished early filled with the pad id.
+Logits are processed in float32, as the reference does, so ties break the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import sampling
+from .kv_cache import KVCache
+from .model import positions_from_mask
+
+NEG = -1.0e9  # the reference's "impossible" beam score: finite, so sums and divisions stay ordered
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding parameters, named and defaulted as in transformers' ``GenerationConfig``.
+
+    ``temperature=0`` means greedy even with ``do_sample=True``. ``eos_token_id`` / ``pad_token_id`` left as None
+    come from the model config (OPT: 2 and 1). ``penalty_alpha > 0`` with ``top_k > 1`` selects contrastive search.
+    """
+
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    penalty_alpha: float | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    stop_strings: str | list[str] | None = None
+
+    @property
+    def sampling(self) -> bool:
+        return bool(self.do_sample) and self.temperature > 0
+
+    @property
+    def mode(self) -> str:
+        """``"beam"``, ``"contrastive"``, ``"sample"`` or ``"greedy"`` (transformers' selection rules)."""
+        if self.num_beams > 1:
+            return "beam"
+        if not self.do_sample and self.penalty_alpha is not None and self.penalty_alpha > 0 and (self.top_k or 0) > 1:
+            return "contrastive"
+        return "sample" if self.sampling else "greedy"
+
+    @property
+    def eos_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else [int(e) for e in eos]
+
+    @property
+    def stops(self) -> list[str]:
+        s = self.stop_strings
+        return [] if not s else [s] if isinstance(s, str) else list(s)
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ValueError(msg)
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.min_new_tokens < 0:
+            bad(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.temperature < 0:
+            bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            bad(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            bad(f"top_k must be >= 0 (0 or None = no top-k filtering), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            bad(f"repetition_penalty must be > 0 (1 = none), got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            bad(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if self.num_beams < 1 or self.num_return_sequences < 1:
+            bad("num_beams and num_return_sequences must be >= 1")
+        if self.penalty_alpha is not None and not 0 <= self.penalty_alpha <= 1:
+            bad(f"penalty_alpha must lie in [0, 1], got {self.penalty_alpha}")
+        if self.early_stopping not in (True, False, "never"):
+            bad(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            bad(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
+        if self.mode in ("greedy", "contrastive") and self.num_return_sequences > 1:
+            bad(f"{self.mode} decoding returns one sequence per prompt; pass do_sample=True (with temperature > 0) "
+                f"or num_beams >= {self.num_return_sequences} to get num_return_sequences="
+                f"{self.num_return_sequences}")
+
+
+_FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
+
+
+def make_config(model, max_length: int | None = None, prompt_length: int = 0, **params: Any) -> GenerationConfig:
+    """A validated config from ``generate``'s keywords; unknown names raise TypeError (typos fail loudly)."""
+    unknown = set(params) - _FIELDS
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword argument(s) {sorted(unknown)}")
+    params = {k: v for k, v in params.items() if v is not None or k in ("top_k", "penalty_alpha", "stop_strings")}
+    if "max_new_tokens" not in params and max_length is not None:
+        params["max_new_tokens"] = max_length - prompt_length  # transformers: max_length counts the prompt
+    cfg = GenerationConfig(**params)
+    if cfg.eos_token_id is None:
+        cfg.eos_token_id = model.config.eos_token_id
+    if cfg.pad_token_id is None:
+        # As in transformers: the config's pad id, else the first eos id.
+        cfg.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else (
+            cfg.eos_ids[0] if cfg.eos_ids else None)
+    cfg.validate()
+    return cfg
+
+
+# ---- model steps -----------------------------------------------------------------------------------------
+
+def new_cache(model, batch_size: int, capacity: int) -> KVCache:
+    """A cache sized for the whole generation, so decoding never reallocates it."""
+    weight = model.get_input_embeddings().weight  # the embedding keeps the activation dtype even when quantized
+    return KVCache.for_model(model.config, batch_size, capacity, weight.dtype, weight.device)
+
+
+def prefill(model, ids: Tensor, mask: Tensor | None, cache: KVCache) -> tuple[Tensor, Tensor]:
+    """Run the prompt ``(B, P)`` through the model once, filling ``cache``.
+
+    Returns float32 next-token logits ``(B, V)`` and the last hidden states of every prompt token ``(B, P, d)``.
+    """
+    if mask is None:
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    else:
+        positions = positions_from_mask(mask)
+    out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.logits[:, -1].float(), out.last_hidden_state
+
+
+def decode_one(model, tokens: Tensor, positions: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
+    """One cached step for ``tokens`` ``(N,)`` at ``positions`` ``(N,)``: float32 logits ``(N, V)``, hidden ``(N, d)``.
+
+    The cache remembers earlier padding, so no attention mask is passed; the cost is one token through the
+    layers plus attention over the filled slots.
+    """
+    out = model(tokens[:, None], position_ids=positions[:, None], past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.logits[:, -1].float(), out.last_hidden_state[:, -1]
+
+
+# ---- logits processing and stopping ----------------------------------------------------------------------
+
+class Processors:
+    """The logits processors of one generation (repetition penalty, no-repeat-n-gram, min length) with the
+    per-row state they carry, built once so the decode loop only applies them."""
+
+    def __init__(self, cfg: GenerationConfig, prompt: Tensor, mask: Tensor | None, vocab_size: int):
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.seen = sampling.seen_tokens(prompt, vocab_size, mask) if cfg.repetition_penalty != 1.0 else None
+        self.eos_mask = None
+        if cfg.min_new_tokens > 0 and cfg.eos_ids:
+            self.eos_mask = torch.zeros(vocab_size, dtype=torch.bool, device=prompt.device)
+            self.eos_mask[[e for e in cfg.eos_ids if e < vocab_size]] = True
+
+    def __call__(self, scores: Tensor, seqs: Tensor, n_new: int) -> Tensor:
+        """``scores`` ``(N, V)`` for rows whose tokens so far are ``seqs`` ``(N, L)``, ``n_new`` of them generated."""
+        if self.seen is not None:
+            scores = sampling.repetition_penalty(scores, self.seen, self.cfg.repetition_penalty)
+        if self.cfg.no_repeat_ngram_size > 0:
+            bans = sampling.repeated_ngram_bans(seqs, self.cfg.no_repeat_ngram_size, self.vocab_size)
+            scores = sampling.ban_tokens(scores, bans)
+        if self.eos_mask is not None and n_new < self.cfg.min_new_tokens:
+            scores = sampling.ban_tokens(scores, self.eos_mask)
+        return scores
+
+    def expand(self, n: int) -> None:
+        if self.seen is not None:
+            self.seen = self.seen.repeat_interleave(n, dim=0)
+
+    def advance(self, tokens: Tensor, rows: Tensor | None = None) -> None:
+        """Rows continue from ``rows`` (beam parents; None = themselves) and append ``tokens`` ``(N,)``."""
+        if self.seen is not None:
+            if rows is not None:
+                self.seen = self.seen[rows]
+            self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
+
+
+class StopStrings:
+    """Finds rows whose generated text contains a stop string, decoding only a short tail of each row.
+
+    A stop string of b UTF-8 bytes spans at most b tokens of a byte-level BPE (special tokens decode to
+    nothing; ``slack`` covers a few of them), and a row is checked after every token, so a tail window sees
+    every occurrence at the step its last byte arrives.
+    """
+
+    def __init__(self, tokenizer, stops: list[str], prompt_length: int, slack: int = 8):
+        if tokenizer is None:
+            raise ValueError("stop_strings need the tokenizer to read the generated text; pass tokenizer=...")
+        if any(not s for s in stops):
+            raise ValueError("stop_strings must be non-empty strings")
+        self.tokenizer, self.stops, self.start = tokenizer, stops, prompt_length
+        self.window = max(len(s.encode("utf-8")) for s in stops) + slack
+
+    def __call__(self, seqs: Tensor) -> Tensor:
+        """``(N, L)`` → ``(N,)`` bool."""
+        L = seqs.shape[1]
+        tails = seqs[:, max(self.start, L - self.window):].tolist()
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=seqs.device)
+
+
+def trim_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _prepare(model, input_ids: Tensor | Sequence, attention_mask: Tensor | None, cfg: GenerationConfig):
+    device = model.get_input_embeddings().weight.device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    if ids.dim() == 1:
+        ids = ids[None]
+    mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=device).reshape(ids.shape)
+    pad = cfg.pad_token_id
+    if mask is None and pad is not None and pad not in cfg.eos_ids and bool((ids == pad).any()):
+        mask = (ids != pad).long()  # as transformers: pad ids in the prompt mean padding
+    if mask is not None and bool(mask.all()):
+        mask = None
+    P, limit = ids.shape[1], model.config.max_position_embeddings
+    if P + cfg.max_new_tokens > limit:
+        raise ValueError(f"prompt of {P} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the model's context "
+                         f"of {limit} tokens; lower max_new_tokens to {max(limit - P, 0)} or shorten the prompt")
+    return ids, mask
+
+
+# ---- greedy, sampling and contrastive search -------------------------------------------------------------
+
+class Decoding:
+    """One running generation (greedy, sampling or contrastive): iterate it to get each step's new tokens
+    ``(N,)``; afterwards ``sequences`` holds prompt + new tokens. Timing fields fill in as it runs."""
+
+    def __init__(self, model, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig, tokenizer=None,
+                 generator: torch.Generator | None = None):
+        self.model, self.cfg, self.generator = model, cfg, generator
+        n = cfg.num_return_sequences
+        B, P = ids.shape
+        self.prompt_length = P
+        self.procs = Processors(cfg, ids, mask, model.config.vocab_size)
+        self.stop = StopStrings(tokenizer, cfg.stops, P) if cfg.stops else None
+        self.eos = torch.tensor(cfg.eos_ids, dtype=torch.long, device=ids.device)
+        N = B * n
+        self.seqs = torch.full((N, P + cfg.max_new_tokens), cfg.pad_token_id if cfg.pad_token_id is not None else 0,
+                               dtype=torch.long, device=ids.device)
+        self.seqs[:, :P] = ids.repeat_interleave(n, dim=0)
+        self.mask = None if mask is None else mask.repeat_interleave(n, dim=0)
+        self.steps = 0
+        self.unfinished = torch.ones(N, dtype=torch.bool, device=ids.device)
+        self.started = self.first_token_at = self.finished_at = None
+        self._ids = ids
+        self._mask = mask
+
+    @property
+    def sequences(self) -> Tensor:
+        return self.seqs[:, : self.prompt_length + self.steps]
+
+    @property
+    def new_tokens(self) -> Tensor:
+        return self.seqs[:, self.prompt_length: self.prompt_length + self.steps]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        self.started = time.perf_counter()
+        steps = self._contrastive() if self.cfg.mode == "contrastive" else self._sample()
+        try:
+            for tokens in steps:
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                yield tokens
+        finally:
+            self.finished_at = time.perf_counter()
+
+    def _positions(self) -> Tensor:
+        P, N = self.prompt_length, self.seqs.shape[0]
+        if self.mask is None:
+            return torch.full((N,), P, dtype=torch.long, device=self.seqs.device)
+        return self.mask.sum(1)  # next position = number of real prompt tokens (padding takes none)
+
+    def _emit(self, tokens: Tensor) -> Tensor:
+        """Record this step's tokens; finished rows get the pad id. Returns the tokens as written."""
+        pad = self.cfg.pad_token_id
+        if pad is not None:
+            tokens = torch.where(self.unfinished, tokens, pad)
+        col = self.prompt_length + self.steps
+        self.seqs[:, col] = tokens
+        self.steps += 1
+        self.procs.advance(tokens)
+        done = torch.isin(tokens, self.eos)
+        if self.stop is not None:
+            done |= self.stop(self.seqs[:, : col + 1])
+        self.unfinished &= ~done
+        return tokens
+
+    def _more(self) -> bool:
+        return self.steps < self.cfg.max_new_tokens and bool(self.unfinished.any())
+
+    def _sample(self) -> Iterator[Tensor]:
+        cfg, n = self.cfg, self.cfg.num_return_sequences
+        B = self._ids.shape[0]
+        cache = new_cache(self.model, B, self.seqs.shape[1])
+        with torch.no_grad():
+            logits, _ = prefill(self.model, self._ids, self._mask, cache)
+        if n > 1:  # prefill once per prompt, then copy its cache for each returned sequence
+            cache.repeat_interleave(n)
+            logits = logits.repeat_interleave(n, dim=0)
+            self.procs.expand(n)
+        positions = self._positions()
+        while True:
+            scores = self.procs(logits, self.sequences, self.steps)
+            if cfg.sampling:
+                scores = sampling.warp(scores, cfg.temperature, cfg.top_k, cfg.top_p)
+                tokens = sampling.sample(scores, self.generator)
+            else:
+                tokens = scores.argmax(-1)
+            tokens = self._emit(tokens)
+            yield tokens
+            if not self._more():
+                return
+            with torch.no_grad():
+                logits, _ = decode_one(self.model, tokens, positions, cache)
+            positions = positions + 1
+
+    def _contrastive(self) -> Iterator[Tensor]:
+        """Contrastive search: among the top-k candidates pick argmax of (1 - α) p(v) - α max_j cos(h_v, h_j),
+        where h_j are the last-layer hidden states of every real token so far.
+
+        All k candidates of a row run in one batched step. The cache holds k copies of each row whose
+        histories stay identical (every copy always receives the chosen token), so after choosing, only the
+        newest slot is copied from the winner to its siblings instead of reordering the whole cache.
+        """
+        cfg, K = self.cfg, min(self.cfg.top_k, self.model.config.vocab_size)
+        B, P = self._ids.shape
+        cache = new_cache(self.model, B, self.seqs.shape[1])
+        with torch.no_grad():
+            logits, hidden = prefill(self.model, self._ids, self._mask, cache)
+        cache.repeat_interleave(K)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        context = torch.zeros(B, self.seqs.shape[1], hidden.shape[-1], dtype=dtype, device=hidden.device)
+        context[:, :P] = F.normalize(hidden.to(dtype), dim=-1)  # unit vectors: dot products are cosines
+        valid = torch.zeros(B, self.seqs.shape[1], dtype=torch.bool, device=hidden.device)
+        valid[:, :P] = True if self._mask is None else self._mask.bool()
+        positions = self._positions().repeat_interleave(K)
+        rows = torch.arange(B, device=hidden.device) * K
+        alpha = cfg.penalty_alpha
+        while True:
+            S = P + self.steps
+            probs = torch.softmax(self.procs(logits, self.sequences, self.steps), dim=-1)
+            top_probs, top_ids = torch.topk(probs, K, dim=-1)  # (B, K)
+            with torch.no_grad():
+                cand_logits, cand_hidden = decode_one(self.model, top_ids.reshape(-1), positions, cache)
+            cand = F.normalize(cand_hidden.to(dtype), dim=-1).view(B, K, -1)  # (B, K, d)
+            cos = cand @ context[:, :S].transpose(1, 2)  # (B, K, S)
+            penalty = cos.masked_fill(~valid[:, None, :S], -1.0).amax(-1)  # (B, K) degeneration penalty
+            best = ((1 - alpha) * top_probs - alpha * penalty).argmax(-1)  # (B,)
+            winner = rows + best  # (B,) flat row of each chosen candidate
+            siblings = winner.repeat_interleave(K)
+            for buf in (cache.k, cache.v):
+                newest = buf.select(3, cache.length - 1)  # (layers, B*K, heads, hs)
+                newest.copy_(newest.index_select(1, siblings))
+            context[:, S] = cand[torch.arange(B, device=cand.device), best]
+            valid[:, S] = True
+            tokens = self._emit(top_ids.gather(1, best[:, None]).squeeze(1))
+            yield tokens
+            if not self._more():
+                return
+            logits = cand_logits[winner]
+            positions = positions + 1
+
+
+# ---- beam search -----------------------------------------------------------------------------------------
+
+def _gather(t: Tensor, index: Tensor) -> Tensor:
+    """Select along dim 1 (beams) of ``t`` ``(B, M, ...)`` with ``index`` ``(B, K)``."""
+    return torch.take_along_dim(t, index.view(*index.shape, *([1] * (t.dim() - 2))), dim=1)
+
+
+def beam_search(model, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig, tokenizer=None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Beam search with the rules of transformers 5: keep the top ``C = max(2, 1 + #eos) * K`` continuations,
+    continue with the best K that did not stop, and keep the best K stopped hypotheses scored
+    ``sum log p / generated_length ** length_penalty``. ``early_stopping``: True stops a prompt once it has K
+    finished hypotheses; False stops when the best running score (over the current length) cannot beat the
+    worst finished one; "never" uses the maximum length for that bound when ``length_penalty > 0``.
+    """
+    B, P = ids.shape
+    K, n, dev = cfg.num_beams, cfg.num_return_sequences, ids.device
+    max_len = P + cfg.max_new_tokens
+    eos = cfg.eos_ids
+    eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
+    C = max(2, 1 + len(eos)) * K
+    top_mask = torch.arange(C, device=dev) < K  # only the top K candidates may become final hypotheses
+    # The reference fills unused slots with the pad id (the first eos id when pad is 0 or unset; -1 without eos).
+    fill = (cfg.pad_token_id or eos[0]) if eos else -1
+    procs = Processors(cfg, ids, mask, model.config.vocab_size)
+    procs.expand(K)
+    stop = StopStrings(tokenizer, cfg.stops, P) if cfg.stops else None
+    min_keep = len(eos) + 1 if eos else 2  # sampling must leave a non-eos continuation
+
+    cache = new_cache(model, B, max_len)
+    with torch.no_grad():
+        logits, _ = prefill(model, ids, mask, cache)
+    cache.repeat_interleave(K)
+    logits = logits.repeat_interleave(K, dim=0)  # (B*K, V)
+    positions = (torch.full((B,), P, device=dev) if mask is None else mask.sum(1)).repeat_interleave(K)
+
+    run_seq = torch.full((B, K, max_len), fill, dtype=torch.long, device=dev)
+    run_seq[:, :, :P] = ids[:, None]
+    run_score = torch.zeros(B, K, device=dev)
+    run_score[:, 1:] = NEG  # all beams start identical: only the first may expand at step one
+    fin_seq = run_seq.clone()
+    fin_score = torch.full((B, K), NEG, device=dev)
+    fin_len = torch.zeros(B, K, dtype=torch.long, device=dev)
+    fin_done = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    base = torch.arange(B, device=dev)[:, None] * K  # (B, 1) first flat row of each prompt
+    lp = cfg.length_penalty
+
+    for cur in range(P, max_len):
+        logp = torch.log_softmax(logits, dim=-1)
+        logp = procs(logp, run_seq.reshape(B * K, max_len)[:, :cur], cur - P)
+        if cfg.sampling:
+            logp = sampling.warp(logp, cfg.temperature, cfg.top_k, cfg.top_p, min_keep)
+        V = logp.shape[-1]
+        total = (logp.view(B, K, V) + run_score[:, :, None]).view(B, K * V)
+        if cfg.sampling:
+            pick = torch.multinomial(torch.softmax(total, dim=-1), C, generator=generator)
+            cand_score = total.gather(1, pick)
+        else:
+            cand_score, pick = torch.topk(total, C)  # (B, C)
+        parent, token = pick // V, pick % V
+        cand_seq = _gather(run_seq, parent)  # (B, C, max_len)
+        cand_seq[:, :, cur] = token
+        if cur + 1 >= max_len:
+            hits = torch.ones(B, C, dtype=torch.bool, device=dev)
+        else:
+            hits = torch.isin(token, eos_t)
+            if stop is not None:
+                hits |= stop(cand_seq.view(B * C, max_len)[:, : cur + 1]).view(B, C)
+
+        # Next running beams: the best K candidates that did not stop.
+        live = cand_score + hits.float() * NEG
+        keep = torch.topk(live, K).indices
+        run_seq, run_score, run_parent = _gather(cand_seq, keep), _gather(live, keep), _gather(parent, keep)
+
+        # Final hypotheses: merge the stopped top-K candidates into the best K so far.
+        just = hits & top_mask
+        final = cand_score / ((cur + 1 - P) ** lp)
+        if cfg.early_stopping is True:
+            final += fin_done.all(-1, keepdim=True).float() * NEG  # this prompt already has K hypotheses
+        final += (~improvable).float() * NEG
+        final += (~just).float() * NEG
+        merged = torch.cat([fin_score, final], 1)
+        best = torch.topk(merged, K).indices
+        fin_seq = _gather(torch.cat([fin_seq, cand_seq], 1), best)
+        fin_score = _gather(merged, best)
+        fin_len = _gather(torch.cat([fin_len, torch.full_like(token, cur + 1 - P)], 1), best)
+        fin_done = _gather(torch.cat([fin_done, just], 1), best)
+
+        # Can any prompt still improve its worst final hypothesis?
+        reach = max_len - P if cfg.early_stopping == "never" and lp > 0 else cur + 1 - P
+        worst = torch.where(fin_done, fin_score.min(1, keepdim=True).values, NEG)
+        improvable = improvable & (run_score[:, :1] / (reach**lp) > worst).any(-1, keepdim=True)
+        all_full = bool(fin_done.all()) and cfg.early_stopping is True
+        if not bool(improvable.any()) or all_full or bool(hits.all()):
+            break
+
+        flat_parent = (base + run_parent).view(-1)
+        cache.reorder(flat_parent)
+        tokens = run_seq[:, :, cur].reshape(-1)
+        procs.advance(tokens, flat_parent)
+        with torch.no_grad():
+            logits, _ = decode_one(model, tokens, positions, cache)
+        positions = positions + 1
+
+    out = fin_seq[:, :n].reshape(B * n, max_len)
+    return out[:, : P + int(fin_len[:, :n].max())]
+
+
+# ---- entry points ----------------------------------------------------------------------------------------
+
+def _generator(model, generator: torch.Generator | None, seed: int | None) -> torch.Generator | None:
+    if generator is not None or seed is None:
+        return generator
+    return torch.Generator(device=model.get_input_embeddings().weight.device).manual_seed(seed)
+
+
+def start(model, input_ids: Tensor | Sequence, attention_mask: Tensor | None = None, *, tokenizer=None,
+          generator: torch.Generator | None = None, seed: int | None = None, max_length: int | None = None,
+          **params: Any) -> Decoding:
+    """A :class:`Decoding` to iterate step by step (greedy, sampling or contrastive search; not beams)."""
+    ids = torch.as_tensor(input_ids)
+    cfg = make_config(model, max_length, ids.shape[-1], **params)
+    if cfg.mode == "beam":
+        raise ValueError("beam search scores whole hypotheses, so it cannot emit tokens step by step; use num_beams=1")
+    ids, mask = _prepare(model, ids, attention_mask, cfg)
+    return Decoding(model, ids, mask, cfg, tokenizer, _generator(model, generator, seed))
+
+
+@torch.no_grad()
+def generate(model, input_ids: Tensor | Sequence, attention_mask: Tensor | None = None, *, tokenizer=None,
+             generator: torch.Generator | None = None, seed: int | None = None, max_length: int | None = None,
+             use_cache: bool = True, **params: Any) -> Tensor:
+    """Prompt ``(B, P)`` (left-padded with ``attention_mask``) → ``(B * num_return_sequences, P + new)`` ids.
+
+    Keywords are :class:`GenerationConfig` fields (transformers' names); ``tokenizer`` is needed for
+    ``stop_strings``; ``generator`` or ``seed`` makes sampling reproducible. ``use_cache`` is accepted for
+    compatibility: generation always uses the cache.
+    """
+    ids = torch.as_tensor(input_ids)
+    cfg = make_config(model, max_length, ids.shape[-1], **params)
+    ids, mask = _prepare(model, ids, attention_mask, cfg)
+    gen = _generator(model, generator, seed)
+    if cfg.mode == "beam":
+        return beam_search(model, ids, mask, cfg, tokenizer, gen)
+    run = Decoding(model, ids, mask, cfg, tokenizer, gen)
+    for _ in run:
+        pass
+    return run.sequences
+
+
+class TextStream:
+    """Text of one prompt's continuation, piece by piece as tokens are generated.
+
+    Pieces never split a UTF-8 character (ids wait until their bytes complete one) and never include a
+    stop string: text that might begin one is held back until it is clearly not one. Joined, the pieces equal
+    the non-streamed text. After iteration, ``text``, ``prompt_tokens``, ``new_tokens``,
+    ``time_to_first_token`` and ``tokens_per_second`` describe the run.
+    """
+
+    def __init__(self, run: Decoding, tokenizer):
+        from .tokenizer import StreamDecoder
+
+        if run.seqs.shape[0] != 1:
+            raise ValueError("streaming handles one sequence; pass one prompt and num_return_sequences=1")
+        self.run, self.decoder, self.stops = run, StreamDecoder(tokenizer, skip_special_tokens=True), run.cfg.stops
+        self.text = ""
+        self.prompt_tokens = run.prompt_length
+
+    @property
+    def new_tokens(self) -> int:
+        return self.run.steps
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        r = self.run
+        return None if r.first_token_at is None else r.first_token_at - r.started
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Decode speed after the first token (the prefill is in ``time_to_first_token``)."""
+        r = self.run
+        if r.finished_at is None or r.first_token_at is None or r.steps < 2:
+            return None
+        return (r.steps - 1) / max(r.finished_at - r.first_token_at, 1e-9)
+
+    def __iter__(self) -> Iterator[str]:
+        pending = ""
+        steps = iter(self.run)
+        try:
+            for tokens in steps:
+                pending += self.decoder.push(tokens[0])
+                out, pending, stopped = self._split(pending)
+                if out:
+                    self.text += out
+                    yield out
+                if stopped:
+                    return
+            out, _, _ = self._split(pending + self.decoder.flush(), final=True)
+            if out:
+                self.text += out
+                yield out
+        finally:
+            steps.close()
+
+    def _split(self, pending: str, final: bool = False) -> tuple[str, str, bool]:
+        """(text safe to emit, text held back, stop string reached)."""
+        if not self.stops:
+            return pending, "", False
+        cut = trim_at_stop(pending, self.stops)
+        if len(cut) < len(pending):
+            return cut, "", True
+        if final:
+            return pending, "", False
+        # Hold back the longest tail that could still grow into a stop string.
+        hold = max((k for s in self.stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+        return pending[: len(pending) - hold], pending[len(pending) - hold:], False
+
+
+def stream(model, tokenizer, input_ids: Tensor | Sequence, attention_mask: Tensor | None = None,
+           **params: Any) -> TextStream:
+    """Stream the continuation of one prompt as text (greedy, sampling or contrastive search)."""
+    return TextStream(start(model, input_ids, attention_mask, tokenizer=tokenizer, **params), tokenizer)
