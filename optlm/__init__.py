@@ -9,12 +9,14 @@ from .hf import (
     OPTOutput,
 )
 from .kv_cache import KVCache
+from .lm import LM, load
 from .tokenizer import StreamDecoder, Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KVCache",
+    "LM",
     "OPTConfig",
     "OPTForCausalLM",
     "OPTForQuestionAnswering",
@@ -23,4 +25,5 @@ __all__ = [
     "OPTOutput",
     "StreamDecoder",
     "Tokenizer",
+    "load",
 ]

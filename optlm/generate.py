@@ -71,8 +71,7 @@ class GenerationConfig:
 
     @property
     def stops(self) -> list[str]:
-        s = self.stop_strings
-        return [] if not s else [s] if isinstance(s, str) else list(s)
+        return stop_list(self.stop_strings)
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -106,7 +105,19 @@ class GenerationConfig:
                 f"{self.num_return_sequences}")
 
 
+def stop_list(stop_strings: str | Sequence[str] | None) -> list[str]:
+    """``stop_strings`` as a list (one string, several, or none)."""
+    if not stop_strings:
+        return []
+    return [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+
+
 _FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
+
+
+def validate_params(params: dict[str, Any]) -> None:
+    """Check decoding keywords before a model is at hand (a CLI validates before loading one)."""
+    GenerationConfig(**{k: v for k, v in params.items() if k in _FIELDS and v is not None}).validate()
 
 
 def make_config(model, max_length: int | None = None, prompt_length: int = 0, **params: Any) -> GenerationConfig:
@@ -130,9 +141,14 @@ def make_config(model, max_length: int | None = None, prompt_length: int = 0, **
 
 # ---- model steps -----------------------------------------------------------------------------------------
 
+def _float_weight(model) -> Tensor:
+    """A weight in the activation dtype and device: the position table, which quantization never touches."""
+    return model.get_decoder().embed_positions.weight
+
+
 def new_cache(model, batch_size: int, capacity: int) -> KVCache:
     """A cache sized for the whole generation, so decoding never reallocates it."""
-    weight = model.get_input_embeddings().weight  # the embedding keeps the activation dtype even when quantized
+    weight = _float_weight(model)
     return KVCache.for_model(model.config, batch_size, capacity, weight.dtype, weight.device)
 
 
@@ -230,7 +246,7 @@ def trim_at_stop(text: str, stops: Sequence[str]) -> str:
 
 
 def _prepare(model, input_ids: Tensor | Sequence, attention_mask: Tensor | None, cfg: GenerationConfig):
-    device = model.get_input_embeddings().weight.device
+    device = _float_weight(model).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
     if ids.dim() == 1:
         ids = ids[None]
@@ -503,7 +519,7 @@ def beam_search(model, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig, 
 def _generator(model, generator: torch.Generator | None, seed: int | None) -> torch.Generator | None:
     if generator is not None or seed is None:
         return generator
-    return torch.Generator(device=model.get_input_embeddings().weight.device).manual_seed(seed)
+    return torch.Generator(device=_float_weight(model).device).manual_seed(seed)
 
 
 def start(model, input_ids: Tensor | Sequence, attention_mask: Tensor | None = None, *, tokenizer=None,

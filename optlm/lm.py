@@ -1,0 +1,174 @@
+"""Text in, text out: ``lm = optlm.load(...)``; ``lm.generate``, ``lm.stream``, ``lm.chat``.
+
+Strings instead of tensors, named parameter presets, the context window checked up front. Decoding is
+greedy unless sampling is asked for: ``temperature > 0`` (or a sampling preset) samples, ``temperature=0``
+is greedy. Other keywords are those of :func:`optlm.generate.generate`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from . import generate as gen
+from .chat import ChatSession, ChatTemplate, fit_history, strip_pieces, trim_notice
+from .hf import OPTForCausalLM
+
+DEFAULT_MAX_NEW_TOKENS = 64
+QUANTIZE_MODES = ("int8", "int4")
+
+# Parameter presets in the spirit of an API playground: temperature, nucleus size and repetition penalty
+# chosen together. Greedy is exact and repeatable; the sampling presets trade fidelity for variety.
+PRESETS: dict[str, dict[str, Any]] = {
+    "greedy": {"do_sample": False, "repetition_penalty": 1.0},
+    "precise": {"do_sample": True, "temperature": 0.3, "top_k": 0, "top_p": 0.9, "repetition_penalty": 1.2},
+    "balanced": {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 0.9, "repetition_penalty": 1.1},
+    "creative": {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 0.98, "repetition_penalty": 1.0},
+}
+
+
+def resolve_params(preset: str | None = None, **params: Any) -> dict[str, Any]:
+    """A preset overlaid with explicit keywords (None means "not given"; 0 is kept as 0).
+
+    ``temperature`` given without ``do_sample`` decides it: positive samples, 0 is greedy. ``stop`` is
+    accepted as another name for ``stop_strings``.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    given = {k: v for k, v in params.items() if v is not None}
+    if "stop" in given:
+        given["stop_strings"] = given.pop("stop")
+    merged = {**(PRESETS[preset] if preset else {}), **given}
+    if "temperature" in given and "do_sample" not in given:
+        merged["do_sample"] = given["temperature"] > 0
+    merged.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    return merged
+
+
+class LM:
+    """A causal OPT model and its tokenizer behind a string interface."""
+
+    def __init__(self, model: OPTForCausalLM, tokenizer: Any, name: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or "model"
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def __repr__(self) -> str:
+        return f"LM({self.name!r}, context_length={self.context_length})"
+
+    # ---- completion --------------------------------------------------------------------------------------
+
+    def _encode(self, prompts: list[str], params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        longest = int(mask.sum(1).max())
+        if longest >= self.context_length:
+            raise ValueError(f"prompt has {longest} tokens; {self.name} has a context window of {self.context_length} "
+                             "tokens (the prompt plus at least one new token) — shorten the prompt")
+        # Room for new tokens is whatever the (padded) prompt leaves: cap the request rather than fail.
+        params["max_new_tokens"] = min(params["max_new_tokens"], self.context_length - ids.shape[1])
+        return ids, mask
+
+    def generate(self, prompt: str | Sequence[str], preset: str | None = None, **params: Any) -> list[str]:
+        """Continuations of one prompt or a batch (``num_return_sequences`` per prompt, grouped by prompt),
+        without the prompt text and cut before any stop string."""
+        out, width = self.generate_ids(prompt, preset, **params)
+        return self.decode(out[:, width:], params.get("stop_strings", params.get("stop")))
+
+    def generate_ids(self, prompt: str | Sequence[str], preset: str | None = None,
+                     **params: Any) -> tuple[torch.Tensor, int]:
+        """The ids :meth:`generate` decodes: ``(prompt rows, left-padded, + new tokens)`` and the prompt width."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        params = resolve_params(preset, **params)
+        ids, mask = self._encode(prompts, params)
+        return gen.generate(self.model, ids, mask, tokenizer=self.tokenizer, **params), ids.shape[1]
+
+    def decode(self, new_ids: torch.Tensor, stop_strings: str | Sequence[str] | None = None) -> list[str]:
+        """Text of each row of new tokens, special tokens skipped, cut before the first stop string."""
+        stops = gen.stop_list(stop_strings)
+        return [gen.trim_at_stop(t, stops) for t in self.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
+
+    def stream(self, prompt: str, preset: str | None = None, **params: Any) -> gen.TextStream:
+        """Iterator over the text of one prompt's continuation as it is generated (see ``TextStream``)."""
+        params = resolve_params(preset, **params)
+        ids, mask = self._encode([prompt], params)
+        return gen.stream(self.model, self.tokenizer, ids, mask, **params)
+
+    # ---- chat --------------------------------------------------------------------------------------------
+
+    def chat(self, messages: Sequence[dict[str, str]], preset: str | None = None,
+             template: ChatTemplate | None = None, **params: Any) -> str:
+        """The assistant's reply to ``messages`` (``{"role": "system"|"user"|"assistant", "content": ...}``),
+        rendered with :class:`optlm.chat.ChatTemplate`; old turns that do not fit the context are dropped
+        with a warning."""
+        return "".join(self.chat_stream(messages, preset=preset, template=template, **params))
+
+    def chat_stream(self, messages: Sequence[dict[str, str]], preset: str | None = None,
+                    template: ChatTemplate | None = None,
+                    on_trim: Callable[[list[dict[str, str]], int, int], None] | None = None,
+                    **params: Any) -> Iterator[str]:
+        """:meth:`chat`, piece by piece. ``on_trim(kept_messages, dropped, context)`` hears about dropped turns."""
+        template = template or ChatTemplate()
+        params = resolve_params(preset, **params)
+        params["stop_strings"] = template.stop_strings + gen.stop_list(params.get("stop_strings"))
+        budget = self.context_length - params["max_new_tokens"]
+        kept, dropped = fit_history(messages, lambda text: len(self.tokenizer.encode(text)), budget, template)
+        if dropped:
+            if on_trim is None:
+                warnings.warn(trim_notice(dropped, self.context_length), stacklevel=3)
+            else:
+                on_trim(kept, dropped, self.context_length)
+        return strip_pieces(iter(self.stream(template.render(kept), **params)))
+
+    def chat_session(self, system: str | None = None, template: ChatTemplate | None = None,
+                     on_trim: Callable[[str], None] | None = None, **params: Any) -> ChatSession:
+        """A conversation that remembers its turns: ``session.send("hi")`` → reply."""
+        return ChatSession(self, system=system, template=template, on_trim=on_trim, **params)
+
+
+def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
+         device: torch.device | str | None = None, quantize: str | None = None, revision: str | None = None,
+         tokenizer: Any = None) -> LM:
+    """Load a checkpoint directory or hub id (None: the bundled default model) with its tokenizer.
+
+    ``dtype=None`` keeps the checkpoint's dtype, except that float16 on CPU becomes float32 (CPU half
+    precision is slow and partly unsupported). ``quantize`` ("int8" / "int4") converts the linear layers
+    with :func:`optlm.quantize.quantize`. ``tokenizer`` (a path or a Tokenizer) overrides the checkpoint's.
+    """
+    from .tokenizer import Tokenizer
+
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantize mode {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+    if path_or_hub_id is None:
+        from .bundled import BUNDLED_MODEL_NAME, bundled_model_path
+
+        path, name = bundled_model_path(), BUNDLED_MODEL_NAME
+    else:
+        path, name = path_or_hub_id, str(path_or_hub_id)
+    model = OPTForCausalLM.from_pretrained(path, dtype=dtype, device=device, revision=revision)
+    if dtype is None and model.dtype == torch.float16 and model.device.type == "cpu":
+        model = model.float()
+    if quantize is not None:
+        model = _quantize(model, quantize)
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        source = tokenizer if tokenizer is not None else path
+        tokenizer = Tokenizer.from_pretrained(source, revision=revision if tokenizer is None else None)
+    return LM(model, tokenizer, name)
+
+
+def _quantize(model: OPTForCausalLM, mode: str) -> OPTForCausalLM:
+    try:
+        from .quantize import quantize
+    except ImportError as e:
+        raise ImportError(f"quantize={mode!r} needs the optlm.quantize module, which this installation lacks; "
+                          "load without quantization") from e
+    result = quantize(model, mode)
+    return model if result is None else result

@@ -1,0 +1,116 @@
+"""Shared pieces of the generation tests: tiny reference/optlm model pairs, checkpoints with the real OPT
+tokenizer, and a scripted model that emits a fixed token sequence."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import optlm
+from optlm.config import OPTConfig
+from optlm.hf import OPTOutput
+from optlm.model import OPTDecoder
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+OPT_TOKENIZER = SHARED_DATA / "opt"
+OPT_VOCAB = 50272  # the published models' embedding rows (50265 tokenizer entries padded to a multiple of 8)
+
+# A larger init_std than the default 0.02 makes random models' greedy outputs varied instead of one token
+# repeated, so eos ids, n-gram bans and beams all get exercised.
+TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+            max_position_embeddings=64, dropout=0.0, init_std=0.3)
+
+
+def reference_pair(directory: Path, seed: int = 0, **overrides):
+    """(transformers model, optlm model) with the same random float64 weights, via a saved checkpoint."""
+    import transformers
+
+    torch.manual_seed(seed)
+    ref = transformers.OPTForCausalLM(transformers.OPTConfig(**{**TINY, **overrides})).to(torch.float64).eval()
+    ref.save_pretrained(directory)
+    return ref, optlm.OPTForCausalLM.from_pretrained(directory)
+
+
+def left_padded(lengths=(7, 4, 6), vocab: int = 96, seed: int = 0, pad: int = 1):
+    """Random prompts (B, T) left-padded with ``pad``, and the 0/1 attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, T - n:] = torch.randint(4, vocab, (n,), generator=g)
+        mask[i, T - n:] = 1
+    return ids, mask
+
+
+def need_tokenizer() -> Path:
+    if not (OPT_TOKENIZER / "vocab.json").is_file() or not (OPT_TOKENIZER / "merges.txt").is_file():
+        pytest.skip(f"the OPT tokenizer files (vocab.json, merges.txt) are not in {OPT_TOKENIZER}")
+    return OPT_TOKENIZER
+
+
+def text_checkpoint(directory: Path, seed: int = 0, favour: list[int] | None = None, **overrides) -> Path:
+    """A tiny random OPT checkpoint with the real OPT tokenizer files beside it.
+
+    ``favour``: keep only these rows of the (tied) embedding and scale them up, so the model emits almost
+    only these tokens (e.g. the byte pieces of multi-byte characters).
+    """
+    source = need_tokenizer()
+    torch.manual_seed(seed)
+    config = OPTConfig(**{**dict(vocab_size=OPT_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 ffn_dim=64, max_position_embeddings=128, init_std=0.5), **overrides})
+    model = optlm.OPTForCausalLM(config)
+    if favour is not None:
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight
+            keep = torch.zeros(emb.shape[0], dtype=torch.bool)
+            keep[favour] = True
+            emb[~keep] = 0
+            emb[keep] *= 8
+    model.save_pretrained(directory)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(source / name, directory / name)
+    return directory
+
+
+class ScriptedLM(nn.Module):
+    """A stand-in causal LM that emits ``script`` token after token (one-hot logits), then ``after`` forever.
+
+    It implements just what generation calls (forward with positions and a cache, config, get_decoder), so
+    text-level behaviour (streaming, stop strings, chat turns) can be tested on exactly chosen tokens.
+    """
+
+    def __init__(self, script: list[int], vocab_size: int = OPT_VOCAB, after: int = 2, context: int = 256):
+        super().__init__()
+        self.config = OPTConfig(vocab_size=vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                                ffn_dim=8, max_position_embeddings=context)
+        self.decoder = OPTDecoder(self.config)
+        self.script, self.after = list(script), after
+        self.start: torch.Tensor | None = None  # (B,) position of each row's first generated token
+        self.prompts: list[torch.Tensor] = []  # every prefilled prompt, for tests to inspect
+
+    def get_decoder(self) -> OPTDecoder:
+        return self.decoder
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                logits_to_keep=0) -> OPTOutput:
+        B, T = input_ids.shape
+        nxt = position_ids[:, -1] + 1  # (B,) position of the token these logits predict, per row
+        if past_key_values.length == 0:
+            self.start = nxt.clone()
+            self.prompts.append(input_ids.clone())
+        elif len(self.start) != B:  # rows were repeated after the prefill (several sequences per prompt)
+            self.start = self.start.repeat_interleave(B // len(self.start))
+        past_key_values.advance(T, attention_mask)
+        logits = torch.full((B, 1, self.config.vocab_size), -30.0)
+        for b in range(B):
+            i = int(nxt[b] - self.start[b])
+            logits[b, 0, self.script[i] if 0 <= i < len(self.script) else self.after] = 30.0
+        return OPTOutput(logits=logits, last_hidden_state=torch.zeros(B, T, 8), past_key_values=past_key_values)
