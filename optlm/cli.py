@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -28,6 +29,111 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Pre-train or fine-tune an OPT model on text/JSONL files (see optlm.train)."""
+    from .train import TrainArgs, TrainingError, train
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: use KEY=VALUE, e.g. --set hidden_size=256")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    fields = {k: v for k, v in vars(args).items() if k in TrainArgs.__dataclass_fields__}
+    try:
+        result = train(TrainArgs(**{**fields, "config_overrides": overrides, "progress": not args.quiet}))
+    except TrainingError as e:
+        print(f"optlm train: error: {e}", file=sys.stderr)
+        return 1
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    """Train a byte-level BPE tokenizer with OPT's special tokens (see optlm.tokenizer_train)."""
+    from .tokenizer_train import train_tokenizer
+
+    tok = train_tokenizer(args.data, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                          jsonl_key=args.jsonl_key, show_progress=not args.quiet)
+    print(f"saved a {len(tok)}-token tokenizer to {args.out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Sliding-window perplexity of a model over a text file (see optlm.evaluate)."""
+    from .evaluate import evaluate_file
+
+    r = evaluate_file(args.model, args.data, stride=args.stride, max_length=args.max_length,
+                      batch_size=args.batch_size, device=args.device, dtype=args.dtype, jsonl_key=args.jsonl_key)
+    print(f"model:       {args.model or 'bundled (opt-gutenberg)'}")
+    print(f"perplexity:  {r.perplexity:.3f}")
+    print(f"nll/token:   {r.nll:.4f}")
+    print(f"tokens:      {r.tokens:,}")
+    print(f"time:        {r.seconds:.1f}s ({r.tokens / max(r.seconds, 1e-9):,.0f} tokens/s)")
+    return 0
+
+
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="pre-train or fine-tune on text/JSONL files (HF checkpoints, exact resume)")
+    p.add_argument("--data", nargs="+", required=True, help="training files: .txt (one document each) or .jsonl")
+    p.add_argument("--out", dest="out_dir", required=True, help="output directory for checkpoints and logs")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint directory or hub id to fine-tune")
+    src.add_argument("--config", help="train from scratch: a config.json or a preset name such as opt-125m")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    p.add_argument("--val-data", nargs="+", help="validation files (default: hold out the tail of --data)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="tail fraction held out without --val-data")
+    p.add_argument("--jsonl-key", default="text", help="JSONL field that holds the text")
+    p.add_argument("--block-size", type=int, default=256, help="tokens per training sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr/10)")
+    p.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay (not on biases / LayerNorm)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast: auto = bf16 where the hardware has it")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--eval-every", type=int, default=100, help="validate every N steps")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation batches per evaluation")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+    p.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--log-every", type=int, default=10, help="write metrics every N steps")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 …")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with OPT's special tokens")
+    p.add_argument("--data", nargs="+", required=True, help="training files: .txt or .jsonl")
+    p.add_argument("--out", required=True, help="directory for tokenizer.json and its configs")
+    p.add_argument("--vocab-size", type=int, default=8192, help="total vocabulary, special tokens included")
+    p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
+    p.add_argument("--jsonl-key", default="text", help="JSONL field that holds the text")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train_tokenizer)
+
+    p = sub.add_parser("eval", help="sliding-window perplexity over a text file")
+    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled model)")
+    p.add_argument("--data", required=True, help="a .txt or .jsonl file")
+    p.add_argument("--stride", type=int, default=None, help="window step (default: half the context)")
+    p.add_argument("--max-length", type=int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--jsonl-key", default="text", help="JSONL field that holds the text")
+    p.set_defaults(func=_cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optlm", description="Run, fine-tune and serve OPT language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -36,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint directory or hub id (e.g. facebook/opt-125m)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.set_defaults(func=_cmd_info)
+    _add_training_commands(sub)
     return parser
 
 

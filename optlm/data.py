@@ -1,0 +1,236 @@
+"""Training data: read text/JSONL files in pieces, tokenize into a memory-mapped token file, pack blocks.
+
+Layout of a token stream: every document is preceded by `</s>` (OPT's BOS, which is also its EOS), so
+documents are separated by it and each starts the way `Tokenizer.encode` starts a prompt:
+``</s> doc1 </s> doc2 …``. Token files are raw little-endian uint16 (vocabularies up to 65536) or
+uint32 arrays, cached under a key of the input files and the tokenizer, and read back with
+`numpy.memmap`, so a corpus never sits in Python lists.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .tokenizer import Tokenizer
+
+PIECE_CHARS = 1 << 20  # text is tokenized ~1 MiB at a time
+_CACHE_VERSION = 1
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"data file {path} is empty; give files with text in them")
+
+
+def _utf8_error(path: Path, e: UnicodeDecodeError, offset: int) -> ValueError:
+    return ValueError(f"{path} is not UTF-8 text (undecodable byte {e.object[e.start:e.start + 1]!r} near byte "
+                      f"{offset + e.start}); convert it, e.g. `iconv -f latin1 -t utf-8`")
+
+
+def _text_pieces(path: Path) -> Iterator[str]:
+    """The file in ~PIECE_CHARS pieces, cut only between a newline and a non-space character.
+
+    At such a cut the GPT-2 pre-tokenizer splits the same way with or without the cut, so
+    tokenizing piece by piece gives exactly the ids of tokenizing the whole file.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()  # holds back a character split by the read
+    buf, offset = "", 0
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(PIECE_CHARS)
+            try:
+                buf += decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise _utf8_error(path, e, offset) from None
+            offset += len(raw)
+            if not raw:
+                break
+            cut = _safe_cut(buf)
+            if cut > 0:
+                yield buf[:cut]
+                buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+def _safe_cut(text: str) -> int:
+    """Index just after the last newline that is followed by a non-space character (0 if none)."""
+    i = len(text) - 1
+    while True:
+        i = text.rfind("\n", 0, i)
+        if i < 0 or i + 1 >= len(text):
+            return 0
+        if not text[i + 1].isspace():
+            return i + 1
+
+
+def iter_documents(path: str | os.PathLike, jsonl_key: str = "text") -> Iterator[tuple[str, bool]]:
+    """Yield ``(text piece, starts a new document)``.
+
+    A ``.jsonl`` file holds one document per line, a JSON object whose ``jsonl_key`` field is the text;
+    any other file is UTF-8 plain text and is one document (a book, an article).
+    """
+    path = Path(path)
+    _check_file(path)
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path} line {n} is not UTF-8 ({e.reason}); convert the file to UTF-8") from None
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}); each line must be one "
+                                     "JSON object") from None
+                if not isinstance(record, dict) or not isinstance(record.get(jsonl_key), str):
+                    raise ValueError(f"{path} line {n} has no string field {jsonl_key!r}; pass the field that "
+                                     "holds the text (--jsonl-key)")
+                yield record[jsonl_key], True
+    else:
+        first = True
+        for piece in _text_pieces(path):
+            yield piece, first
+            first = False
+
+
+# ---- tokenizing into a memmap ----------------------------------------------------------------------
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _tokenizer_digest(tokenizer: Tokenizer) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        h = hashlib.sha256()
+        for name in sorted(os.listdir(tmp)):
+            h.update(name.encode() + Path(tmp, name).read_bytes())
+        return h.hexdigest()
+
+
+def cache_key(paths: Sequence[str | os.PathLike], tokenizer: Tokenizer, jsonl_key: str) -> str:
+    """Changes when any file (path, size, mtime), the tokenizer or the JSONL field changes."""
+    files = []
+    for p in paths:
+        p = Path(p).resolve()
+        _check_file(p)
+        st = p.stat()
+        files.append([str(p), st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"v": _CACHE_VERSION, "files": files, "tokenizer": _tokenizer_digest(tokenizer),
+                       "jsonl_key": jsonl_key}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tokenize_files(
+    paths: Sequence[str | os.PathLike],
+    tokenizer: Tokenizer,
+    cache_dir: str | os.PathLike,
+    jsonl_key: str = "text",
+    name: str = "tokens",
+) -> np.memmap:
+    """Token stream of `paths` as a read-only memmap, built once into `cache_dir` and reused after.
+
+    Written to a temporary file and renamed, so an interrupted build leaves no half file behind.
+    """
+    if not paths:
+        raise ValueError("no data files given")
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        raise ValueError("the tokenizer has no BOS/EOS token to separate documents; OPT tokenizers use '</s>'")
+    dtype = token_dtype(len(tokenizer))
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"{name}-{cache_key(paths, tokenizer, jsonl_key)}.{dtype.name}"
+    if not target.exists():
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{name}-", suffix=".tmp")
+        n = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for path in paths:
+                    file_tokens = 0
+                    for piece, new_doc in iter_documents(path, jsonl_key):
+                        ids = tokenizer.encode(piece, add_special_tokens=False)
+                        if new_doc:
+                            ids = [bos, *ids]
+                        np.asarray(ids, dtype=dtype).tofile(out)
+                        file_tokens += len(ids)
+                    if file_tokens <= 1:
+                        raise ValueError(f"data file {path} has no text to train on (only whitespace or "
+                                         "empty documents)")
+                    n += file_tokens
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return np.memmap(target, dtype=dtype, mode="r")
+
+
+# ---- blocks ----------------------------------------------------------------------------------------
+
+@dataclass
+class BlockDataset:
+    """Non-overlapping windows of ``block_size + 1`` tokens over a token stream (inputs and shifted targets).
+
+    Training order is a fresh permutation of the blocks each epoch, drawn from ``seed + epoch``, so
+    the k-th example of the run is a pure function of (seed, k): resuming needs only the step counter.
+    """
+
+    tokens: np.ndarray
+    block_size: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.n_blocks = (len(self.tokens) - 1) // self.block_size
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.n_blocks
+
+    def block(self, i: int) -> np.ndarray:
+        start = i * self.block_size
+        return np.asarray(self.tokens[start:start + self.block_size + 1], dtype=np.int64)
+
+    def example_index(self, k: int) -> int:
+        """Block index of the run's k-th training example."""
+        epoch, j = divmod(k, self.n_blocks)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks))
+        return int(self._perm[1][j])
+
+    def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """(inputs, targets), each (B, block_size) int64, for the given block indices."""
+        rows = torch.from_numpy(np.stack([self.block(i) for i in indices]))  # (B, block_size + 1)
+        return rows[:, :-1], rows[:, 1:]
+
+    def train_batch(self, first_example: int, batch_size: int) -> tuple[Tensor, Tensor]:
+        return self.batch([self.example_index(first_example + b) for b in range(batch_size)])
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out the tail of a stream (the last documents) for validation: at least one block."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    n_val = max(int(len(tokens) * val_fraction), block_size + 1)
+    if len(tokens) - n_val < block_size + 1:
+        raise ValueError(f"the data has only {len(tokens)} tokens: too few for a training block and a validation "
+                         f"block of {block_size} tokens; add data, lower --block-size or pass --val-data")
+    return tokens[:-n_val], tokens[-n_val:]

@@ -1,0 +1,492 @@
+"""Causal-LM pre-training and full fine-tuning of `OPTForCausalLM` from text/JSONL files.
+
+One loop: AdamW (no decay on biases and LayerNorm weights), linear warm-up then cosine decay, gradient
+clipping and accumulation, bf16 autocast where the device has it, optional gradient checkpointing,
+periodic validation, checkpoints in the Hugging Face layout written atomically, and exact resume.
+
+An output directory holds::
+
+    run.json                 the arguments that define the run (checked on --resume)
+    metrics.jsonl            one JSON record per logged step / validation
+    loss.png                 train and validation loss curves
+    data/                    token caches (memmaps) of the training and validation files
+    checkpoint-00000100/     config.json, model.safetensors, tokenizer files   (HF layout)
+                             optimizer.safetensors, rng.safetensors, trainer_state.json (resume state)
+
+Resume state holds no pickles: tensors in safetensors, everything else in JSON. The data order is a
+pure function of the seed and the step, so with the model, optimizer and RNG restored a resumed run
+repeats the uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import OPTConfig
+from .data import BlockDataset, split_tokens, tokenize_files
+from .hf import OPTForCausalLM
+from .tokenizer import Tokenizer
+
+CKPT_PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+# Test hook (for tests only): "SECONDS" or "SECONDS@STEP" sleeps in the middle of writing a checkpoint
+# (of every step, or only of STEP), after the weights and before the resume state and the final rename,
+# so a test can SIGKILL a run mid-save deterministically. Unset in normal use.
+SAVE_SLEEP_ENV = "OPTLM_TEST_SAVE_SLEEP"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, unusable output directory …); the message says why."""
+
+
+@dataclass
+class TrainArgs:
+    """Everything that defines a training run. Fields above ``_resumable`` must match on ``resume``."""
+
+    data: list[str]
+    out_dir: str
+    model: str | None = None          # checkpoint dir to fine-tune; None = train from scratch
+    config: str | None = None         # from scratch: a config.json path or preset name (opt-125m …)
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None      # default: the model's directory
+    val_data: list[str] | None = None
+    val_fraction: float = 0.05        # used without val_data: the tail of the training stream
+    jsonl_key: str = "text"
+    block_size: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr: float | None = None       # cosine floor; default lr / 10
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dropout: float | None = None      # override the config's dropout
+    seed: int = 0
+    dtype: str = "auto"               # autocast: "auto" (bf16 where fast), "bf16", "fp32"
+    gradient_checkpointing: bool = False
+    # ---- below: may change between a run and its resume ----
+    max_steps: int = 1000
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 100
+    keep_last: int = 3
+    log_every: int = 10
+    device: str = "cpu"
+    progress: bool = True
+    resume: bool = False
+    overwrite: bool = False
+
+    _RESUMABLE = ("max_steps", "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "device",
+                  "progress", "resume", "overwrite")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that make two runs the same run (absolute paths, so a changed cwd still matches)."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._RESUMABLE}
+        d["data"] = [str(Path(p).resolve()) for p in self.data]
+        d["val_data"] = None if self.val_data is None else [str(Path(p).resolve()) for p in self.val_data]
+        for key in ("model", "tokenizer", "out_dir"):
+            if d[key] is not None and Path(d[key]).exists():
+                d[key] = str(Path(d[key]).resolve())
+        return d
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path | None
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+
+
+# ---- schedule and optimizer ------------------------------------------------------------------------
+
+def lr_at(step: int, args: TrainArgs) -> float:
+    """Linear warm-up from lr/warmup to lr over ``warmup_steps``, then cosine decay to ``min_lr``."""
+    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    span = max(args.max_steps - args.warmup_steps, 1)
+    progress = min((step - args.warmup_steps) / span, 1.0)
+    return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: biases and LayerNorm weights (1-D) are not decayed."""
+    decay, no_decay = [], []
+    for p in dict.fromkeys(model.parameters()):  # tied embedding/head counted once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2))
+
+
+def autocast_dtype(args: TrainArgs, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the hardware runs it natively; fp32 otherwise (emulated bf16 is slower)."""
+    if args.dtype == "fp32":
+        return None
+    if args.dtype == "bf16":
+        return torch.bfloat16
+    if args.dtype != "auto":
+        raise ValueError(f"dtype {args.dtype!r}: use auto, bf16 or fp32")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        # Native bf16 matmuls need AVX512-BF16 or AMX; AVX2-only CPUs emulate and get slower.
+        return torch.bfloat16 if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") else None
+    return None
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints (renamed into place, so complete by construction), oldest first."""
+    found = [p for p in out_dir.glob(f"{CKPT_PREFIX}*") if p.is_dir() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CKPT_PREFIX)))
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors = {f"state.{i}.{k}": v.detach().clone().contiguous().reshape(-1) if v.dim() == 0 else v.contiguous()
+               for i, s in sd["state"].items() for k, v in s.items()}
+    scalars = {f"{i}.{k}": list(v.shape) for i, s in sd["state"].items() for k, v in s.items()}
+    return tensors, {"param_groups": sd["param_groups"], "shapes": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, path: Path, meta: dict[str, Any]) -> None:
+    tensors = load_file(path)
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        _, i, name = key.split(".", 2)
+        state.setdefault(int(i), {})[name] = t.reshape(meta["shapes"][f"{i}.{name}"])
+    groups = meta["param_groups"]
+    for g in groups:
+        g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _fsync_tree(directory: Path) -> None:
+    for p in directory.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def save_checkpoint(out_dir: Path, step: int, model: OPTForCausalLM, tokenizer: Tokenizer,
+                    opt: torch.optim.Optimizer, state: dict[str, Any], keep_last: int) -> Path:
+    """Write ``checkpoint-<step>`` atomically (temp dir + rename), then prune to the last ``keep_last``."""
+    final = out_dir / f"{CKPT_PREFIX}{step:08d}"
+    tmp = out_dir / f"{TMP_PREFIX}{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _test_save_sleep(step)
+    tensors, opt_meta = _optimizer_tensors(opt)
+    save_file(tensors, tmp / "optimizer.safetensors")
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, tmp / "rng.safetensors")
+    (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta},
+                                                       indent=1) + "\n", "utf-8")
+    _fsync_tree(tmp)
+    if final.exists():  # a re-save of the same step (resume after a kill between save and prune)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+        # Renamed first: a kill during rmtree leaves a .trash- directory, never a damaged checkpoint.
+        trash = out_dir / f"{TRASH_PREFIX}{old.name}"
+        os.rename(old, trash)
+        shutil.rmtree(trash)
+    return final
+
+
+def _test_save_sleep(step: int) -> None:
+    value = os.environ.get(SAVE_SLEEP_ENV)
+    if value:
+        seconds, _, at = value.partition("@")
+        if not at or int(at) == step:
+            time.sleep(float(seconds))
+
+
+def _restore_rng(path: Path) -> None:
+    rng = load_file(path)
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+
+
+# ---- the output directory --------------------------------------------------------------------------
+
+def _prepare_out_dir(args: TrainArgs) -> tuple[Path, Path | None]:
+    """Check the directory against ``resume``/``overwrite``; return it and the checkpoint to resume from."""
+    out = Path(args.out_dir)
+    run_file = out / "run.json"
+    ours = [run_file, out / "metrics.jsonl", out / "loss.png", *out.glob(f"{CKPT_PREFIX}*"),
+            *out.glob(f"{TMP_PREFIX}*"), *out.glob(f"{TRASH_PREFIX}*")]
+    existing = [p for p in ours if p.exists()]
+    if existing and not (args.resume or args.overwrite):
+        ckpts = list_checkpoints(out)
+        last = f", last checkpoint {ckpts[-1].name}" if ckpts else ""
+        raise TrainingError(f"{out} already holds a training run ({len(ckpts)} checkpoint(s){last}); pass "
+                            "--resume to continue it, --overwrite to replace it, or choose another --out")
+    if args.overwrite and not args.resume:
+        for p in existing:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    for p in [*out.glob(f"{TMP_PREFIX}*"), *out.glob(f"{TRASH_PREFIX}*")]:
+        shutil.rmtree(p)  # leftovers of a run killed while saving or pruning
+    identity = args.identity()
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text("utf-8"))
+        changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+        if changed:
+            raise TrainingError(f"{out} holds a different run: {', '.join(changed)} differ(s) from its run.json; "
+                                "resume with the same arguments, pass --overwrite to replace it, or choose "
+                                "another --out")
+    else:
+        tmp = out / "run.json.tmp"
+        tmp.write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n", "utf-8")
+        os.replace(tmp, run_file)
+    ckpts = list_checkpoints(out)
+    return out, (ckpts[-1] if args.resume and ckpts else None)
+
+
+def _append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past ``step``: a resumed run rewrites what the killed one logged after its checkpoint."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text("utf-8").splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(keep), "utf-8")
+    os.replace(tmp, path)
+
+
+def plot_metrics(metrics_file: Path, png: Path) -> bool:
+    """Train/validation loss curves to ``png``; False (with a note) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; skipping the loss-curve plot", file=sys.stderr)
+        return False
+    records = [json.loads(line) for line in metrics_file.read_text("utf-8").splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train", linewidth=1)
+    if val:
+        ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="validation", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return True
+
+
+# ---- model and data --------------------------------------------------------------------------------
+
+def _build(args: TrainArgs, resume_from: Path | None) -> tuple[OPTForCausalLM, Tokenizer]:
+    if (args.model is None) == (args.config is None):
+        raise ValueError("give exactly one of --model (a checkpoint to fine-tune) and --config (a config.json "
+                         "or preset name such as opt-125m, to train from scratch)")
+    tok_source = args.tokenizer or args.model
+    if tok_source is None:
+        raise ValueError("training from scratch needs --tokenizer (a directory with tokenizer.json, e.g. from "
+                         "`optlm train-tokenizer`)")
+    tokenizer = Tokenizer.from_pretrained(tok_source)
+    overrides = dict(args.config_overrides)
+    if args.dropout is not None:
+        overrides["dropout"] = args.dropout
+    if resume_from is not None:  # its config.json already carries the overrides
+        model = OPTForCausalLM.from_pretrained(resume_from, dtype=torch.float32)
+    elif args.model is not None:
+        model = OPTForCausalLM.from_pretrained(args.model, dtype=torch.float32, **overrides)
+    else:
+        is_file = Path(args.config).is_file()
+        config = OPTConfig.from_json_file(args.config) if is_file else OPTConfig.from_name(args.config)
+        # The embedding covers the tokenizer, padded to a multiple of 8 as metaseq does.
+        overrides = {"vocab_size": -(-len(tokenizer) // 8) * 8, **overrides}
+        if "hidden_size" in overrides and "word_embed_proj_dim" not in overrides:
+            overrides["word_embed_proj_dim"] = overrides["hidden_size"]
+        config = OPTConfig.from_dict({**config.to_dict(), **overrides})
+        torch.manual_seed(args.seed)
+        model = OPTForCausalLM(config)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                         f"{model.config.vocab_size}; use the model's own tokenizer")
+    if args.block_size > model.config.max_position_embeddings:
+        raise ValueError(f"--block-size {args.block_size} exceeds the model's max_position_embeddings "
+                         f"({model.config.max_position_embeddings}); use at most that")
+    if args.block_size < 2:
+        raise ValueError(f"--block-size must be at least 2, got {args.block_size}")
+    return model, tokenizer
+
+
+def _datasets(args: TrainArgs, tokenizer: Tokenizer, out: Path) -> tuple[BlockDataset, BlockDataset]:
+    cache = out / "data"
+    tokens = tokenize_files(args.data, tokenizer, cache, args.jsonl_key, name="train")
+    if args.val_data:
+        train_tokens = tokens
+        val_tokens = tokenize_files(args.val_data, tokenizer, cache, args.jsonl_key, name="val")
+    else:
+        train_tokens, val_tokens = split_tokens(tokens, args.val_fraction, args.block_size)
+    for name, t in (("training", train_tokens), ("validation", val_tokens)):
+        if len(t) < args.block_size + 1:
+            raise ValueError(f"the {name} data has {len(t)} tokens, fewer than one block of --block-size "
+                             f"{args.block_size} + 1; add data or lower --block-size")
+    return BlockDataset(train_tokens, args.block_size, args.seed), BlockDataset(val_tokens, args.block_size)
+
+
+def _loss(model: OPTForCausalLM, x: Tensor, y: Tensor, amp: torch.dtype | None) -> Tensor:
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        logits = model(x, use_cache=False).logits  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+@torch.no_grad()
+def validation_loss(model: OPTForCausalLM, val: BlockDataset, batch_size: int, max_batches: int,
+                    amp: torch.dtype | None, device: torch.device) -> float:
+    """Mean loss over the first ``max_batches`` batches of validation blocks (the same blocks every time)."""
+    was_training = model.training
+    model.eval()
+    n = min(len(val), max_batches * batch_size)
+    total = 0.0
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(start + batch_size, n)))
+        x, y = val.batch(idx)
+        total += _loss(model, x.to(device), y.to(device), amp).item() * len(idx)
+    model.train(was_training)
+    return total / n
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+
+def train(args: TrainArgs) -> TrainResult:
+    """Run (or resume) a training run; returns the last checkpoint and the final losses."""
+    if args.max_steps < 1 or args.batch_size < 1 or args.grad_accum < 1:
+        raise ValueError("max_steps, batch_size and grad_accum must be at least 1")
+    out, resume_from = _prepare_out_dir(args)
+    model, tokenizer = _build(args, resume_from)
+    device = torch.device(args.device)
+    train_data, val_data = _datasets(args, tokenizer, out)
+    metrics = out / "metrics.jsonl"
+
+    step, elapsed, tokens_seen = 0, 0.0, 0
+    if resume_from is not None:
+        state = json.loads((resume_from / "trainer_state.json").read_text("utf-8"))
+        step, elapsed, tokens_seen = state["step"], state["elapsed"], state["tokens"]
+    model.to(device).train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    opt = make_optimizer(model, args)
+    if resume_from is not None:
+        _load_optimizer(opt, resume_from / "optimizer.safetensors", state["optimizer"])
+        _restore_rng(resume_from / "rng.safetensors")
+        _truncate_metrics(metrics, step)
+        print(f"resuming from {resume_from} (step {step})", file=sys.stderr)
+    else:
+        _truncate_metrics(metrics, 0)
+        torch.manual_seed(args.seed + 1)  # dropout stream, independent of the init stream
+    amp = autocast_dtype(args, device)
+    if step >= args.max_steps:
+        print(f"nothing to do: the run is at step {step} and --max-steps is {args.max_steps}", file=sys.stderr)
+
+    tokens_per_step = args.batch_size * args.grad_accum * args.block_size
+    params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
+    bar = _progress(args, step)
+    loss_value = val_loss = None
+    last_ckpt = list_checkpoints(out)[-1] if list_checkpoints(out) else None
+    t_mark = time.perf_counter()
+    while step < args.max_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(args.grad_accum):
+            first = (step * args.grad_accum + micro) * args.batch_size
+            x, y = train_data.train_batch(first, args.batch_size)
+            loss = _loss(model, x.to(device), y.to(device), amp)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the training loss is {loss.item()} at step {step + 1}; stopping. Lower --lr, "
+                                    "raise --warmup-steps or resume from an earlier checkpoint")
+            (loss / args.grad_accum).backward()
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+        if not math.isfinite(grad_norm):
+            raise TrainingError(f"the gradient norm is {grad_norm} at step {step + 1}; stopping. Lower --lr or "
+                                "resume from an earlier checkpoint")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        loss_value = loss_sum / args.grad_accum
+        if step % args.log_every == 0 or step == args.max_steps:
+            _append_metrics(metrics, {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                                      "tokens": tokens_seen, "tokens_per_s": tokens_per_step / dt,
+                                      "elapsed_s": round(elapsed, 3)})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
+        if step % args.eval_every == 0 or step == args.max_steps:
+            val_loss = validation_loss(model, val_data, args.batch_size, args.eval_batches, amp, device)
+            _append_metrics(metrics, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
+            msg = f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}"
+            (bar.write if bar is not None else print)(msg)
+        if step % args.save_every == 0 or step == args.max_steps:
+            last_ckpt = save_checkpoint(out, step, model, tokenizer, opt,
+                                        {"elapsed": elapsed, "tokens": tokens_seen, "train_loss": loss_value,
+                                         "val_loss": val_loss}, args.keep_last)
+            plot_metrics(metrics, out / "loss.png")
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - t_mark
+    print(f"done: step {step}, {tokens_seen:,} tokens, {elapsed:.0f}s of training ({wall:.0f}s this session); "
+          f"checkpoint {last_ckpt}", file=sys.stderr)
+    return TrainResult(checkpoint=last_ckpt, step=step, train_loss=loss_value, val_loss=val_loss)
+
+
+def _progress(args: TrainArgs, step: int):
+    if not args.progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=args.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)

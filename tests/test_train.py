@@ -1,0 +1,198 @@
+"""The trainer: loss falls, exact resume after SIGKILL (mid-training and mid-checkpoint-write), checkpoints that
+transformers loads with identical logits, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_fixtures import tiny_config, tiny_tokenizer, write_corpus
+
+from optlm import OPTForCausalLM
+from optlm.cli import main
+from optlm.train import SAVE_SLEEP_ENV, TrainArgs, TrainingError, list_checkpoints, lr_at, make_optimizer, train
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {"root": root, "data": write_corpus(root, n_sentences=600), "tokenizer": tiny_tokenizer(root),
+            "config": tiny_config(root)}
+
+
+def args_for(setup, out: Path, **kw) -> TrainArgs:
+    base = dict(data=[str(setup["data"])], out_dir=str(out), config=str(setup["config"]),
+                tokenizer=str(setup["tokenizer"]), block_size=32, batch_size=4, max_steps=30, warmup_steps=5,
+                lr=3e-3, eval_every=10, eval_batches=2, save_every=10, log_every=1, progress=False)
+    return TrainArgs(**{**base, **kw})
+
+
+def cli_args(setup, out: Path, max_steps: int, *extra: str) -> list[str]:
+    return ["train", "--data", str(setup["data"]), "--out", str(out), "--config", str(setup["config"]),
+            "--tokenizer", str(setup["tokenizer"]), "--block-size", "32", "--batch-size", "4", "--grad-accum", "2",
+            "--max-steps", str(max_steps), "--warmup-steps", "5", "--lr", "3e-3", "--eval-every", "7",
+            "--eval-batches", "2", "--save-every", "5", "--keep-last", "2", "--log-every", "1", "--quiet", *extra]
+
+
+def losses(out: Path) -> tuple[dict[int, float], dict[int, float]]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_loss = {r["step"]: r["loss"] for r in records if "loss" in r}
+    val_loss = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert len(train_loss) == sum("loss" in r for r in records)  # no step logged twice
+    return train_loss, val_loss
+
+
+def spawn(argv: list[str], **env: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.Popen([sys.executable, "-m", "optlm.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def run_cli(argv: list[str]) -> None:
+    p = spawn(argv)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err.decode()
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
+        assert time.monotonic() < deadline, "timed out waiting to kill the run"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def assert_checkpoints_readable(out: Path) -> None:
+    for ckpt in list_checkpoints(out):
+        OPTForCausalLM.from_pretrained(ckpt)
+        json.loads((ckpt / "trainer_state.json").read_text())
+    assert all((c / "optimizer.safetensors").is_file() for c in out.glob("checkpoint-*"))
+
+
+def test_loss_falls_and_outputs(setup, tmp_path):
+    result = train(args_for(setup, tmp_path / "run"))
+    train_loss, val_loss = losses(tmp_path / "run")
+    first = sum(train_loss[s] for s in range(1, 4)) / 3
+    last = sum(train_loss[s] for s in range(28, 31)) / 3
+    assert last < first - 1.0, (first, last)
+    assert val_loss[30] < val_loss[10]
+    assert result.step == 30 and result.checkpoint.name == "checkpoint-00000030"
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000020", "checkpoint-00000030"][-3:] \
+        or len(list_checkpoints(tmp_path / "run")) == 3
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(record)
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_run(setup, tmp_path):
+    steps = 40
+    ref, killed, killed_in_save = tmp_path / "ref", tmp_path / "killed", tmp_path / "killed-in-save"
+    run_cli(cli_args(setup, ref, steps))
+    expected = losses(ref)
+    assert len(expected[0]) == steps
+
+    # 1. SIGKILL in the middle of training (some steps past a checkpoint), then resume.
+    p = spawn(cli_args(setup, killed, steps))
+    kill_when(p, lambda: (killed / "metrics.jsonl").is_file() and len(losses_safe(killed)) >= 13)
+    assert len(losses_safe(killed)) < steps
+    assert_checkpoints_readable(killed)
+    run_cli(cli_args(setup, killed, steps, "--resume"))
+    assert losses(killed) == expected
+
+    # 2. SIGKILL while a checkpoint is being written (the test hook sleeps inside the save of step 15).
+    p = spawn(cli_args(setup, killed_in_save, steps), **{SAVE_SLEEP_ENV: "60@15"})
+    kill_when(p, lambda: (killed_in_save / ".tmp-checkpoint-00000015" / "model.safetensors").is_file())
+    assert [c.name for c in list_checkpoints(killed_in_save)] == ["checkpoint-00000005", "checkpoint-00000010"]
+    assert_checkpoints_readable(killed_in_save)
+    run_cli(cli_args(setup, killed_in_save, steps, "--resume"))
+    assert losses(killed_in_save) == expected
+    assert not list(killed_in_save.glob(".tmp-*"))
+    assert [c.name for c in list_checkpoints(killed_in_save)] == ["checkpoint-00000035", "checkpoint-00000040"]
+    a = OPTForCausalLM.from_pretrained(ref / "checkpoint-00000040").state_dict()
+    b = OPTForCausalLM.from_pretrained(killed_in_save / "checkpoint-00000040").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def losses_safe(out: Path) -> dict[int, float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, [x for x in lines[:-1] if x]) if "loss" in r}
+
+
+def test_checkpoint_loads_in_transformers_with_identical_logits(setup, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ckpt = train(args_for(setup, tmp_path / "run", max_steps=3, save_every=3, eval_every=3)).checkpoint
+    theirs = transformers.OPTForCausalLM.from_pretrained(str(ckpt)).eval()
+    ours = OPTForCausalLM.from_pretrained(ckpt).eval()
+    ids = torch.randint(3, 320, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=1e-5)
+    tok = transformers.AutoTokenizer.from_pretrained(str(ckpt))
+    assert tok("The cat")["input_ids"][0] == 2
+
+
+def test_optimizer_groups_and_schedule(setup, tmp_path):
+    args = args_for(setup, tmp_path, max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
+    assert lr_at(0, args) == pytest.approx(0.1) and lr_at(9, args) == pytest.approx(1.0)
+    assert lr_at(55, args) == pytest.approx(0.55) and lr_at(100, args) == pytest.approx(0.1)
+    from optlm import OPTConfig
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     ffn_dim=32, max_position_embeddings=16))
+    decay, no_decay = make_optimizer(model, args).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert no_decay["weight_decay"] == 0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert any("layer_norm" in names[id(p)] for p in no_decay["params"])
+    assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == args.weight_decay
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_parameters()
+
+
+def test_grad_accum_and_checkpointing_train(setup, tmp_path):
+    r = train(args_for(setup, tmp_path / "run", max_steps=4, grad_accum=2, gradient_checkpointing=True,
+                       eval_every=4, save_every=4, dropout=0.0))
+    assert r.step == 4 and r.train_loss is not None and r.val_loss is not None
+
+
+def test_errors(setup, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        train(args_for(setup, tmp_path / "a", data=[str(empty)]))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 10)
+    with pytest.raises(ValueError, match="not UTF-8"):
+        train(args_for(setup, tmp_path / "b", data=[str(latin)]))
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        train(args_for(setup, tmp_path / "c", block_size=65))
+
+    train(args_for(setup, tmp_path / "run", max_steps=2, save_every=2, eval_every=2))
+    with pytest.raises(TrainingError, match="already holds a training run"):
+        train(args_for(setup, tmp_path / "run", max_steps=2))
+    with pytest.raises(TrainingError, match="different run: lr"):
+        train(args_for(setup, tmp_path / "run", max_steps=4, lr=1e-3, resume=True))
+    train(args_for(setup, tmp_path / "run", max_steps=3, lr=1e-3, overwrite=True))
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000003"]
+    # the CLI turns the refusal into one line and exit status 1
+    argv = ["train", "--data", str(setup["data"]), "--out", str(tmp_path / "run"), "--config", str(setup["config"]),
+            "--tokenizer", str(setup["tokenizer"]), "--block-size", "32", "--max-steps", "2", "--quiet"]
+    assert main(argv) == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_naming_the_step(setup, tmp_path):
+    from optlm import OPTConfig
+    config = OPTConfig.from_json_file(setup["config"])
+    config.vocab_size = 320
+    model = OPTForCausalLM(config)
+    with torch.no_grad():
+        model.model.decoder.layers[1].fc2.weight[0, 0] = float("inf")
+    model.save_pretrained(tmp_path / "broken")
+    with pytest.raises(TrainingError, match="loss is nan at step 1"):
+        train(args_for(setup, tmp_path / "run", model=str(tmp_path / "broken"), config=None))
