@@ -1,6 +1,7 @@
 """optlm: Meta's OPT language models in lean PyTorch, numerically matching the reference implementation."""
 
 from .config import OPTConfig
+from .evaluate import evaluate_file, perplexity
 from .hf import (
     OPTForCausalLM,
     OPTForQuestionAnswering,
@@ -11,6 +12,8 @@ from .hf import (
 from .kv_cache import KVCache
 from .lm import LM, load
 from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer_train import train_tokenizer
+from .train import TrainArgs, train
 
 __version__ = "0.1.0"
 
@@ -25,5 +28,10 @@ __all__ = [
     "OPTOutput",
     "StreamDecoder",
     "Tokenizer",
+    "TrainArgs",
+    "evaluate_file",
     "load",
+    "perplexity",
+    "train",
+    "train_tokenizer",
 ]
