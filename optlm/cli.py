@@ -134,6 +134,131 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
+# ---- generate / chat -------------------------------------------------------------------------------------
+
+_SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "penalty_alpha",
+                   "repetition_penalty", "no_repeat_ngram_size", "stop", "seed")
+
+
+def _generation_params(args: argparse.Namespace) -> dict:
+    """Decoding keywords from the flags (preset first, explicit flags over it), checked before loading."""
+    from .generate import validate_params
+    from .lm import resolve_params
+
+    params = resolve_params(args.preset, **{k: getattr(args, k) for k in _SAMPLING_FLAGS})
+    validate_params(params)
+    return params
+
+
+def _load_lm(args: argparse.Namespace):
+    from .lm import load
+
+    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """Continue a prompt (``-`` reads it from stdin), streaming the text unless --no-stream."""
+    import time
+
+    prompt = args.prompt
+    if prompt == "-":
+        prompt = sys.stdin.read().removesuffix("\n")  # the newline that `echo` and editors add
+    params = _generation_params(args)
+    lm = _load_lm(args)
+    if params.get("num_beams", 1) > 1:  # beam search ranks whole hypotheses: nothing to stream
+        start = time.perf_counter()
+        out, width = lm.generate_ids(prompt, **params)
+        seconds = time.perf_counter() - start
+        print(prompt + lm.decode(out[:, width:], params.get("stop_strings"))[0])
+        if args.verbose:
+            new = out.shape[1] - width
+            print(f"prompt tokens: {width}\nnew tokens: {new}\ntime: {seconds:.2f} s "
+                  f"({new / max(seconds, 1e-9):.1f} tokens/s, beam search)", file=sys.stderr)
+        return 0
+    stream = lm.stream(prompt, **params)  # checks the prompt against the context window
+    print(prompt, end="", flush=True)
+    for piece in stream:
+        if args.stream:
+            print(piece, end="", flush=True)
+    print(stream.text if not args.stream else "")
+    if args.verbose:
+        ttft, speed = stream.time_to_first_token, stream.tokens_per_second
+        print(f"prompt tokens: {stream.prompt_tokens}\nnew tokens: {stream.new_tokens}\n"
+              f"time to first token: {'n/a' if ttft is None else f'{ttft * 1000:.1f} ms'}\n"
+              f"tokens/s: {'n/a' if speed is None else f'{speed:.1f}'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat; reads one user message per line (stdin may be a pipe), streams each reply."""
+    params = _generation_params(args)
+    if params.get("num_beams", 1) > 1:
+        raise ValueError("chat streams its replies, which beam search cannot do; use --num-beams 1")
+    lm = _load_lm(args)
+    session = lm.chat_session(system=args.system, on_trim=lambda msg: print(f"[{msg}]", file=sys.stderr), **params)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {lm.name}; /reset forgets the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:  # Ctrl-D at the prompt
+            print(file=sys.stderr)
+            break
+        if not interactive and not line:  # end of piped input
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            continue
+        if not text:
+            continue
+        for piece in session.stream(text):
+            print(piece, end="", flush=True)
+        print()
+    return 0
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    from .lm import DEFAULT_MAX_NEW_TOKENS, PRESETS, QUANTIZE_MODES
+
+    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled model)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"tokens to generate (default {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--num-beams", type=int, default=None, help="beam search with this many beams")
+    p.add_argument("--penalty-alpha", type=float, default=None, help="contrastive search degeneration penalty")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeating tokens")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop at this text (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (repeatable runs)")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="temperature / top-p / penalty together; explicit flags override it")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cpu)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help="weight-only quantization")
+
+
+def _add_generation_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt (greedy, sampling, beam or contrastive search)")
+    p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    _add_generation_args(p)
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="print text as it is generated (default: on)")
+    p.add_argument("--verbose", action="store_true",
+                   help="report prompt/new token counts, time to first token and tokens/s on stderr")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model through a plain dialogue template")
+    _add_generation_args(p)
+    p.add_argument("--system", default=None, help="system text opening the conversation")
+    p.set_defaults(func=_cmd_chat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optlm", description="Run, fine-tune and serve OPT language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -142,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint directory or hub id (e.g. facebook/opt-125m)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.set_defaults(func=_cmd_info)
+    _add_generation_commands(sub)
     _add_training_commands(sub)
     return parser
 

@@ -25,6 +25,16 @@ TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_
             max_position_embeddings=64, dropout=0.0, init_std=0.3)
 
 
+@pytest.fixture(scope="module", autouse=False)
+def one_thread():
+    """Run a module's many tiny ops on one thread: on a shared, busy machine every multi-threaded op waits for
+    its slowest thread, which makes tiny-model tests ~30x slower; results do not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def reference_pair(directory: Path, seed: int = 0, **overrides):
     """(transformers model, optlm model) with the same random float64 weights, via a saved checkpoint."""
     import transformers

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from helpers_generate import ScriptedLM, need_tokenizer
+from helpers_generate import (
+    ScriptedLM,
+    need_tokenizer,
+    one_thread,  # noqa: F401 (a fixture, used through pytestmark)
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optlm
 from optlm.chat import ChatTemplate, fit_history, strip_pieces
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONVERSATION = [
     {"role": "system", "content": "A chat about the sea."},

@@ -7,10 +7,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_generate import ScriptedLM, left_padded, need_tokenizer, reference_pair, text_checkpoint
+from helpers_generate import (
+    ScriptedLM,
+    left_padded,
+    need_tokenizer,
+    one_thread,  # noqa: F401 (a fixture, used through pytestmark)
+    reference_pair,
+    text_checkpoint,
+)
 
 import optlm
 from optlm import generate as gen
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 P = 7  # prompt width of left_padded()
 MAX_NEW = 12

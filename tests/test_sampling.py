@@ -10,10 +10,13 @@ import math
 
 import pytest
 import torch
+from helpers_generate import one_thread  # noqa: F401 (a fixture, used through pytestmark)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optlm import sampling
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

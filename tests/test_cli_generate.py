@@ -1,0 +1,164 @@
+"""`optlm generate` and `optlm chat`: as real subprocesses (exit codes, stdin, pipes, error lines), and
+in-process through `cli.main` for the option combinations (cheaper than a Python start-up each)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers_generate import (
+    one_thread,  # noqa: F401 (a fixture, used through pytestmark)
+    text_checkpoint,
+)
+
+from optlm import cli
+from optlm.bundled import BUNDLED_MODEL_DIR
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return text_checkpoint(tmp_path_factory.mktemp("cli_model"), max_position_embeddings=64)
+
+
+def _optlm(*args: str) -> list[str]:
+    return [sys.executable, "-m", "optlm.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir):
+    """Start every subprocess at once (Python start-up dominates), then collect (rc, stdout, stderr)."""
+    m = str(model_dir)
+    jobs = {
+        "stdin_verbose": (_optlm("generate", "-", "--model", m, "--max-new-tokens", "6", "--verbose"),
+                          "Once upon a time\n"),
+        "negative_temperature": (_optlm("generate", "hi", "--model", m, "--temperature", "-0.5"), None),
+        "chat_pipe": (_optlm("chat", "--model", m, "--max-new-tokens", "8", "--system", "Be brief."),
+                      "Hello\n\n/reset\nHow are you?\n"),
+    }
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
+    procs = {name: subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, encoding="utf-8", env=env) for name, (cmd, _) in jobs.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(jobs[name][1], timeout=300)
+        results[name] = (proc.returncode, out, err)
+    return results
+
+
+def _one_error_line(err: str, *words: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("optlm ") and "error:" in lines[0]
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_generate_reads_the_prompt_from_stdin_and_reports_speed(runs):
+    rc, out, err = runs["stdin_verbose"]
+    assert rc == 0, err
+    assert out.startswith("Once upon a time") and len(out) > len("Once upon a time\n")
+    for field in ("prompt tokens: 5", "new tokens:", "time to first token:", "tokens/s:"):
+        assert field in err, err
+
+
+def test_bad_arguments_exit_nonzero_with_one_line(runs):
+    rc, out, err = runs["negative_temperature"]
+    assert rc != 0 and out == ""
+    _one_error_line(err, "temperature")
+
+
+def test_chat_over_a_pipe_answers_each_line(runs):
+    rc, out, err = runs["chat_pipe"]
+    assert rc == 0, err
+    assert "Traceback" not in err
+    assert out.count("\n") >= 2  # one reply per non-empty message; /reset is a command, not a message
+
+
+# ---- in-process -------------------------------------------------------------------------------------------
+
+def _main(capsys, monkeypatch, *argv: str, stdin: str | None = None) -> tuple[int, str, str]:
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    rc = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_seeded_sampling_is_repeatable_and_streaming_prints_the_same_text(capsys, monkeypatch, model_dir):
+    args = ["generate", "The sea", "--model", str(model_dir), "--max-new-tokens", "6", "--temperature", "0.9",
+            "--seed", "3"]
+    first = _main(capsys, monkeypatch, *args)
+    assert first[0] == 0 and first[1].startswith("The sea")
+    assert _main(capsys, monkeypatch, *args) == first
+    assert _main(capsys, monkeypatch, *args, "--no-stream") == first
+    assert _main(capsys, monkeypatch, *args[:-1], "4")[1] != first[1]
+
+
+@pytest.mark.parametrize("extra", [["--num-beams", "3"], ["--penalty-alpha", "0.5", "--top-k", "3"],
+                                   ["--preset", "creative", "--seed", "1"], ["--repetition-penalty", "1.3"],
+                                   ["--preset", "precise", "--temperature", "0"], ["--dtype", "bfloat16"]])
+def test_decoding_options(capsys, monkeypatch, model_dir, extra):
+    rc, out, err = _main(capsys, monkeypatch, "generate", "Hello", "--model", str(model_dir),
+                         "--max-new-tokens", "5", *extra)
+    assert rc == 0 and out.startswith("Hello"), err
+
+
+def test_stop_flag_cuts_the_text(capsys, monkeypatch, model_dir):
+    args = ["generate", "Hello", "--model", str(model_dir), "--max-new-tokens", "12"]
+    rc, full, _ = _main(capsys, monkeypatch, *args)
+    text = full[len("Hello"):].rstrip("\n")
+    assert rc == 0 and len(text) > 4
+    stop = text[2:4]
+    rc, out, _ = _main(capsys, monkeypatch, *args, "--stop", stop)
+    assert rc == 0 and out == "Hello" + text[: text.find(stop)] + "\n"
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--top-p", "1.5"], ["top_p"]),
+    (["--top-p", "0"], ["top_p"]),
+    (["--max-new-tokens", "0"], ["max_new_tokens"]),
+    (["--num-beams", "2", "--penalty-alpha", "2"], ["penalty_alpha"]),
+    (["--dtype", "float8"], ["dtype"]),
+    (["--model", "/no/such/model/dir"], ["does not exist"]),
+])
+def test_bad_generate_options_give_one_line(capsys, monkeypatch, model_dir, argv, words):
+    argv = ["--model", str(model_dir), *argv] if "--model" not in argv else argv
+    rc, out, err = _main(capsys, monkeypatch, "generate", "hi", *argv)
+    assert rc == 1 and out == ""
+    _one_error_line(err, *words)
+
+
+def test_prompt_longer_than_the_context_window_gives_one_line(capsys, monkeypatch, model_dir):
+    rc, out, err = _main(capsys, monkeypatch, "generate", "-", "--model", str(model_dir), stdin="word " * 80)
+    assert rc == 1 and out == ""
+    _one_error_line(err, "prompt has", "context window of 64 tokens")
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_without_model_uses_the_bundled_one_or_says_it_is_missing(capsys, monkeypatch, command):
+    argv = [command, "hi"] if command == "generate" else [command]
+    rc, out, err = _main(capsys, monkeypatch, *argv, "--max-new-tokens", "2", stdin="hello\n")
+    if (BUNDLED_MODEL_DIR / "config.json").is_file():
+        assert rc == 0 and out, err
+    else:
+        assert rc == 1 and out == ""
+        _one_error_line(err, "bundled default model is not installed")
+
+
+def test_quantize_flag(capsys, monkeypatch, model_dir):
+    pytest.importorskip("optlm.quantize")
+    rc, out, err = _main(capsys, monkeypatch, "generate", "Hello", "--model", str(model_dir), "--max-new-tokens", "4",
+                         "--quantize", "int8")
+    assert rc == 0 and out.startswith("Hello"), err
+
+
+def test_chat_in_process_keeps_going_after_reset(capsys, monkeypatch, model_dir):
+    rc, out, err = _main(capsys, monkeypatch, "chat", "--model", str(model_dir), "--max-new-tokens", "6",
+                         stdin="one\n/reset\ntwo\n/exit\nthree\n")
+    assert rc == 0, err
+    assert out.count("\n") == 2  # "three" comes after /exit
