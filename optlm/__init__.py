@@ -11,6 +11,7 @@ from .hf import (
 )
 from .kv_cache import KVCache
 from .lm import LM, load
+from .quantize import quantize
 from .tokenizer import StreamDecoder, Tokenizer
 from .tokenizer_train import train_tokenizer
 from .train import TrainArgs, train
@@ -32,6 +33,7 @@ __all__ = [
     "evaluate_file",
     "load",
     "perplexity",
+    "quantize",
     "train",
     "train_tokenizer",
 ]

@@ -20,6 +20,7 @@ from . import checkpoint as ckpt
 from .config import OPTConfig
 from .kv_cache import KVCache
 from .model import OPTDecoder, positions_from_mask
+from .quantize import quantize as quantize_model
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
@@ -120,12 +121,15 @@ class OPTPreTrainedModel(nn.Module):
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None, attn_implementation: str | None = None,
                         revision: str | None = None, config: OPTConfig | None = None,
-                        torch_dtype: torch.dtype | str | None = None, **config_overrides: Any):
+                        torch_dtype: torch.dtype | str | None = None, quantize: str | None = None,
+                        **config_overrides: Any):
         """Load a Hugging Face OPT checkpoint (directory or hub id).
 
         The model is built on the meta device and the memory-mapped checkpoint tensors are assigned to it,
         so peak memory stays near one copy of the weights. ``dtype=None`` keeps the checkpoint's dtype
         (transformers' "auto"); ``config_overrides`` (e.g. ``num_labels=3``) edit the loaded config.
+        ``quantize="int8"`` or ``"int4"`` swaps the linear layers for weight-only quantized ones
+        (:func:`optlm.quantize.quantize`).
         """
         dtype = parse_dtype(dtype if dtype is not None else torch_dtype)
         directory = ckpt.resolve(path_or_hub_id, revision)
@@ -154,6 +158,8 @@ class OPTPreTrainedModel(nn.Module):
             model.set_attn_implementation(attn_implementation)
         if device is not None:
             model.to(device)
+        if quantize is not None:
+            quantize_model(model, quantize)
         return model.eval()
 
     def _materialize(self, new_keys: list[str], dtype: torch.dtype) -> None:

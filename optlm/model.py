@@ -56,13 +56,21 @@ class OPTAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=bias)
         self.q_proj = nn.Linear(d, d, bias=bias)
         self.out_proj = nn.Linear(d, d, bias=bias)
+        # Optional one-matmul q/k/v projection whose weight the three projections are row views of (set by
+        # optlm.fast.fuse_qkv); used only for inference and only while it still matches the three modules.
+        self.fused_qkv = None
 
     def forward(self, x: Tensor, allowed: Tensor | None, cache: KVCache | None, mask: Tensor | None) -> Tensor:
         B, T, C = x.shape
+        fused = self.fused_qkv
+        if fused is not None and not torch.is_grad_enabled() and fused.matches(self):
+            q, k, v = fused(x).split(C, dim=-1)  # 3 x (B, T, C)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # OPT scales q before the matmul (not the scores), as fairseq did; this order matters in fp16.
-        q = (self.q_proj(x) * self.scaling).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        q = (q * self.scaling).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), S = past + T
         p = self.dropout if self.training else 0.0

@@ -5,6 +5,8 @@ The first test pins the core to transformers exactly; it guards every speed edit
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -62,3 +64,87 @@ def test_core_matches_transformers_exactly(hf_checkpoint, impl):
             steps.append(out.logits)
         stepped = torch.cat(steps, dim=1)
         assert (stepped[valid] - got[valid]).abs().max() <= 1e-10
+
+
+# ---- fast paths equal the plain path ----------------------------------------------------------------------
+
+SMALL = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+             max_position_embeddings=128, dropout=0.0)
+
+
+def _model(seed: int = 0, **overrides) -> optlm.OPTForCausalLM:
+    torch.manual_seed(seed)
+    return optlm.OPTForCausalLM(optlm.OPTConfig(**{**SMALL, **overrides})).eval()
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_fused_qkv_same_logits_and_greedy_tokens(layout):
+    from optlm.fast import optimize
+
+    plain = _model(**LAYOUTS[layout])
+    fast = _model(**LAYOUTS[layout])
+    before = {k: v.clone() for k, v in fast.state_dict().items()}
+    optimize(fast)
+    assert all(layer.self_attn.fused_qkv is not None for layer in fast.model.decoder.layers)
+    # Same names, same values: q/k/v_proj weights are views of the fused matrix.
+    after = fast.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+    ids, mask = _padded_batch(lengths=(12, 7, 10), vocab=256)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits,
+                                   rtol=1e-5, atol=1e-5)
+    want = plain.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    got = fast.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_fused_qkv_steps_aside_when_projections_change():
+    from optlm.fast import fuse_qkv
+
+    model = fuse_qkv(_model())
+    attn = model.model.decoder.layers[0].self_attn
+    ids = torch.randint(4, 256, (1, 9))
+    # Training keeps three matmuls, so gradients reach q/k/v_proj.
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert attn.q_proj.weight.grad is not None and attn.v_proj.weight.grad is not None
+    model.eval()
+    # Replacing a projection (as an adapter would) turns the fused path off instead of ignoring the new module.
+    attn.q_proj = torch.nn.Linear(64, 64)
+    assert not attn.fused_qkv.matches(attn)
+    with torch.no_grad():
+        model(ids)  # runs the three-matmul path
+    # A dtype cast makes new tensors: the fused weight no longer matches and is not used.
+    model.double()
+    assert not attn.fused_qkv.matches(attn)
+
+
+def test_bfloat16_runs_and_tracks_float32(tmp_path):
+    plain = _model()
+    plain.save_pretrained(tmp_path)
+    bf16 = optlm.OPTForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    from optlm.fast import optimize
+
+    optimize(bf16)
+    ids = torch.randint(4, 256, (2, 16))
+    with torch.no_grad():
+        want = plain(ids).logits
+        got = bf16(ids).logits.float()
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+    out = bf16.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape == (2, 24)
+
+
+def test_set_threads():
+    from optlm.fast import physical_cores, set_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1 and torch.get_num_threads() == 1
+        assert 1 <= physical_cores() <= (os.cpu_count() or 1)
+        with pytest.raises(ValueError, match="at least 1"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,122 @@
+"""Inference speed-ups that leave results unchanged: fused q/k/v projections, thread settings, compilation.
+
+Each is a transformation of a built model (or of the process), so the plain path stays the reference:
+``optimize(model)`` applies the ones that pay on every machine; ``compile_model`` is opt-in.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import Tensor, nn
+
+from .model import OPTAttention
+
+
+class FusedQKV:
+    """One ``(3C, C)`` projection standing in for ``q_proj``, ``k_proj`` and ``v_proj``.
+
+    The three modules' weights are row views of the fused weight, so nothing is stored twice and in-place
+    updates (``load_state_dict``) reach both. If any of the three is replaced (an adapter wraps it, the model
+    is cast with ``.to(dtype)``), :meth:`matches` turns false and the attention goes back to three matmuls.
+    """
+
+    def __init__(self, linear: nn.Module, attn: OPTAttention):
+        self.linear = linear
+        self._key = _identity(attn)
+
+    def matches(self, attn: OPTAttention) -> bool:
+        return _identity(attn) == self._key
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.linear(x)  # (B, T, 3C)
+
+
+def _identity(attn: OPTAttention) -> tuple:
+    mods = (attn.q_proj, attn.k_proj, attn.v_proj)
+    return tuple(id(m) for m in mods) + tuple(m.weight.data_ptr() for m in mods)
+
+
+def _fuse_float(mods: list[nn.Linear]) -> nn.Linear:
+    C = mods[0].in_features
+    has_bias = mods[0].bias is not None
+    w = torch.cat([m.weight.detach() for m in mods])  # (3C, C)
+    b = torch.cat([m.bias.detach() for m in mods]) if has_bias else None
+    with torch.device("meta"):
+        fused = nn.Linear(C, w.shape[0], bias=has_bias)
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(b, requires_grad=False)
+    n = mods[0].out_features
+    for i, m in enumerate(mods):
+        rows = slice(i * n, (i + 1) * n)
+        m.weight = nn.Parameter(w[rows], requires_grad=m.weight.requires_grad)
+        if has_bias:
+            m.bias = nn.Parameter(b[rows], requires_grad=m.bias.requires_grad)
+    return fused
+
+
+@torch.no_grad()
+def fuse_qkv(model: nn.Module) -> nn.Module:
+    """Give every attention layer a single q/k/v matmul (in place; returns the model).
+
+    Works on float and quantized projections (all three of one kind). Call it before building an optimizer:
+    the q/k/v parameters become new (view) tensors. Gradient-enabled forwards keep using three matmuls.
+    """
+    for attn in model.modules():
+        if not isinstance(attn, OPTAttention):
+            continue
+        mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+        kinds = {type(m) for m in mods}
+        if len(kinds) != 1:
+            continue
+        kind = kinds.pop()
+        if kind is nn.Linear and len({(m.weight.dtype, m.weight.device) for m in mods}) == 1:
+            attn.fused_qkv = FusedQKV(_fuse_float(mods), attn)
+        elif hasattr(kind, "stack_rows"):  # quantized linears (optlm.quantize) know how to stack themselves
+            fused = kind.stack_rows(mods)
+            if fused is not None:
+                attn.fused_qkv = FusedQKV(fused, attn)
+    return model
+
+
+def physical_cores() -> int:
+    """CPU cores this process may run on, counting SMT siblings once (they share one core's FMA units)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # macOS, Windows
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in allowed:
+        path = f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
+        try:
+            with open(path, encoding="ascii") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use ``n`` threads for CPU kernels (default: one per physical core available); returns the count."""
+    n = physical_cores() if n is None else n
+    if n < 1:
+        raise ValueError(f"thread count must be at least 1, got {n}")
+    torch.set_num_threads(n)
+    return n
+
+
+def optimize(model: nn.Module) -> nn.Module:
+    """The speed-ups that change no result and cost no start-up time: fused q/k/v (inference) and eval mode."""
+    fuse_qkv(model)
+    return model.eval()
+
+
+def compile_model(model: nn.Module, mode: str | None = None) -> float:
+    """Compile the model's forward with ``torch.compile`` (opt-in: the first calls at each new shape compile,
+    which takes tens of seconds to minutes on a small CPU). Returns the seconds spent setting up."""
+    start = time.perf_counter()
+    model.forward = torch.compile(model.forward, mode=mode, dynamic=True)
+    return time.perf_counter() - start

@@ -1,0 +1,235 @@
+"""Weight-only quantization as a transformation of a built model: ``quantize(model, "int8" | "int4")``.
+
+Why weight-only: OPT grows activation outliers (a few hidden channels 20-100x larger than the rest) from
+~6.7b up, which is what breaks naive int8 activation quantization (Dettmers et al. 2022, "LLM.int8()";
+Xiao et al. 2023, "SmoothQuant"). Leaving activations in floating point sidesteps them at every size with no
+calibration data, and batch-1 decoding is bound by reading weights, which is what quantizing weights buys.
+
+* ``int8``: symmetric, one scale per output channel (per row of the weight), PyTorch's
+  ``_weight_int8pack_mm`` kernel.
+* ``int4``: asymmetric, one scale and zero point per ``group_size`` inputs of each output channel,
+  PyTorch's ``_weight_int4pack_mm_for_cpu`` kernel; the LM head stays int8 (the logits are the most
+  sensitive matmul, and the int8 head doubles as the embedding table, see below).
+
+The tied token embedding / LM head (50272 x d) is the largest single matrix and is read in full for every
+generated token, so it is quantized too (int8, per vocabulary row). When the two are tied, the embedding
+lookup reads the same int8 rows and scales, so the float table is dropped and the model shrinks ~4x.
+Module names stay (``layers.N.self_attn.q_proj`` …), so code that finds modules by name still finds them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .fast import fuse_qkv
+
+MODES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # The CPU kernels accumulate in fp32 either way; their fp32-input paths are scalar loops on CPUs without
+    # AVX-512 (10-50x slower), so activations enter them as bf16, which is also what they were written for.
+    return torch.bfloat16 if x.device.type == "cpu" else x.dtype
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` with an int8 weight and one fp scale per output channel: y = x @ (q * s).T + b."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._scales_c: Tensor | None = None  # scales in the kernel's activation dtype, made on first use
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> Int8Linear:
+        w = linear.weight.detach()
+        q, scales = quantize_int8_rows(w)
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device)
+        new.weight, new.scales = q, scales.to(w.dtype)
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return new
+
+    def dequantize(self) -> Tensor:
+        return self.weight.to(self.scales.dtype) * self.scales[:, None]
+
+    @classmethod
+    def stack_rows(cls, mods: list[Int8Linear]) -> Int8Linear:
+        """One layer computing all of ``mods`` (same input); their buffers become row views of its own."""
+        first = mods[0]
+        fused = cls(first.in_features, sum(m.out_features for m in mods), first.bias is not None,
+                    first.scales.dtype, first.weight.device)
+        fused.weight = torch.cat([m.weight for m in mods])
+        fused.scales = torch.cat([m.scales for m in mods])
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in mods]), requires_grad=False)
+        start = 0
+        for m in mods:
+            rows = slice(start, start + m.out_features)
+            m.weight, m.scales = fused.weight[rows], fused.scales[rows]
+            if m.bias is not None:
+                m.bias = nn.Parameter(fused.bias.detach()[rows], requires_grad=False)
+            start += m.out_features
+        return fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        cdt = _compute_dtype(x)
+        if self._scales_c is None or self._scales_c.dtype != cdt or self._scales_c.device != x.device:
+            self._scales_c = self.scales.to(cdt)
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(cdt), self.weight, self._scales_c)
+        y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int4Linear(nn.Module):
+    """``nn.Linear`` with a 4-bit weight; each run of ``group_size`` inputs of an output channel has its own
+    scale and zero point: w = q * scale + min, q in [0, 15]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 64,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"int4 group_size {group_size} does not divide in_features {in_features}; "
+                             f"pick one of {INT4_GROUP_SIZES} that does")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        # The kernel's packed layout: two 4-bit values per byte, (N, K / 2) uint8.
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        # (K / group_size, N, 2): scale and zero (= min + 8 * scale, the kernel's convention) per group.
+        self.register_buffer("scales_and_zeros",
+                             torch.zeros(in_features // group_size, out_features, 2, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._sz_c: Tensor | None = None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
+        w = linear.weight.detach()
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, w.dtype, w.device)
+        q, scales, mins = quantize_int4_groups(w, group_size)
+        new.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        new.scales_and_zeros = torch.stack([scales, mins + 8 * scales], dim=-1).transpose(0, 1).contiguous().to(w.dtype)
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return new
+
+    @classmethod
+    def stack_rows(cls, mods: list[Int4Linear]) -> Int4Linear | None:
+        """One layer computing all of ``mods`` (same input, same group size); their packed weights become
+        row views of its own. None when the group sizes differ."""
+        first = mods[0]
+        if len({m.group_size for m in mods}) != 1:
+            return None
+        fused = cls(first.in_features, sum(m.out_features for m in mods), first.bias is not None,
+                    first.group_size, first.scales_and_zeros.dtype, first.weight.device)
+        # The CPU int4 packing is row by row, so stacking packed rows equals packing the stacked rows.
+        fused.weight = torch.cat([m.weight for m in mods])
+        fused.scales_and_zeros = torch.cat([m.scales_and_zeros for m in mods], dim=1)  # (groups, N, 2)
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in mods]), requires_grad=False)
+        start = 0
+        for m in mods:
+            rows = slice(start, start + m.out_features)
+            m.weight = fused.weight[rows]
+            if m.bias is not None:
+                m.bias = nn.Parameter(fused.bias.detach()[rows], requires_grad=False)
+            start += m.out_features
+        return fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        cdt = _compute_dtype(x)
+        if self._sz_c is None or self._sz_c.dtype != cdt or self._sz_c.device != x.device:
+            self._sz_c = self.scales_and_zeros.to(cdt)
+        x2 = x.reshape(-1, self.in_features).to(cdt)
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self._sz_c)
+        y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, group_size={self.group_size}")
+
+
+class Int8Embedding(nn.Module):
+    """Embedding lookup from an int8 table with one scale per row; shares the tied LM head's storage."""
+
+    def __init__(self, head: Int8Linear, padding_idx: int | None):
+        super().__init__()
+        self.head = [head]  # a list, so the head is not registered (and saved) twice
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized table (for inspection; lookups never build it)."""
+        return self.head[0].dequantize()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        head = self.head[0]
+        rows = head.weight[ids].to(head.scales.dtype)  # (..., d)
+        return rows * head.scales[ids].unsqueeze(-1)
+
+
+def quantize_int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: returns q (int8, same shape) and scales (rows,), w ≈ q * scales[:, None]."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)  # all-zero rows (the padding embedding) stay zero
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4_groups(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric 4-bit per group: q (int32 in [0, 15], (N, K)), scales and mins (N, K / group_size)."""
+    N, K = w.shape
+    g = w.float().reshape(N, K // group_size, group_size)  # (N, groups, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-10)
+    q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32)
+    return q.reshape(N, K), scales, lo
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, lm_head: bool = True) -> nn.Module:
+    """Replace the model's ``nn.Linear`` layers by weight-only int8 or int4 ones, in place; returns the model.
+
+    The q/k/v projections of each layer are also fused into one matmul (``optlm.fast.fuse_qkv``).
+
+    ``lm_head=False`` keeps the (tied) LM head and embedding in floating point. The model is switched to
+    eval mode: quantized weights are frozen (fine-tune first, or train adapters on top).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()):
+        raise ValueError("this model is already quantized; load it again in floating point to quantize differently")
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise ValueError("quantize() uses PyTorch's CPU int8/int4 kernels; quantize a model on the CPU "
+                         "(device='cpu'), or use bf16 on a GPU")
+    model.eval()
+    head = getattr(model, "lm_head", None)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    tied = (head is not None and decoder is not None
+            and head.weight is decoder.embed_tokens.weight)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or child is head:
+                continue
+            if mode == "int4" and child.in_features % group_size == 0:
+                setattr(parent, name, Int4Linear.from_float(child, group_size))
+            else:
+                setattr(parent, name, Int8Linear.from_float(child))
+    if head is not None and lm_head:
+        qhead = Int8Linear.from_float(head)
+        model.lm_head = qhead
+        if tied:
+            emb = decoder.embed_tokens
+            decoder.embed_tokens = Int8Embedding(qhead, emb.padding_idx)
+    return fuse_qkv(model)
