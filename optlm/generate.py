@@ -282,12 +282,11 @@ class Decoding:
         self.seqs = torch.full((N, P + cfg.max_new_tokens), cfg.pad_token_id if cfg.pad_token_id is not None else 0,
                                dtype=torch.long, device=ids.device)
         self.seqs[:, :P] = ids.repeat_interleave(n, dim=0)
-        self.mask = None if mask is None else mask.repeat_interleave(n, dim=0)
+        self.mask = None if mask is None else mask.repeat_interleave(n, dim=0)  # (N, P), None: no padding
         self.steps = 0
         self.unfinished = torch.ones(N, dtype=torch.bool, device=ids.device)
         self.started = self.first_token_at = self.finished_at = None
-        self._ids = ids
-        self._mask = mask
+        self._prompt, self._prompt_mask = ids, mask  # (B, P): prefilled once, before rows are repeated
 
     @property
     def sequences(self) -> Tensor:
@@ -334,10 +333,10 @@ class Decoding:
 
     def _sample(self) -> Iterator[Tensor]:
         cfg, n = self.cfg, self.cfg.num_return_sequences
-        B = self._ids.shape[0]
+        B = self._prompt.shape[0]
         cache = new_cache(self.model, B, self.seqs.shape[1])
         with torch.no_grad():
-            logits, _ = prefill(self.model, self._ids, self._mask, cache)
+            logits, _ = prefill(self.model, self._prompt, self._prompt_mask, cache)
         if n > 1:  # prefill once per prompt, then copy its cache for each returned sequence
             cache.repeat_interleave(n)
             logits = logits.repeat_interleave(n, dim=0)
@@ -367,16 +366,16 @@ class Decoding:
         newest slot is copied from the winner to its siblings instead of reordering the whole cache.
         """
         cfg, K = self.cfg, min(self.cfg.top_k, self.model.config.vocab_size)
-        B, P = self._ids.shape
+        B, P = self._prompt.shape
         cache = new_cache(self.model, B, self.seqs.shape[1])
         with torch.no_grad():
-            logits, hidden = prefill(self.model, self._ids, self._mask, cache)
+            logits, hidden = prefill(self.model, self._prompt, self._prompt_mask, cache)
         cache.repeat_interleave(K)
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         context = torch.zeros(B, self.seqs.shape[1], hidden.shape[-1], dtype=dtype, device=hidden.device)
         context[:, :P] = F.normalize(hidden.to(dtype), dim=-1)  # unit vectors: dot products are cosines
         valid = torch.zeros(B, self.seqs.shape[1], dtype=torch.bool, device=hidden.device)
-        valid[:, :P] = True if self._mask is None else self._mask.bool()
+        valid[:, :P] = True if self._prompt_mask is None else self._prompt_mask.bool()
         positions = self._positions().repeat_interleave(K)
         rows = torch.arange(B, device=hidden.device) * K
         alpha = cfg.penalty_alpha
@@ -540,9 +539,11 @@ def generate(model, input_ids: Tensor | Sequence, attention_mask: Tensor | None 
              use_cache: bool = True, **params: Any) -> Tensor:
     """Prompt ``(B, P)`` (left-padded with ``attention_mask``) → ``(B * num_return_sequences, P + new)`` ids.
 
-    Keywords are :class:`GenerationConfig` fields (transformers' names); ``tokenizer`` is needed for
-    ``stop_strings``; ``generator`` or ``seed`` makes sampling reproducible. ``use_cache`` is accepted for
-    compatibility: generation always uses the cache.
+    Keywords are :class:`GenerationConfig` fields (transformers' names); ``max_length`` (prompt included) is
+    read when ``max_new_tokens`` is not given. ``stop_strings`` end a row once its generated text contains one
+    (the ids keep the token that completed it; text outputs cut the string off) and need ``tokenizer``.
+    ``generator`` or ``seed`` makes sampling reproducible; without them the global torch RNG is used, as
+    transformers does. ``use_cache`` is accepted for compatibility: generation always uses the cache.
     """
     ids = torch.as_tensor(input_ids)
     cfg = make_config(model, max_length, ids.shape[-1], **params)

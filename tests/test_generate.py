@@ -118,6 +118,31 @@ def test_sampling_draws_the_same_tokens_as_transformers_from_the_same_seed(pair,
     assert torch.equal(ours.generate(ids, mask, **kw), expected)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_random_settings_match_transformers(pair, seed):
+    """Random prompts, lengths and decoding settings (a wider net than the named cases above)."""
+    import random
+
+    ref, ours = pair
+    rng = random.Random(seed)
+    ids, mask = left_padded(tuple(rng.randint(1, 8) for _ in range(rng.randint(1, 4))), seed=seed + 10)
+    kw = {"max_new_tokens": rng.randint(1, 12)}
+    pool = ours.generate(ids, mask, eos_token_id=[], **kw)[:, ids.shape[1]:].flatten().tolist()
+    kw["eos_token_id"] = sorted(set(rng.sample(pool, min(2, len(pool)))))
+    if seed % 2:
+        kw.update(num_beams=rng.randint(2, 4), length_penalty=rng.choice([0.0, 1.0, 2.0]),
+                  early_stopping=rng.choice([False, True, "never"]))
+        kw["num_return_sequences"] = rng.randint(1, kw["num_beams"])
+    if seed % 3 == 0:
+        kw.update(do_sample=True, temperature=rng.choice([0.6, 1.4]), top_k=rng.choice([0, 8]), top_p=0.9)
+    kw.update(repetition_penalty=rng.choice([1.0, 1.4]), no_repeat_ngram_size=rng.choice([0, 2]),
+              min_new_tokens=rng.randint(0, kw["max_new_tokens"]))
+    torch.manual_seed(seed)
+    expected = ref.generate(ids, attention_mask=mask, **{"do_sample": False, **kw})
+    torch.manual_seed(seed)
+    assert torch.equal(ours.generate(ids, mask, **kw), expected), kw
+
+
 def test_unpadded_single_prompt_and_1d_input(pair):
     ref, ours = pair
     ids = torch.tensor([2, 40, 17, 33, 9])
