@@ -51,7 +51,7 @@ class ChatTemplate:
         if messages and messages[0]["role"] == "system":
             system, messages = messages[0]["content"], messages[1:]
         names = {"user": self.user, "assistant": self.assistant}
-        lines = [f"{names[m['role']]}: {m['content'].strip()}" for m in messages]
+        lines = [f"{names[m['role']]}: {m['content'].strip()}".rstrip() for m in messages]
         if add_generation_prompt:
             lines.append(f"{self.assistant}:")
         body = "\n".join(lines)
