@@ -259,6 +259,21 @@ def _add_generation_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_chat)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Speed against transformers and CTranslate2 (those installed) on random-weight OPT shapes."""
+    from .benchmark import run_from_args
+
+    return run_from_args(args)
+
+
+def _add_bench_command(sub: argparse._SubParsersAction) -> None:
+    from .benchmark import add_arguments
+
+    p = sub.add_parser("bench", help="decode/prefill speed and memory vs transformers and CTranslate2")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optlm", description="Run, fine-tune and serve OPT language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -269,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
     _add_generation_commands(sub)
     _add_training_commands(sub)
+    _add_bench_command(sub)
     return parser
 
 

@@ -73,12 +73,46 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
         if len(kinds) != 1:
             continue
         kind = kinds.pop()
-        if kind is nn.Linear and len({(m.weight.dtype, m.weight.device) for m in mods}) == 1:
+        if issubclass(kind, nn.Linear) and len({(m.weight.dtype, m.weight.device) for m in mods}) == 1:
             attn.fused_qkv = FusedQKV(_fuse_float(mods), attn)
         elif hasattr(kind, "stack_rows"):  # quantized linears (optlm.quantize) know how to stack themselves
             fused = kind.stack_rows(mods)
             if fused is not None:
                 attn.fused_qkv = FusedQKV(fused, attn)
+    return model
+
+
+class UpcastLinear(nn.Linear):
+    """A bf16/fp16 ``nn.Linear`` for CPUs without native half-precision matmul (no AVX-512 BF16/AMX).
+
+    There PyTorch's half-precision GEMM is a slow fallback (7x slower than fp32 for a 128-token prefill on an
+    AVX2 core), while a few-row product (decoding) is bound by reading the weight, where half precision wins.
+    So products over more than ``MAX_NATIVE_ROWS`` rows run in fp32 and round back; the parameters, their
+    names and the module's place in the tree stay those of the ``nn.Linear`` it was.
+    """
+
+    MAX_NATIVE_ROWS = 4  # measured crossover on an AVX2 core: native wins at 1-4 rows, fp32 from ~6 on
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() <= self.MAX_NATIVE_ROWS * self.in_features:
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+
+
+def _native_half_matmul() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def upcast_half_linears(model: nn.Module) -> nn.Module:
+    """Turn the half-precision CPU ``nn.Linear`` layers of ``model`` into :class:`UpcastLinear` (in place)."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    for attn in model.modules():
+        if isinstance(attn, OPTAttention) and attn.fused_qkv is not None:
+            linears.append(attn.fused_qkv.linear)
+    for m in linears:
+        if type(m) is nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float16) and m.weight.device.type == "cpu":
+            m.__class__ = UpcastLinear
     return model
 
 
@@ -109,8 +143,11 @@ def set_threads(n: int | None = None) -> int:
 
 
 def optimize(model: nn.Module) -> nn.Module:
-    """The speed-ups that change no result and cost no start-up time: fused q/k/v (inference) and eval mode."""
+    """The speed-ups that cost no start-up time, in place: fused q/k/v (inference), fp32 GEMMs for
+    half-precision models on CPUs without native half-precision matmul, and eval mode."""
     fuse_qkv(model)
+    if not _native_half_matmul():
+        upcast_half_linears(model)
     return model.eval()
 
 

@@ -220,7 +220,7 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, lm_head
             and head.weight is decoder.embed_tokens.weight)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or child is head:
+            if not isinstance(child, nn.Linear) or child is head:
                 continue
             if mode == "int4" and child.in_features % group_size == 0:
                 setattr(parent, name, Int4Linear.from_float(child, group_size))

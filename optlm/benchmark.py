@@ -1,0 +1,327 @@
+"""Speed benchmark: optlm against transformers and CTranslate2 on the same random-weight checkpoints.
+
+Every engine generates greedily through its own ``generate`` with the prompt and new-token counts fixed
+(``min_new_tokens`` = ``max_new_tokens``, so no engine stops early). From two runs per engine,
+one producing 1 token and one producing N:
+
+* time to first token (TTFT) = time of the 1-token run (prefill + one step);
+* prefill tok/s = batch x prompt tokens / TTFT;
+* decode tok/s = batch x (N - 1) / (time of the N-token run - TTFT).
+
+Engines run in one process, interleaved (every engine once per round, several rounds) so drifting machine
+load hits them alike; the tables report medians. Peak memory is measured in a fresh process per engine
+(load + one run), as the growth of resident memory over the bare interpreter with its libraries imported.
+transformers and CTranslate2 are optional: without them only optlm is measured.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+OPTLM_PRECISIONS = ("fp32", "bf16", "int8", "int4")
+CT2_PRECISIONS = ("fp32", "int8")
+CACHE_DIR = Path(os.environ.get("OPTLM_BENCH_CACHE", Path.home() / ".cache" / "optlm-bench"))
+
+
+@dataclass
+class Result:
+    engine: str
+    ttft: list[float] = field(default_factory=list)  # seconds
+    decode: list[float] = field(default_factory=list)  # tok/s
+    prefill: list[float] = field(default_factory=list)  # tok/s
+    peak_mb: float | None = None
+
+    def median(self, name: str) -> float:
+        return statistics.median(getattr(self, name))
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------
+
+def random_checkpoint(shape: str, directory: Path | None = None) -> Path:
+    """A random-weight checkpoint of a published OPT shape, written once (with a synthetic full-size
+    vocabulary so CTranslate2's converter has token strings for every id)."""
+    from .config import OPTConfig
+    from .hf import OPTForCausalLM
+
+    directory = directory or CACHE_DIR / shape
+    if not (directory / "config.json").is_file():
+        torch.manual_seed(0)
+        OPTForCausalLM(OPTConfig.from_name(shape)).save_pretrained(directory)
+    return directory
+
+
+def _synthetic_tokenizer(directory: Path, vocab_size: int) -> None:
+    # CTranslate2 takes token strings; "t<id>" names every id. Specials sit at OPT's ids (0 <s>, 1 <pad>, 2 </s>).
+    if (directory / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {0: "<s>", 1: "<pad>", 2: "</s>", 3: "<unk>"}
+    vocab = {specials.get(i, f"t{i}"): i for i in range(vocab_size)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok.save_pretrained(directory)
+
+
+def ct2_model(checkpoint: Path, quantization: str) -> Path:
+    """The checkpoint converted by CTranslate2's own converter (cached beside it)."""
+    import ctranslate2
+
+    out = checkpoint.parent / f"{checkpoint.name}-ct2-{quantization}"
+    if not (out / "model.bin").is_file():
+        from .config import OPTConfig
+
+        _synthetic_tokenizer(checkpoint, OPTConfig.from_json_file(checkpoint / "config.json").vocab_size)
+        ctranslate2.converters.TransformersConverter(str(checkpoint)).convert(
+            str(out), quantization=quantization, force=True)
+    return out
+
+
+# ---- engines: each returns a function (ids, new_tokens) -> generated ids --------------------------------
+
+def load_optlm(checkpoint: Path, precision: str) -> Callable:
+    from .fast import optimize
+    from .hf import OPTForCausalLM
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    quantize = precision if precision in ("int8", "int4") else None
+    model = optimize(OPTForCausalLM.from_pretrained(checkpoint, dtype=dtype, quantize=quantize))
+
+    def run(ids: torch.Tensor, n: int) -> list[list[int]]:
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return out[:, ids.shape[1]:].tolist()
+
+    return run
+
+
+def load_transformers(checkpoint: Path) -> Callable:
+    import transformers
+
+    model = transformers.OPTForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
+                                                        attn_implementation="sdpa").eval()
+
+    def run(ids: torch.Tensor, n: int) -> list[list[int]]:
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=1)
+        return out[:, ids.shape[1]:].tolist()
+
+    return run
+
+
+def load_ctranslate2(checkpoint: Path, precision: str, threads: int) -> Callable:
+    import ctranslate2
+
+    quantization = {"fp32": "float32", "int8": "int8"}[precision]
+    generator = ctranslate2.Generator(str(ct2_model(checkpoint, quantization)), device="cpu",
+                                      compute_type=quantization, intra_threads=threads, inter_threads=1)
+
+    def run(ids: torch.Tensor, n: int) -> list[list[int]]:
+        tokens = [[f"t{i}" for i in row] for row in ids.tolist()]
+        results = generator.generate_batch(tokens, max_length=n, min_length=n, sampling_topk=1,
+                                           include_prompt_in_result=False)
+        return [r.sequences_ids[0] for r in results]
+
+    return run
+
+
+def available_peers() -> dict[str, bool]:
+    return {name: importlib.util.find_spec(name) is not None for name in ("transformers", "ctranslate2")}
+
+
+def engine_names(precisions: list[str], peers: dict[str, bool]) -> list[str]:
+    names = [f"optlm {p}" for p in precisions]
+    if peers.get("transformers"):
+        names.append("transformers fp32")
+    if peers.get("ctranslate2") and peers.get("transformers"):  # the converter reads the model with transformers
+        names += [f"ctranslate2 {p}" for p in CT2_PRECISIONS]
+    return names
+
+
+def load_engine(name: str, checkpoint: Path, threads: int) -> Callable:
+    kind, precision = name.split()
+    if kind == "optlm":
+        return load_optlm(checkpoint, precision)
+    if kind == "transformers":
+        return load_transformers(checkpoint)
+    return load_ctranslate2(checkpoint, precision, threads)
+
+
+# ---- measuring -----------------------------------------------------------------------------------------
+
+def _timed(run: Callable, ids: torch.Tensor, n: int) -> tuple[float, list[list[int]]]:
+    start = time.perf_counter()
+    out = run(ids, n)
+    return time.perf_counter() - start, out
+
+
+def measure(engines: dict[str, Callable], batch: int, prompt: int, new: int, repeats: int, vocab: int,
+            log: Callable[[str], None] = print) -> dict[str, Result]:
+    """Interleaved rounds of (1-token run, N-token run) per engine; one warm-up round is discarded."""
+    ids = torch.randint(4, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    results = {name: Result(name) for name in engines}
+    for r in range(repeats + 1):
+        for name, run in engines.items():
+            t1, _ = _timed(run, ids, 1)
+            tn, out = _timed(run, ids, new)
+            if len(out[0]) != new:
+                raise RuntimeError(f"{name} generated {len(out[0])} tokens instead of {new}")
+            if r == 0:
+                continue  # warm-up: allocator, thread pools, lazily built kernels
+            res = results[name]
+            res.ttft.append(t1)
+            res.prefill.append(batch * prompt / t1)
+            res.decode.append(batch * (new - 1) / max(tn - t1, 1e-9))
+        if r:
+            log(f"  round {r}/{repeats}: " + ", ".join(f"{n} {results[n].decode[-1]:.1f}" for n in engines))
+    return results
+
+
+def _rss_mb(key: str = "VmRSS:") -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_memory_mb(name: str, checkpoint: Path, threads: int, prompt: int, new: int) -> float | None:
+    """Peak resident memory growth of loading ``name`` and running it once, in a fresh process."""
+    if not Path("/proc/self/status").exists():
+        return None
+    code = ("import sys, json; from optlm import benchmark as b; "
+            f"print(json.dumps(b._memory_probe({name!r}, {str(checkpoint)!r}, {threads}, {prompt}, {new})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"memory probe for {name} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe(name: str, checkpoint: str, threads: int, prompt: int, new: int) -> float:
+    torch.set_num_threads(threads)
+    kind = name.split()[0]
+    __import__({"optlm": "optlm.hf", "transformers": "transformers", "ctranslate2": "ctranslate2"}[kind])
+    if kind == "ctranslate2":
+        __import__("transformers")  # the converter's import, kept out of the measured growth
+    base = _rss_mb()
+    run = load_engine(name, Path(checkpoint), threads)
+    run(torch.randint(4, 1000, (1, prompt)), new)
+    return _rss_mb("VmHWM:") - base  # the high-water mark of this process image (ru_maxrss survives exec)
+
+
+# ---- reporting -----------------------------------------------------------------------------------------
+
+def single_table(results: dict[str, Result]) -> str:
+    lines = ["| engine | decode tok/s | prefill tok/s | TTFT ms | peak MB |", "|---|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        mem = "–" if r.peak_mb is None else f"{r.peak_mb:.0f}"
+        lines.append(f"| {name} | {r.median('decode'):.1f} | {r.median('prefill'):.0f} | "
+                     f"{1000 * r.median('ttft'):.0f} | {mem} |")
+    return "\n".join(lines)
+
+
+def ratio_table(results: dict[str, Result], metric: str = "decode") -> str:
+    ours = [n for n in results if n.startswith("optlm")]
+    peers = [n for n in results if not n.startswith("optlm")]
+    if not peers:
+        return ""
+    lines = [f"| {metric} ratio | " + " | ".join(f"vs {p}" for p in peers) + " |",
+             "|---|" + "---:|" * len(peers)]
+    for n in ours:
+        cells = [f"{results[n].median(metric) / results[p].median(metric):.2f}x" for p in peers]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def throughput_table(by_batch: dict[int, dict[str, Result]]) -> str:
+    batches = sorted(by_batch)
+    names = list(next(iter(by_batch.values())))
+    lines = ["| engine | " + " | ".join(f"batch {b} decode tok/s" for b in batches) + " |",
+             "|---|" + "---:|" * len(batches)]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(f"{by_batch[b][n].median('decode'):.0f}" for b in batches) + " |")
+    return "\n".join(lines)
+
+
+def run_benchmark(shapes: list[str], precisions: list[str], prompt: int = 128, new: int = 64, repeats: int = 5,
+                  batch_sizes: list[int] | None = None, threads: int | None = None, memory: bool = True,
+                  peers: dict[str, bool] | None = None, log: Callable[[str], None] = print) -> str:
+    """Run everything and return the report as Markdown (also logged as it goes)."""
+    from .fast import set_threads
+
+    threads = set_threads(threads)
+    peers = available_peers() if peers is None else peers
+    missing = [p for p, ok in peers.items() if not ok]
+    report = [f"threads: {threads}; prompt {prompt} tokens, {new} new tokens, greedy; medians of {repeats} "
+              f"interleaved rounds; torch {torch.__version__}"]
+    if missing:
+        report.append(f"not installed, so not measured: {', '.join(missing)} (pip install 'optlm[bench]')")
+    log(report[-1])
+    for shape in shapes:
+        checkpoint = random_checkpoint(shape)
+        names = engine_names(precisions, peers)
+        log(f"{shape}: loading {', '.join(names)}")
+        engines = {n: load_engine(n, checkpoint, threads) for n in names}
+        vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+        results = measure(engines, 1, prompt, new, repeats, vocab, log)
+        if memory:
+            for n in names:
+                results[n].peak_mb = peak_memory_mb(n, checkpoint, threads, prompt, new)
+        report += [f"\n### {shape}, batch 1\n", single_table(results), "", ratio_table(results, "decode"), "",
+                   ratio_table(results, "prefill")]
+        if batch_sizes:
+            by_batch = {b: measure(engines, b, prompt, new, max(1, repeats // 2), vocab, log) for b in batch_sizes}
+            report += [f"\n### {shape}, batched decode throughput\n", throughput_table(by_batch)]
+        del engines
+        log("\n".join(report))
+    return "\n".join(report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python benchmarks/bench.py`` and ``optlm bench`` share this entry point's options."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--shapes", default="opt-125m,opt-350m", help="comma-separated OPT shapes (random weights)")
+    parser.add_argument("--precisions", default=",".join(OPTLM_PRECISIONS), help="optlm precisions to measure")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians are reported)")
+    parser.add_argument("--batch-sizes", default="8,32", help="batched throughput runs ('' to skip)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: cores)")
+    parser.add_argument("--optlm-only", action="store_true", help="skip transformers and CTranslate2")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-engine peak-memory probes")
+    parser.add_argument("--markdown", default=None, help="also write the report to this Markdown file")
+
+
+def run_from_args(args) -> int:
+    precisions = [p for p in args.precisions.split(",") if p]
+    bad = [p for p in precisions if p not in OPTLM_PRECISIONS]
+    if bad:
+        raise ValueError(f"unknown precision(s) {bad}; choose from {', '.join(OPTLM_PRECISIONS)}")
+    peers = {"transformers": False, "ctranslate2": False} if args.optlm_only else None
+    report = run_benchmark([s for s in args.shapes.split(",") if s], precisions, args.prompt_tokens,
+                           args.new_tokens, args.repeats, [int(b) for b in args.batch_sizes.split(",") if b],
+                           args.threads, not args.no_memory, peers)
+    if args.markdown:
+        via_cli = Path(sys.argv[0]).name == "optlm"
+        command = " ".join(["optlm"] + sys.argv[1:] if via_cli else ["python"] + sys.argv)
+        Path(args.markdown).write_text(f"```\n{command}\n```\n\n{report}\n", encoding="utf-8")
+    return 0
