@@ -1,13 +1,13 @@
-"""Inference speed-ups that leave results unchanged: fused q/k/v projections, thread settings, compilation.
+"""Inference speed-ups that leave results unchanged: fused q/k/v projections, half-precision GEMMs routed
+to fp32 where the CPU has no native ones, thread settings.
 
-Each is a transformation of a built model (or of the process), so the plain path stays the reference:
-``optimize(model)`` applies the ones that pay on every machine; ``compile_model`` is opt-in.
+Each is a transformation of a built model (or of the process), so the plain path stays the reference;
+``optimize(model)`` applies them all and costs no start-up time.
 """
 
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 from torch import Tensor, nn
@@ -149,11 +149,3 @@ def optimize(model: nn.Module) -> nn.Module:
     if not _native_half_matmul():
         upcast_half_linears(model)
     return model.eval()
-
-
-def compile_model(model: nn.Module, mode: str | None = None) -> float:
-    """Compile the model's forward with ``torch.compile`` (opt-in: the first calls at each new shape compile,
-    which takes tens of seconds to minutes on a small CPU). Returns the seconds spent setting up."""
-    start = time.perf_counter()
-    model.forward = torch.compile(model.forward, mode=mode, dynamic=True)
-    return time.perf_counter() - start

@@ -7,6 +7,11 @@ calibration data, and batch-1 decoding is bound by reading weights, which is wha
 
 * ``int8``: symmetric, one scale per output channel (per row of the weight), PyTorch's
   ``_weight_int8pack_mm`` kernel.
+* ``int8-dynamic``: the int8 weights above, with activations quantized on the fly to 7 bits (one scale
+  per matmul) so fbgemm's int8 GEMM does the arithmetic, as CTranslate2's int8 does. On CPUs without
+  AVX-512 the weight-only kernel is a plain loop and this path is 1.5-3x faster, at the price of the
+  activation-outlier sensitivity above: fine for opt-125m/350m (measured in benchmarks/quality.py),
+  not advised from ~6.7b up.
 * ``int4``: asymmetric, one scale and zero point per ``group_size`` inputs of each output channel,
   PyTorch's ``_weight_int4pack_mm_for_cpu`` kernel; the LM head stays int8 (the logits are the most
   sensitive matmul, and the int8 head doubles as the embedding table, see below).
@@ -19,12 +24,14 @@ Module names stay (``layers.N.self_attn.q_proj`` …), so code that finds module
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
 from .fast import fuse_qkv
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "int8-dynamic")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -45,6 +52,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._scales_c: Tensor | None = None  # scales in the kernel's activation dtype, made on first use
+        self._packed = None  # fbgemm's packed weight when the dynamic-activation kernel is in use
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
@@ -78,7 +86,26 @@ class Int8Linear(nn.Module):
             start += m.out_features
         return fused
 
+    def use_dynamic_activations(self) -> None:
+        """Compute with activations quantized on the fly (8-bit per tensor; fbgemm's AVX2/AVX-512 int8 GEMM).
+
+        Several times faster than the weight-only kernel on CPUs without AVX-512, but activation outliers
+        then cost precision (see the module docstring); the stored int8 weight and scales are unchanged.
+        """
+        if "fbgemm" not in torch.backends.quantized.supported_engines:
+            raise ValueError("int8-dynamic needs PyTorch's fbgemm backend (x86 builds); use quantize='int8' here")
+        zeros = torch.zeros(self.out_features, dtype=torch.long)
+        with warnings.catch_warnings():  # quantized tensors are only the carrier for fbgemm's weight packing
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(self.weight, self.scales.double(), zeros, 0)
+        bias = None if self.bias is None else self.bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._packed is not None:
+            # reduce_range=True: 7-bit activations, so fbgemm's u8 x s8 pair sums cannot saturate int16.
+            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self._packed, True)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # bias already added
         cdt = _compute_dtype(x)
         if self._scales_c is None or self._scales_c.dtype != cdt or self._scales_c.device != x.device:
             self._scales_c = self.scales.to(cdt)
@@ -232,4 +259,11 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, lm_head
         if tied:
             emb = decoder.embed_tokens
             decoder.embed_tokens = Int8Embedding(qhead, emb.padding_idx)
-    return fuse_qkv(model)
+    fuse_qkv(model)
+    if mode == "int8-dynamic":
+        fused = [a for a in model.modules() if getattr(a, "fused_qkv", None) is not None]
+        standing_in = {id(p) for a in fused for p in (a.q_proj, a.k_proj, a.v_proj)}  # never called while fused
+        for m in [a.fused_qkv.linear for a in fused] + list(model.modules()):
+            if isinstance(m, Int8Linear) and id(m) not in standing_in:
+                m.use_dynamic_activations()
+    return model

@@ -12,8 +12,8 @@ from optlm.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_int4_
 SMALL = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
              max_position_embeddings=128, dropout=0.0)
 # (mode, group size, logit KL bound, max |Δ logit| / max |logit| bound); measured ~2e-6 / 0.013 for int8 and
-# ~2e-4 / 0.10 for int4 at these shapes, so the bounds leave ~10x and ~2x of room.
-TOLERANCES = [("int8", 64, 3e-5, 0.03), ("int4", 32, 2e-3, 0.25)]
+# ~2e-4 / 0.10 for int4 and ~3e-5 / 0.04 for int8-dynamic at these shapes, so the bounds leave 2-10x of room.
+TOLERANCES = [("int8", 64, 3e-5, 0.03), ("int4", 32, 2e-3, 0.25), ("int8-dynamic", 64, 3e-4, 0.08)]
 
 
 def _model(seed: int = 0, **overrides) -> optlm.OPTForCausalLM:
@@ -73,7 +73,7 @@ def test_lm_head_can_stay_float():
     assert isinstance(model.model.decoder.layers[0].fc2, Int4Linear)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8-dynamic"])
 def test_fused_equals_unfused_and_generation_runs(mode):
     model = optlm.quantize(_model(), mode, group_size=32)
     ids = torch.randint(4, 256, (2, 10), generator=torch.Generator().manual_seed(2))
@@ -82,7 +82,10 @@ def test_fused_equals_unfused_and_generation_runs(mode):
         for layer in model.model.decoder.layers:
             layer.self_attn.fused_qkv = None
         unfused = model(ids).logits
-    assert torch.equal(fused, unfused)
+    if mode == "int8-dynamic":  # the stand-in q/k/v keep the weight-only kernel (never called while fused)
+        torch.testing.assert_close(fused, unfused, rtol=0, atol=0.05 * float(fused.abs().max()))
+    else:
+        assert torch.equal(fused, unfused)
     out = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert out.shape == (2, 16)
 
@@ -115,7 +118,7 @@ def test_quantizers_round_trip():
 
 
 def test_errors_say_what_to_do():
-    with pytest.raises(ValueError, match="choose one of int8, int4"):
+    with pytest.raises(ValueError, match="choose one of int8, int4, int8-dynamic"):
         optlm.quantize(_model(), "int3")
     with pytest.raises(ValueError, match="group_size must be one of"):
         optlm.quantize(_model(), "int4", group_size=48)
