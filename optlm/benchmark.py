@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-OPTLM_PRECISIONS = ("fp32", "bf16", "int8", "int4")
+OPTLM_PRECISIONS = ("fp32", "bf16", "int8", "int8-dynamic", "int4")
 CT2_PRECISIONS = ("fp32", "int8")
 CACHE_DIR = Path(os.environ.get("OPTLM_BENCH_CACHE", Path.home() / ".cache" / "optlm-bench"))
 
@@ -96,7 +96,7 @@ def load_optlm(checkpoint: Path, precision: str) -> Callable:
     from .hf import OPTForCausalLM
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    quantize = precision if precision in ("int8", "int4") else None
+    quantize = precision if precision.startswith("int") else None
     model = optimize(OPTForCausalLM.from_pretrained(checkpoint, dtype=dtype, quantize=quantize))
 
     def run(ids: torch.Tensor, n: int) -> list[list[int]]:

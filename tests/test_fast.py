@@ -148,3 +148,16 @@ def test_set_threads():
             set_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_benchmark_tables_and_engine_list():
+    from optlm.benchmark import Result, engine_names, ratio_table, single_table
+
+    names = engine_names(["fp32", "int8"], {"transformers": True, "ctranslate2": False})
+    assert names == ["optlm fp32", "optlm int8", "transformers fp32"]
+    assert engine_names(["fp32"], {"transformers": False, "ctranslate2": True}) == ["optlm fp32"]
+    results = {n: Result(n, ttft=[0.1, 0.3, 0.2], decode=[d, d, d], prefill=[500.0] * 3)
+               for n, d in zip(names, (30.0, 60.0, 20.0), strict=True)}
+    table = single_table(results)
+    assert "| optlm int8 | 60.0 | 500 | 200 | – |" in table
+    assert "| optlm fp32 | 1.50x |" in ratio_table(results) and "| optlm int8 | 3.00x |" in ratio_table(results)
