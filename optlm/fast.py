@@ -66,7 +66,7 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
     the q/k/v parameters become new (view) tensors. Gradient-enabled forwards keep using three matmuls.
     """
     for attn in model.modules():
-        if not isinstance(attn, OPTAttention):
+        if not isinstance(attn, OPTAttention) or (attn.fused_qkv is not None and attn.fused_qkv.matches(attn)):
             continue
         mods = [attn.q_proj, attn.k_proj, attn.v_proj]
         kinds = {type(m) for m in mods}

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import optlm
+from optlm.fast import optimize
 from optlm.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_int4_groups, quantize_int8_rows
 
 SMALL = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
@@ -53,6 +54,9 @@ def test_modules_swapped_names_kept_and_head_shared():
     assert isinstance(emb, Int8Embedding) and emb.head[0] is model.lm_head
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert attn.fused_qkv is not None and attn.fused_qkv.matches(attn)
+    fused = attn.fused_qkv
+    optimize(model)  # fusing again keeps the existing fused layer
+    assert attn.fused_qkv is fused
     assert "model.decoder.layers.0.self_attn.q_proj.weight" in model.state_dict()
 
 
