@@ -257,7 +257,8 @@ def throughput_table(by_batch: dict[int, dict[str, Result]]) -> str:
 
 def run_benchmark(shapes: list[str], precisions: list[str], prompt: int = 128, new: int = 64, repeats: int = 5,
                   batch_sizes: list[int] | None = None, threads: int | None = None, memory: bool = True,
-                  peers: dict[str, bool] | None = None, log: Callable[[str], None] = print) -> str:
+                  peers: dict[str, bool] | None = None, log: Callable[[str], None] = print,
+                  batch_shapes: list[str] | None = None) -> str:
     """Run everything and return the report as Markdown (also logged as it goes)."""
     from .fast import set_threads
 
@@ -281,7 +282,7 @@ def run_benchmark(shapes: list[str], precisions: list[str], prompt: int = 128, n
                 results[n].peak_mb = peak_memory_mb(n, checkpoint, threads, prompt, new)
         report += [f"\n### {shape}, batch 1\n", single_table(results), "", ratio_table(results, "decode"), "",
                    ratio_table(results, "prefill")]
-        if batch_sizes:
+        if batch_sizes and (batch_shapes is None or shape in batch_shapes):
             by_batch = {b: measure(engines, b, prompt, new, max(1, repeats // 2), vocab, log) for b in batch_sizes}
             report += [f"\n### {shape}, batched decode throughput\n", throughput_table(by_batch)]
         del engines
@@ -305,6 +306,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians are reported)")
     parser.add_argument("--batch-sizes", default="8,32", help="batched throughput runs ('' to skip)")
+    parser.add_argument("--batch-shapes", default="opt-125m", help="shapes that get the batched runs ('all')")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: cores)")
     parser.add_argument("--optlm-only", action="store_true", help="skip transformers and CTranslate2")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-engine peak-memory probes")
@@ -319,7 +321,8 @@ def run_from_args(args) -> int:
     peers = {"transformers": False, "ctranslate2": False} if args.optlm_only else None
     report = run_benchmark([s for s in args.shapes.split(",") if s], precisions, args.prompt_tokens,
                            args.new_tokens, args.repeats, [int(b) for b in args.batch_sizes.split(",") if b],
-                           args.threads, not args.no_memory, peers)
+                           args.threads, not args.no_memory, peers,
+                           batch_shapes=None if args.batch_shapes == "all" else args.batch_shapes.split(","))
     if args.markdown:
         via_cli = Path(sys.argv[0]).name == "optlm"
         command = " ".join(["optlm"] + sys.argv[1:] if via_cli else ["python"] + sys.argv)
