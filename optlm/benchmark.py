@@ -9,8 +9,10 @@ one producing 1 token and one producing N:
 * decode tok/s = batch x (N - 1) / (time of the N-token run - TTFT).
 
 Engines run in one process, interleaved (every engine once per round, several rounds) so drifting machine
-load hits them alike; the tables report medians. Peak memory is measured in a fresh process per engine
-(load + one run), as the growth of resident memory over the bare interpreter with its libraries imported.
+load hits them alike; the tables report medians. Memory is measured in a fresh process per engine (load +
+one run) as the growth of resident memory over the bare interpreter with its libraries imported: the peak
+(for optlm's quantized modes it includes the fp32 checkpoint being read and converted at load time) and
+what stays resident after the run.
 transformers and CTranslate2 are optional: without them only optlm is measured.
 """
 
@@ -40,7 +42,7 @@ class Result:
     ttft: list[float] = field(default_factory=list)  # seconds
     decode: list[float] = field(default_factory=list)  # tok/s
     prefill: list[float] = field(default_factory=list)  # tok/s
-    peak_mb: float | None = None
+    peak_mb: list[float] | None = None  # [peak, after the run]
 
     def median(self, name: str) -> float:
         return statistics.median(getattr(self, name))
@@ -197,8 +199,9 @@ def _rss_mb(key: str = "VmRSS:") -> float:
     return float("nan")
 
 
-def peak_memory_mb(name: str, checkpoint: Path, threads: int, prompt: int, new: int) -> float | None:
-    """Peak resident memory growth of loading ``name`` and running it once, in a fresh process."""
+def peak_memory_mb(name: str, checkpoint: Path, threads: int, prompt: int, new: int) -> list[float] | None:
+    """Resident memory growth (peak, and after the run) of loading ``name`` and running it once, in a
+    fresh process."""
     if not Path("/proc/self/status").exists():
         return None
     code = ("import sys, json; from optlm import benchmark as b; "
@@ -218,15 +221,16 @@ def _memory_probe(name: str, checkpoint: str, threads: int, prompt: int, new: in
     base = _rss_mb()
     run = load_engine(name, Path(checkpoint), threads)
     run(torch.randint(4, 1000, (1, prompt)), new)
-    return _rss_mb("VmHWM:") - base  # the high-water mark of this process image (ru_maxrss survives exec)
+    # VmHWM: the high-water mark of this process image (ru_maxrss would carry the parent's over exec).
+    return [_rss_mb("VmHWM:") - base, _rss_mb() - base]
 
 
 # ---- reporting -----------------------------------------------------------------------------------------
 
 def single_table(results: dict[str, Result]) -> str:
-    lines = ["| engine | decode tok/s | prefill tok/s | TTFT ms | peak MB |", "|---|---:|---:|---:|---:|"]
+    lines = ["| engine | decode tok/s | prefill tok/s | TTFT ms | peak MB (after run) |", "|---|---:|---:|---:|---:|"]
     for name, r in results.items():
-        mem = "–" if r.peak_mb is None else f"{r.peak_mb:.0f}"
+        mem = "–" if r.peak_mb is None else f"{r.peak_mb[0]:.0f} ({r.peak_mb[1]:.0f})"
         lines.append(f"| {name} | {r.median('decode'):.1f} | {r.median('prefill'):.0f} | "
                      f"{1000 * r.median('ttft'):.0f} | {mem} |")
     return "\n".join(lines)

@@ -208,7 +208,7 @@ def quantize_int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-row int8: returns q (int8, same shape) and scales (rows,), w ≈ q * scales[:, None]."""
     w = w.float()
     scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)  # all-zero rows (the padding embedding) stay zero
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    q = (w / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # in place: one float temporary
     return q, scales
 
 
@@ -218,7 +218,7 @@ def quantize_int4_groups(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Te
     g = w.float().reshape(N, K // group_size, group_size)  # (N, groups, group_size)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     scales = ((hi - lo) / 15).clamp(min=1e-10)
-    q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32)
+    q = (g - lo[..., None]).div_(scales[..., None]).round_().clamp_(0, 15).to(torch.int32)
     return q.reshape(N, K), scales, lo
 
 
