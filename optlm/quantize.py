@@ -259,6 +259,11 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, lm_head
         if tied:
             emb = decoder.embed_tokens
             decoder.embed_tokens = Int8Embedding(qhead, emb.padding_idx)
+    # Own copies of the float tensors left (norms, biases, positions): a loaded model's tensors share the
+    # checkpoint's memory map, which would otherwise keep every fp32 weight resident.
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            t.data = t.data.clone()
     fuse_qkv(model)
     if mode == "int8-dynamic":
         fused = [a for a in model.modules() if getattr(a, "fused_qkv", None) is not None]
