@@ -170,11 +170,11 @@ def _timed(run: Callable, ids: torch.Tensor, n: int) -> tuple[float, list[list[i
 
 
 def measure(engines: dict[str, Callable], batch: int, prompt: int, new: int, repeats: int, vocab: int,
-            log: Callable[[str], None] = print) -> dict[str, Result]:
-    """Interleaved rounds of (1-token run, N-token run) per engine; one warm-up round is discarded."""
+            log: Callable[[str], None] = print, warmup: bool = True) -> dict[str, Result]:
+    """Interleaved rounds of (1-token run, N-token run) per engine; a first warm-up round is discarded."""
     ids = torch.randint(4, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0))
     results = {name: Result(name) for name in engines}
-    for r in range(repeats + 1):
+    for r in range(0 if warmup else 1, repeats + 1):
         for name, run in engines.items():
             t1, _ = _timed(run, ids, 1)
             tn, out = _timed(run, ids, new)
@@ -287,7 +287,9 @@ def run_benchmark(shapes: list[str], precisions: list[str], prompt: int = 128, n
         report += [f"\n### {shape}, batch 1\n", single_table(results), "", ratio_table(results, "decode"), "",
                    ratio_table(results, "prefill")]
         if batch_sizes and (batch_shapes is None or shape in batch_shapes):
-            by_batch = {b: measure(engines, b, prompt, new, max(1, repeats // 2), vocab, log) for b in batch_sizes}
+            # Engines are warm from the batch-1 rounds; fewer rounds, as each one costs batch-size times more.
+            by_batch = {b: measure(engines, b, prompt, new, max(1, repeats // 2), vocab, log, warmup=False)
+                        for b in batch_sizes}
             report += [f"\n### {shape}, batched decode throughput\n", throughput_table(by_batch)]
         del engines
         log("\n".join(report))
