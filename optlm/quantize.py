@@ -1,12 +1,12 @@
-"""Weight-only quantization as a transformation of a built model: ``quantize(model, "int8" | "int4")``.
+"""Quantization as a transformation of a built model: ``quantize(model, "int8" | "int4" | "int8-dynamic")``.
 
 Why weight-only: OPT grows activation outliers (a few hidden channels 20-100x larger than the rest) from
 ~6.7b up, which is what breaks naive int8 activation quantization (Dettmers et al. 2022, "LLM.int8()";
 Xiao et al. 2023, "SmoothQuant"). Leaving activations in floating point sidesteps them at every size with no
 calibration data, and batch-1 decoding is bound by reading weights, which is what quantizing weights buys.
 
-* ``int8``: symmetric, one scale per output channel (per row of the weight), PyTorch's
-  ``_weight_int8pack_mm`` kernel.
+* ``int8`` (the default choice): symmetric, one scale per output channel (per row of the weight),
+  PyTorch's ``_weight_int8pack_mm`` kernel, activations entering it as bf16.
 * ``int8-dynamic``: the int8 weights above, with activations quantized on the fly to 7 bits (one scale
   per matmul) so fbgemm's int8 GEMM does the arithmetic, as CTranslate2's int8 does. On CPUs without
   AVX-512 the weight-only kernel is a plain loop and this path is 1.5-3x faster, at the price of the
