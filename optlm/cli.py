@@ -92,6 +92,8 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="end this session after that step (the schedule still spans --max-steps); then --resume")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr/10)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
@@ -105,7 +107,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=100, help="validate every N steps")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches per evaluation")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
-    p.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep (0 = all)")
     p.add_argument("--log-every", type=int, default=10, help="write metrics every N steps")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 …")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -56,7 +56,7 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainArgs:
-    """Everything that defines a training run. Fields above ``_resumable`` must match on ``resume``."""
+    """Everything that defines a training run. On ``resume`` every field outside ``_RESUMABLE`` must match."""
 
     data: list[str]
     out_dir: str
@@ -83,6 +83,7 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     # ---- below: may change between a run and its resume ----
     max_steps: int = 1000
+    stop_after: int | None = None     # end this session at that step (schedule still spans max_steps)
     eval_every: int = 100
     eval_batches: int = 20
     save_every: int = 100
@@ -93,7 +94,7 @@ class TrainArgs:
     resume: bool = False
     overwrite: bool = False
 
-    _RESUMABLE = ("max_steps", "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "device",
+    _RESUMABLE = ("max_steps", "stop_after", "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "device",
                   "progress", "resume", "overwrite")
 
     def identity(self) -> dict[str, Any]:
@@ -101,7 +102,8 @@ class TrainArgs:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._RESUMABLE}
         d["data"] = [str(Path(p).resolve()) for p in self.data]
         d["val_data"] = None if self.val_data is None else [str(Path(p).resolve()) for p in self.val_data]
-        for key in ("model", "tokenizer", "out_dir"):
+        d.pop("out_dir")  # the directory may move; what is in it is the run
+        for key in ("model", "tokenizer"):
             if d[key] is not None and Path(d[key]).exists():
                 d[key] = str(Path(d[key]).resolve())
         return d
@@ -258,7 +260,7 @@ def _prepare_out_dir(args: TrainArgs) -> tuple[Path, Path | None]:
     identity = args.identity()
     if run_file.is_file():
         previous = json.loads(run_file.read_text("utf-8"))
-        changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+        changed = sorted(k for k in identity if previous.get(k) != identity[k])
         if changed:
             raise TrainingError(f"{out} holds a different run: {', '.join(changed)} differ(s) from its run.json; "
                                 "resume with the same arguments, pass --overwrite to replace it, or choose "
@@ -431,7 +433,8 @@ def train(args: TrainArgs) -> TrainResult:
     loss_value = val_loss = None
     last_ckpt = list_checkpoints(out)[-1] if list_checkpoints(out) else None
     t_mark = time.perf_counter()
-    while step < args.max_steps:
+    end = args.max_steps if args.stop_after is None else min(args.stop_after, args.max_steps)
+    while step < end:
         t0 = time.perf_counter()
         lr = lr_at(step, args)
         for g in opt.param_groups:
@@ -457,19 +460,19 @@ def train(args: TrainArgs) -> TrainResult:
         dt = time.perf_counter() - t0
         elapsed += dt
         loss_value = loss_sum / args.grad_accum
-        if step % args.log_every == 0 or step == args.max_steps:
+        if step % args.log_every == 0 or step == end:
             _append_metrics(metrics, {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                                       "tokens": tokens_seen, "tokens_per_s": tokens_per_step / dt,
                                       "elapsed_s": round(elapsed, 3)})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
-        if step % args.eval_every == 0 or step == args.max_steps:
+        if step % args.eval_every == 0 or step == end:
             val_loss = validation_loss(model, val_data, args.batch_size, args.eval_batches, amp, device)
             _append_metrics(metrics, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
             msg = f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}"
             (bar.write if bar is not None else print)(msg)
-        if step % args.save_every == 0 or step == args.max_steps:
+        if step % args.save_every == 0 or step == end:
             last_ckpt = save_checkpoint(out, step, model, tokenizer, opt,
                                         {"elapsed": elapsed, "tokens": tokens_seen, "train_loss": loss_value,
                                          "val_loss": val_loss}, args.keep_last)

@@ -85,4 +85,4 @@ def test_eval_cli_defaults_to_the_bundled_model_offline(tmp_path):
     assert "perplexity:" in r.stdout and "tokens:" in r.stdout
     ppl = evaluate_file(None, text).perplexity
     assert f"{ppl:.3f}" in r.stdout
-    assert ppl < 400  # held-out text (a validation book); uniform over the vocabulary would be ~8192
+    assert ppl < 1000  # a held-out book's opening; uniform over the vocabulary would be 8192

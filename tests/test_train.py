@@ -55,12 +55,6 @@ def spawn(argv: list[str], **env: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE)
 
 
-def run_cli(argv: list[str]) -> None:
-    p = spawn(argv)
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err.decode()
-
-
 def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
@@ -86,39 +80,43 @@ def test_loss_falls_and_outputs(setup, tmp_path):
     assert last < first - 1.0, (first, last)
     assert val_loss[30] < val_loss[10]
     assert result.step == 30 and result.checkpoint.name == "checkpoint-00000030"
-    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000020", "checkpoint-00000030"][-3:] \
-        or len(list_checkpoints(tmp_path / "run")) == 3
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == [f"checkpoint-000000{s}" for s in (10, 20, 30)]
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(record)
 
 
 def test_resume_after_sigkill_repeats_the_uninterrupted_run(setup, tmp_path):
-    steps = 40
+    steps = 24
     ref, killed, killed_in_save = tmp_path / "ref", tmp_path / "killed", tmp_path / "killed-in-save"
-    run_cli(cli_args(setup, ref, steps))
+    # Three runs side by side (subprocess start-up dominates): the reference, one SIGKILLed in the middle of
+    # training (some steps past a checkpoint), one SIGKILLed while writing the step-15 checkpoint (the test
+    # hook sleeps inside that save).
+    p_ref = spawn(cli_args(setup, ref, steps))
+    p_killed = spawn(cli_args(setup, killed, steps))
+    p_in_save = spawn(cli_args(setup, killed_in_save, steps), **{SAVE_SLEEP_ENV: "60@15"})
+    kill_when(p_killed, lambda: (killed / "metrics.jsonl").is_file() and len(losses_safe(killed)) >= 13)
+    kill_when(p_in_save, lambda: (killed_in_save / ".tmp-checkpoint-00000015" / "model.safetensors").is_file())
+    _, err = p_ref.communicate(timeout=300)
+    assert p_ref.returncode == 0, err.decode()
     expected = losses(ref)
     assert len(expected[0]) == steps
 
-    # 1. SIGKILL in the middle of training (some steps past a checkpoint), then resume.
-    p = spawn(cli_args(setup, killed, steps))
-    kill_when(p, lambda: (killed / "metrics.jsonl").is_file() and len(losses_safe(killed)) >= 13)
     assert len(losses_safe(killed)) < steps
-    assert_checkpoints_readable(killed)
-    run_cli(cli_args(setup, killed, steps, "--resume"))
-    assert losses(killed) == expected
-
-    # 2. SIGKILL while a checkpoint is being written (the test hook sleeps inside the save of step 15).
-    p = spawn(cli_args(setup, killed_in_save, steps), **{SAVE_SLEEP_ENV: "60@15"})
-    kill_when(p, lambda: (killed_in_save / ".tmp-checkpoint-00000015" / "model.safetensors").is_file())
     assert [c.name for c in list_checkpoints(killed_in_save)] == ["checkpoint-00000005", "checkpoint-00000010"]
-    assert_checkpoints_readable(killed_in_save)
-    run_cli(cli_args(setup, killed_in_save, steps, "--resume"))
+    for out in (killed, killed_in_save):
+        assert_checkpoints_readable(out)
+    resumed = [spawn(cli_args(setup, out, steps, "--resume")) for out in (killed, killed_in_save)]
+    for p in resumed:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()
+
+    assert losses(killed) == expected
     assert losses(killed_in_save) == expected
     assert not list(killed_in_save.glob(".tmp-*"))
-    assert [c.name for c in list_checkpoints(killed_in_save)] == ["checkpoint-00000035", "checkpoint-00000040"]
-    a = OPTForCausalLM.from_pretrained(ref / "checkpoint-00000040").state_dict()
-    b = OPTForCausalLM.from_pretrained(killed_in_save / "checkpoint-00000040").state_dict()
+    assert [c.name for c in list_checkpoints(killed_in_save)] == ["checkpoint-00000020", "checkpoint-00000024"]
+    a = OPTForCausalLM.from_pretrained(ref / "checkpoint-00000024").state_dict()
+    b = OPTForCausalLM.from_pretrained(killed_in_save / "checkpoint-00000024").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -196,3 +194,12 @@ def test_nan_loss_stops_naming_the_step(setup, tmp_path):
     model.save_pretrained(tmp_path / "broken")
     with pytest.raises(TrainingError, match="loss is nan at step 1"):
         train(args_for(setup, tmp_path / "run", model=str(tmp_path / "broken"), config=None))
+
+
+def test_stop_after_then_resume_equals_one_run(setup, tmp_path):
+    kw = dict(max_steps=12, save_every=4, eval_every=4)
+    train(args_for(setup, tmp_path / "one", **kw))
+    first = train(args_for(setup, tmp_path / "two", stop_after=6, **kw))
+    assert first.step == 6 and first.checkpoint.name == "checkpoint-00000006"
+    train(args_for(setup, tmp_path / "two", resume=True, **kw))
+    assert losses(tmp_path / "two")[0] == losses(tmp_path / "one")[0]
