@@ -94,8 +94,8 @@ class TrainArgs:
     resume: bool = False
     overwrite: bool = False
 
-    _RESUMABLE = ("max_steps", "stop_after", "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "device",
-                  "progress", "resume", "overwrite")
+    _RESUMABLE = ("max_steps", "stop_after", "eval_every", "eval_batches", "save_every", "keep_last", "log_every",
+                  "device", "progress", "resume", "overwrite")
 
     def identity(self) -> dict[str, Any]:
         """The fields that make two runs the same run (absolute paths, so a changed cwd still matches)."""
