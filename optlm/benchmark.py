@@ -330,7 +330,8 @@ def run_from_args(args) -> int:
                            args.threads, not args.no_memory, peers,
                            batch_shapes=None if args.batch_shapes == "all" else args.batch_shapes.split(","))
     if args.markdown:
-        via_cli = Path(sys.argv[0]).name == "optlm"
-        command = " ".join(["optlm"] + sys.argv[1:] if via_cli else ["python"] + sys.argv)
+        argv = sys.argv[1:]
+        command = " ".join(["optlm"] + argv[argv.index("bench"):] if "bench" in argv
+                           else ["python", "benchmarks/bench.py"] + argv)
         Path(args.markdown).write_text(f"```\n{command}\n```\n\n{report}\n", encoding="utf-8")
     return 0

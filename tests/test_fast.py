@@ -86,6 +86,9 @@ def test_fused_qkv_same_logits_and_greedy_tokens(layout):
     before = {k: v.clone() for k, v in fast.state_dict().items()}
     optimize(fast)
     assert all(layer.self_attn.fused_qkv is not None for layer in fast.model.decoder.layers)
+    from optlm.fast import OneDNNLinear
+
+    assert isinstance(fast.lm_head, OneDNNLinear) == torch.backends.mkldnn.is_available()
     # Same names, same values: q/k/v_proj weights are views of the fused matrix.
     after = fast.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
