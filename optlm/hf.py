@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from . import checkpoint as ckpt
 from .config import OPTConfig
@@ -48,6 +49,20 @@ class OPTOutput:
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
+
+
+class _ShapesOnly(TorchFunctionMode):
+    """Skip the layers' random initialisation while building on the meta device: only shapes are needed
+    there, and the first meta-device init kernel alone costs seconds of one-off setup in torch."""
+
+    _INIT = frozenset({"uniform_", "normal_", "zero_", "fill_", "trunc_normal_", "kaiming_uniform_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes the tensor by keyword
+        if getattr(func, "__name__", "") in self._INIT and getattr(target, "is_meta", False):
+            return target
+        return func(*args, **kwargs)
 
 
 class OPTPreTrainedModel(nn.Module):
@@ -145,7 +160,7 @@ class OPTPreTrainedModel(nn.Module):
             config.id2label = config.label2id = None
         state = ckpt.read_state_dict(ckpt.weight_files(directory))
 
-        with torch.device("meta"):
+        with torch.device("meta"), _ShapesOnly():
             model = cls(config, init=False)
         state = ckpt.normalize_keys(state, set(model.state_dict()))
         new_keys = ckpt.check_state_dict(model, state, set(model._optional_keys), str(directory))
