@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED_DATA, left_padded_batch
 from torch import nn
 
 import optlm
@@ -15,7 +16,6 @@ from optlm.config import OPTConfig
 from optlm.hf import OPTOutput
 from optlm.model import OPTDecoder
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OPT_TOKENIZER = SHARED_DATA / "opt"
 OPT_VOCAB = 50272  # the published models' embedding rows (50265 tokenizer entries padded to a multiple of 8)
 
@@ -47,14 +47,7 @@ def reference_pair(directory: Path, seed: int = 0, **overrides):
 
 def left_padded(lengths=(7, 4, 6), vocab: int = 96, seed: int = 0, pad: int = 1):
     """Random prompts (B, T) left-padded with ``pad``, and the 0/1 attention mask."""
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.full((len(lengths), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, T - n:] = torch.randint(4, vocab, (n,), generator=g)
-        mask[i, T - n:] = 1
-    return ids, mask
+    return left_padded_batch(vocab=vocab, lengths=lengths, pad_id=pad, seed=seed)
 
 
 def need_tokenizer() -> Path:
