@@ -164,6 +164,9 @@ def load_engine(name: str, checkpoint: Path, threads: int) -> Callable:
 # ---- measuring -----------------------------------------------------------------------------------------
 
 def _timed(run: Callable, ids: torch.Tensor, n: int) -> tuple[float, list[list[int]]]:
+    # A pause between runs: right after another engine ran (CTranslate2 above all), the next one in the same
+    # process measured ~30 % slower for a few seconds on a 2-core machine; after ~3 s idle it is back.
+    time.sleep(3.0)
     start = time.perf_counter()
     out = run(ids, n)
     return time.perf_counter() - start, out
