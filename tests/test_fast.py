@@ -9,24 +9,12 @@ import os
 
 import pytest
 import torch
+from conftest import TINY, left_padded_batch
 
 import optlm
 
 # Tiny shapes that reach every branch: pre-LN, and post-LN with the 350m-style embedding projection.
-TINY = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-            max_position_embeddings=64, dropout=0.0)
 LAYOUTS = {"pre_ln": {}, "post_ln_proj": {"do_layer_norm_before": False, "word_embed_proj_dim": 16}}
-
-
-def _padded_batch(lengths=(9, 5, 7), vocab: int = 128, pad_id: int = 1, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.full((len(lengths), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, T - n:] = torch.randint(4, vocab, (n,), generator=g)
-        mask[i, T - n:] = 1
-    return ids, mask
 
 
 @pytest.fixture(scope="module", params=sorted(LAYOUTS))
@@ -49,7 +37,7 @@ def test_core_matches_transformers_exactly(hf_checkpoint, impl):
     ref.set_attn_implementation("sdpa")
     model = optlm.OPTForCausalLM.from_pretrained(directory, attn_implementation=impl)
     assert model.dtype == torch.float64
-    ids, mask = _padded_batch()
+    ids, mask = left_padded_batch()
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).logits
         got = model(ids, attention_mask=mask).logits
@@ -93,7 +81,7 @@ def test_fused_qkv_same_logits_and_greedy_tokens(layout):
     after = fast.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
-    ids, mask = _padded_batch(lengths=(12, 7, 10), vocab=256)
+    ids, mask = left_padded_batch(lengths=(12, 7, 10), vocab=256)
     with torch.no_grad():
         torch.testing.assert_close(fast(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits,
                                    rtol=1e-5, atol=1e-5)
