@@ -19,7 +19,7 @@ from .chat import ChatSession, ChatTemplate, fit_history, strip_pieces, trim_not
 from .hf import OPTForCausalLM
 
 DEFAULT_MAX_NEW_TOKENS = 64
-QUANTIZE_MODES = ("int8", "int4")
+QUANTIZE_MODES = ("int8", "int4", "int8-dynamic")
 
 # Parameter presets in the spirit of an API playground: temperature, nucleus size and repetition penalty
 # chosen together. Greedy is exact and repeatable; the sampling presets trade fidelity for variety.
@@ -140,8 +140,9 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
     """Load a checkpoint directory or hub id (None: the bundled default model) with its tokenizer.
 
     ``dtype=None`` keeps the checkpoint's dtype, except that float16 on CPU becomes float32 (CPU half
-    precision is slow and partly unsupported). ``quantize`` ("int8" / "int4") converts the linear layers
-    with :func:`optlm.quantize.quantize`. ``tokenizer`` (a path or a Tokenizer) overrides the checkpoint's.
+    precision is slow and partly unsupported). ``quantize`` ("int8" / "int4" / "int8-dynamic") converts the
+    linear layers with :func:`optlm.quantize.quantize`.
+    ``tokenizer`` (a path or a Tokenizer) overrides the checkpoint's.
     """
     from .tokenizer import Tokenizer
 
@@ -158,6 +159,9 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
         model = model.float()
     if quantize is not None:
         model = _quantize(model, quantize)
+    from .fast import optimize
+
+    model = optimize(model)  # fused q/k/v and faster CPU linears; outputs unchanged (tests/test_fast.py)
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         source = tokenizer if tokenizer is not None else path
         tokenizer = Tokenizer.from_pretrained(source, revision=revision if tokenizer is None else None)
