@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +17,7 @@ from optlm.tokenizer import StreamDecoder, Tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference for these tests")
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def _added(content: str) -> dict:
