@@ -1,5 +1,5 @@
-"""Inference speed-ups that leave results unchanged: fused q/k/v projections, half-precision GEMMs routed
-to fp32 where the CPU has no native ones, thread settings.
+"""Inference speed-ups that leave results unchanged (up to float rounding): fused q/k/v projections, CPU
+linear layers routed to the fastest kernel for their dtype and row count, thread settings.
 
 Each is a transformation of a built model (or of the process), so the plain path stays the reference;
 ``optimize(model)`` applies them all and costs no start-up time.
@@ -12,6 +12,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .model import OPTAttention
 
 
@@ -82,36 +83,40 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
     return model
 
 
-class UpcastLinear(nn.Linear):
-    """A bf16/fp16 ``nn.Linear`` for CPUs without native half-precision matmul (no AVX-512 BF16/AMX).
+class CPULinear(nn.Linear):
+    """An inference ``nn.Linear`` on the CPU, routed by dtype and row count to the fastest kernel measured.
 
-    There PyTorch's half-precision GEMM is a slow fallback (7x slower than fp32 for a 128-token prefill on an
-    AVX2 core), while a few-row product (decoding) is bound by reading the weight, where half precision wins.
-    So products over more than ``MAX_NATIVE_ROWS`` rows run in fp32 and round back; the parameters, their
-    names and the module's place in the tree stay those of the ``nn.Linear`` it was.
+    * Few rows (decoding: one per sequence) are bound by reading the weight once. optlm's AVX2 kernels
+      (:mod:`optlm.kernels`) stream fp32 weights about 1.5x and bf16 weights 1.3x faster than PyTorch's
+      CPU paths on an AVX2 core (``benchmarks/kernels.py``); they take up to ``KERNEL_MAX_ROWS`` rows.
+    * More rows of fp32 go to oneDNN's inner product, which splits the work across cores better than the
+      default BLAS call for these shapes.
+    * More rows of bf16/fp16 on a CPU without native half-precision matmul (no AVX-512 BF16/AMX), where
+      PyTorch's half GEMM is a slow fallback (7x slower than fp32 for a 128-token prefill), run in fp32 and
+      round back, as the half-precision GEMM would have accumulated in fp32 anyway.
+
+    Training (grad enabled) and any other case take ``nn.Linear``'s own path. Parameters, names and the
+    module's place in the tree stay those of the ``nn.Linear`` it was.
     """
 
-    MAX_NATIVE_ROWS = 4  # measured crossover on an AVX2 core: native wins at 1-4 rows, fp32 from ~6 on
+    KERNEL_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 32}  # crossovers measured by benchmarks/kernels.py
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.numel() <= self.MAX_NATIVE_ROWS * self.in_features:
+        w = self.weight
+        if torch.is_grad_enabled() or x.dtype != w.dtype:
             return super().forward(x)
-        bias = None if self.bias is None else self.bias.float()
-        return torch.nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-
-
-class OneDNNLinear(nn.Linear):
-    """An fp32 CPU ``nn.Linear`` computed by oneDNN's inner product instead of the default BLAS call.
-
-    For decoding (one row per sequence) PyTorch's BLAS path runs a matrix-vector product on one core at
-    ~10 GB/s; oneDNN splits it across cores and reads weights at ~20 GB/s (2 AVX2 cores), so batch-1 decode
-    nearly doubles; for a 128-row prefill both take the same time. Parameters and names are unchanged.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.float32 or self.weight.dtype != torch.float32 or torch.is_grad_enabled():
-            return super().forward(x)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        rows = x.numel() // self.in_features
+        if rows <= self.KERNEL_MAX_ROWS.get(w.dtype, 0) and kernels.enabled() and w.is_contiguous():
+            bias = None if self.bias is None else self.bias.float()
+            x2 = x.reshape(rows, self.in_features).float().contiguous()
+            y = kernels.linear_f32(x2, w, bias) if w.dtype == torch.float32 else kernels.linear_bf16(x2, w, bias)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        if w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+        if w.dtype in (torch.bfloat16, torch.float16) and not _native_half_matmul():
+            bias = None if self.bias is None else self.bias.float()
+            return torch.nn.functional.linear(x.float(), w.float(), bias).to(x.dtype)
+        return super().forward(x)
 
 
 def _native_half_matmul() -> bool:
@@ -119,21 +124,15 @@ def _native_half_matmul() -> bool:
 
 
 def cpu_linears(model: nn.Module) -> nn.Module:
-    """Route the CPU ``nn.Linear`` layers of ``model`` (in place) to the faster kernels: fp32 ones to
-    :class:`OneDNNLinear`, half-precision ones to :class:`UpcastLinear` where the CPU lacks native
-    half-precision matmul. Only the class changes; the parameters stay where they are."""
+    """Make the CPU ``nn.Linear`` layers of ``model`` (in place) :class:`CPULinear`, which routes each call
+    to the fastest kernel for its dtype and row count. Only the class changes; the parameters stay."""
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     for attn in model.modules():
         if isinstance(attn, OPTAttention) and attn.fused_qkv is not None:
             linears.append(attn.fused_qkv.linear)
-    onednn = torch.backends.mkldnn.is_available()
     for m in linears:
-        if type(m) is not nn.Linear or m.weight.device.type != "cpu":
-            continue
-        if m.weight.dtype == torch.float32 and onednn:
-            m.__class__ = OneDNNLinear
-        elif m.weight.dtype in (torch.bfloat16, torch.float16) and not _native_half_matmul():
-            m.__class__ = UpcastLinear
+        if type(m) is nn.Linear and m.weight.device.type == "cpu":
+            m.__class__ = CPULinear
     return model
 
 

@@ -5,13 +5,14 @@ Why weight-only: OPT grows activation outliers (a few hidden channels 20-100x la
 Xiao et al. 2023, "SmoothQuant"). Leaving activations in floating point sidesteps them at every size with no
 calibration data, and batch-1 decoding is bound by reading weights, which is what quantizing weights buys.
 
-* ``int8`` (the default choice): symmetric, one scale per output channel (per row of the weight),
-  PyTorch's ``_weight_int8pack_mm`` kernel, activations entering it as bf16.
+* ``int8`` (the default choice): symmetric, one scale per output channel (per row of the weight).
+  On x86 CPUs with AVX2 optlm's own kernel (:mod:`optlm.kernels`) multiplies the int8 weights by rows of
+  activations quantized to int16 (one scale per row, ~15 bits kept: finer than bf16) with exact integer
+  sums; elsewhere PyTorch's ``_weight_int8pack_mm``, activations entering it as bf16.
 * ``int8-dynamic``: the int8 weights above, with activations quantized on the fly to 7 bits (one scale
-  per matmul) so fbgemm's int8 GEMM does the arithmetic, as CTranslate2's int8 does. On CPUs without
-  AVX-512 the weight-only kernel is a plain loop and this path is 1.5-3x faster, at the price of the
-  activation-outlier sensitivity above: fine for opt-125m/350m (measured in benchmarks/quality.py),
-  not advised from ~6.7b up.
+  per matmul) so fbgemm's int8 GEMM does the arithmetic, as CTranslate2's int8 does. It pays for the
+  activation-outlier sensitivity above (fine for opt-125m/350m, measured in benchmarks/quality.py; not
+  advised from ~6.7b up) and is only faster than ``int8`` where optlm's kernel cannot be built.
 * ``int4``: asymmetric, one scale and zero point per ``group_size`` inputs of each output channel,
   PyTorch's ``_weight_int4pack_mm_for_cpu`` kernel; the LM head stays int8 (the logits are the most
   sensitive matmul, and the int8 head doubles as the embedding table, see below).
@@ -29,6 +30,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .fast import fuse_qkv
 
 MODES = ("int8", "int4", "int8-dynamic")
@@ -106,10 +108,18 @@ class Int8Linear(nn.Module):
             # reduce_range=True: 7-bit activations, so fbgemm's u8 x s8 pair sums cannot saturate int16.
             y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self._packed, True)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # bias already added
+        x2 = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and kernels.enabled() and self.weight.is_contiguous():
+            # optlm's AVX2 kernel: int8 weights times int16-quantized rows of x (~1e-5 relative), fp32 sums.
+            if self._scales_c is None or self._scales_c.dtype != torch.float32:
+                self._scales_c = self.scales.float().contiguous()
+            bias = None if self.bias is None else self.bias.float()
+            y = kernels.linear_int8(x2.float().contiguous(), self.weight, self._scales_c, bias)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         cdt = _compute_dtype(x)
         if self._scales_c is None or self._scales_c.dtype != cdt or self._scales_c.device != x.device:
             self._scales_c = self.scales.to(cdt)
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(cdt), self.weight, self._scales_c)
+        y = torch._weight_int8pack_mm(x2.to(cdt), self.weight, self._scales_c)
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
