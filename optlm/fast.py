@@ -109,7 +109,8 @@ class CPULinear(nn.Linear):
         if rows <= self.KERNEL_MAX_ROWS.get(w.dtype, 0) and kernels.enabled() and w.is_contiguous():
             bias = None if self.bias is None else self.bias.float()
             x2 = x.reshape(rows, self.in_features).float().contiguous()
-            y = kernels.linear_f32(x2, w, bias) if w.dtype == torch.float32 else kernels.linear_bf16(x2, w, bias)
+            fn = kernels.linear_f32 if w.dtype == torch.float32 else kernels.linear_bf16
+            y = fn(x2, w, bias, check=False)  # shapes, dtypes and layout are guaranteed just above
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         if w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")

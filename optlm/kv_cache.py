@@ -26,6 +26,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
         self.mask: Tensor | None = None  # None: every filled slot is a real token (no padding seen)
+        self._views = None
 
     @classmethod
     def for_model(cls, config, batch_size: int, capacity: int, dtype: torch.dtype,
@@ -62,10 +63,18 @@ class KVCache:
 
         The caller advances :attr:`length` once per forward (``advance``), after every layer has written.
         """
-        start, end = self.length, self.length + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        start, T = self.length, k.shape[2]
+        kl, vl = self._layer_views()[layer]
+        kl.narrow(2, start, T).copy_(k)
+        vl.narrow(2, start, T).copy_(v)
+        return kl.narrow(2, 0, start + T), vl.narrow(2, 0, start + T)
+
+    def _layer_views(self) -> list[tuple[Tensor, Tensor]]:
+        # Per-layer (B, nh, capacity, hs) views, made once per buffer (a decode step indexes them per layer).
+        views = self._views
+        if views is None or views[0] is not self.k or views[1] is not self.v:
+            views = self._views = (self.k, self.v, list(zip(self.k.unbind(0), self.v.unbind(0), strict=True)))
+        return views[2]
 
     def advance(self, n: int, mask: Tensor | None) -> None:
         """Mark ``n`` new slots filled; ``mask`` is the (B, length + n) validity mask or None (no padding)."""
@@ -95,5 +104,6 @@ class KVCache:
     def copy(self) -> KVCache:
         new = object.__new__(KVCache)
         new.k, new.v, new.length = self.k.clone(), self.v.clone(), self.length
+        new._views = None
         new.mask = None if self.mask is None else self.mask.clone()
         return new

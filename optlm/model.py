@@ -158,12 +158,12 @@ class OPTDecoderLayer(nn.Module):
         # Pre-LN (every OPT but 350m) normalises each sublayer's input; post-LN (350m) its residual sum.
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
         h = self.self_attn(h, allowed, cache, mask)
-        x = x + F.dropout(h, self.dropout, self.training)
+        x = x + (F.dropout(h, self.dropout, True) if self.training else h)
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
         h = self.final_layer_norm(x) if self.pre_ln else x
         h = self.fc2(self.act(self.fc1(h)))
-        x = x + F.dropout(h, self.dropout, self.training)
+        x = x + (F.dropout(h, self.dropout, True) if self.training else h)
         if not self.pre_ln:
             x = self.final_layer_norm(x)
         return x

@@ -109,12 +109,14 @@ class Int8Linear(nn.Module):
             y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self._packed, True)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # bias already added
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and kernels.enabled() and self.weight.is_contiguous():
+        w = self.weight
+        if x.is_cpu and kernels.enabled() and w.is_contiguous():
             # optlm's AVX2 kernel: int8 weights times int16-quantized rows of x (~1e-5 relative), fp32 sums.
-            if self._scales_c is None or self._scales_c.dtype != torch.float32:
-                self._scales_c = self.scales.float().contiguous()
-            bias = None if self.bias is None else self.bias.float()
-            y = kernels.linear_int8(x2.float().contiguous(), self.weight, self._scales_c, bias)
+            s = self._scales_c
+            if s is None or s.dtype != torch.float32:
+                s = self._scales_c = self.scales.float().contiguous()
+            b = self.bias
+            y = kernels.linear_int8(x2.float().contiguous(), w, s, None if b is None else b.float(), check=False)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         cdt = _compute_dtype(x)
         if self._scales_c is None or self._scales_c.dtype != cdt or self._scales_c.device != x.device:

@@ -152,34 +152,40 @@ def _lib_or_raise() -> ctypes.CDLL:
     return lib
 
 
-def linear_f32(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight.T + bias`` for float32 ``weight`` (N, K)."""
+def linear_f32(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, check: bool = True) -> Tensor:
+    """``x @ weight.T + bias`` for float32 ``weight`` (N, K).
+
+    ``check=False`` skips validating the arguments (callers that already guarantee them, once per token)."""
     lib = _lib_or_raise()
-    M, N, K = _check(x, weight, bias, torch.float32)
+    M, N, K = _check(x, weight, bias, torch.float32) if check else (x.shape[0], weight.shape[0], x.shape[1])
     y = torch.empty(M, N)
     lib.optlm_linear_f32(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y), M, N, K, torch.get_num_threads())
     return y
 
 
-def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, check: bool = True) -> Tensor:
     """``x @ weight.T + bias`` for bfloat16 ``weight`` (N, K), accumulated in float32."""
     lib = _lib_or_raise()
-    M, N, K = _check(x, weight, bias, torch.bfloat16)
+    M, N, K = _check(x, weight, bias, torch.bfloat16) if check else (x.shape[0], weight.shape[0], x.shape[1])
     y = torch.empty(M, N)
     lib.optlm_linear_bf16(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y), M, N, K, torch.get_num_threads())
     return y
 
 
-def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None = None, *,
+                check: bool = True) -> Tensor:
     """``x @ (weight * scales[:, None]).T + bias`` for int8 ``weight`` (N, K) and float32 ``scales`` (N,).
 
     Rows of ``x`` are quantized to int16 (one scale per row) inside the kernel, so products are exact
     integer dot products; the result differs from the float computation by about 1e-5 relative.
     """
     lib = _lib_or_raise()
-    M, N, K = _check(x, weight, bias, torch.int8)
-    if scales.dtype != torch.float32 or scales.shape != (N,) or not scales.is_contiguous():
-        raise ValueError(f"scales must be contiguous float32 of shape ({N},)")
+    if check:
+        M, N, K = _check(x, weight, bias, torch.int8)
+        if scales.dtype != torch.float32 or scales.shape != (N,) or not scales.is_contiguous():
+            raise ValueError(f"scales must be contiguous float32 of shape ({N},)")
+    else:
+        M, N, K = x.shape[0], weight.shape[0], x.shape[1]
     y = torch.empty(M, N)
     if lib.optlm_linear_i8(_ptr(x), _ptr(weight), _ptr(scales), _ptr(bias), _ptr(y), M, N, K,
                            torch.get_num_threads()) != 0:
