@@ -106,6 +106,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.optlm_linear_bf16.argtypes = [P, P, P, P, L, L, L, I]
                 lib.optlm_linear_i8.argtypes = [P, P, P, P, P, L, L, L, I]
                 lib.optlm_linear_i8.restype = I
+                lib.optlm_linear_bf16.restype = I
                 _lib = lib
         if _error is not None:
             warnings.warn(f"optlm's AVX2 kernels are not used ({_error}); falling back to PyTorch's kernels, "
@@ -168,7 +169,8 @@ def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, check:
     lib = _lib_or_raise()
     M, N, K = _check(x, weight, bias, torch.bfloat16) if check else (x.shape[0], weight.shape[0], x.shape[1])
     y = torch.empty(M, N)
-    lib.optlm_linear_bf16(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y), M, N, K, torch.get_num_threads())
+    if lib.optlm_linear_bf16(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y), M, N, K, torch.get_num_threads()) != 0:
+        raise MemoryError(f"no memory for the split copy of a ({M}, {K}) input")
     return y
 
 

@@ -3,7 +3,7 @@
  * Why these exist: decoding multiplies a few rows by every weight once per token, so it is bound by how fast
  * weights stream from memory. PyTorch's int8 weight-only and bf16 CPU kernels are vectorised for AVX-512 only
  * and run scalar fallbacks on AVX2, and its fp32 matrix-vector product reads weights at about half the
- * memory bandwidth. Three things matter here, each measured (benchmarks/kernels.py):
+ * memory bandwidth. What matters here, each measured (benchmarks/kernels.py):
  *   - one weight row at a time, contiguous, with a software prefetch ~1 KiB ahead: a VM's hardware
  *     prefetcher alone reached ~10 GB/s from DRAM, with it ~20 GB/s;
  *   - int8 weights meet int16 activations (quantized here, one scale per row of x) through vpmaddwd, 16
@@ -42,13 +42,9 @@ static inline float bf16_to_float(uint16_t h) {
     return v.f;
 }
 
-/* 8 weights as floats */
 static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
-static inline __m256 load8_bf16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
 
-/* One output column n for rows x[0..mb): out[i] = dot(x[i], w). Float weights (fp32 or bf16). */
+/* One output column n for rows x[0..mb): out[i] = dot(x[i], w), float weights. */
 #define FLOAT_ROW(NAME, WT, LOAD, SCALAR)                                                                        \
     static inline void NAME(const float *x, long K, const WT *w, int mb, float *out) {                          \
         __m256 acc[MB];                                                                                          \
@@ -68,7 +64,33 @@ static inline __m256 load8_bf16(const uint16_t *p) {
     }
 #define AS_FLOAT(v) (v)
 FLOAT_ROW(row_f32, float, load8_f32, AS_FLOAT)
-FLOAT_ROW(row_bf16, uint16_t, load8_bf16, bf16_to_float)
+
+/* bf16 weights, 16 at a time with no widening: a 32-bit lane holding (w[2i], w[2i+1]) is w[2i+1] as a float
+ * once its low half is masked off, and w[2i] once shifted left by 16. So the rows of x are split beforehand
+ * into even and odd elements (xs: for each row, the K16/2 even ones, then the K16/2 odd ones), and each 16
+ * weights cost one load, a shift, an and and two FMAs. Inputs past K16 (the multiple of 16) use x itself. */
+static inline void row_bf16(const float *x, const float *xs, long K, const uint16_t *w, int mb, float *out) {
+    const long K16 = K & ~15L, H = K16 / 2;
+    const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 acc[MB], acc2[MB];
+    for (int i = 0; i < MB; i++) acc[i] = acc2[i] = _mm256_setzero_ps();
+    for (long k = 0; k < K16; k += 16) {
+        _mm_prefetch((const char *)(w + k) + PREFETCH, _MM_HINT_T0);
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + k));
+        __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+        for (int i = 0; i < MB; i++)
+            if (i < mb) {
+                acc[i] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xs + i * K + k / 2), acc[i]);
+                acc2[i] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xs + i * K + H + k / 2), acc2[i]);
+            }
+    }
+    for (int i = 0; i < mb; i++) {
+        float s = hsum_ps(_mm256_add_ps(acc[i], acc2[i]));
+        for (long kk = K16; kk < K; kk++) s += x[i * K + kk] * bf16_to_float(w[kk]);
+        out[i] = s;
+    }
+}
 
 /* One output column n for int16 rows xq[0..mb): out[i] = dot(xq[i], w) as float, exact per CHUNK. */
 static inline void row_i8(const int16_t *xq, long K, const int8_t *w, int mb, float *out) {
@@ -123,9 +145,22 @@ void optlm_linear_f32(const float *x, const float *w, const float *bias, float *
     DRIVE(row_f32, float, x, w, (void)0)
 }
 
-void optlm_linear_bf16(const float *x, const uint16_t *w, const float *bias, float *y, long M, long N, long K,
-                       int nthreads) {
-    DRIVE(row_bf16, float, x, w, (void)0)
+/* Returns 0, or -1 when scratch memory could not be allocated (y untouched). */
+int optlm_linear_bf16(const float *x, const uint16_t *w, const float *bias, float *y, long M, long N, long K,
+                      int nthreads) {
+    float *xs = malloc(sizeof(float) * M * K);
+    if (!xs) return -1;
+    const long K16 = K & ~15L, H = K16 / 2;
+    for (long m = 0; m < M; m++)
+        for (long j = 0; j < H; j++) {
+            xs[m * K + j] = x[m * K + 2 * j];
+            xs[m * K + H + j] = x[m * K + 2 * j + 1];
+        }
+#define ROW_BF16(xb, K, wr, mb, out) row_bf16(xb, xs + m0 * K, K, wr, mb, out)
+    DRIVE(ROW_BF16, float, x, w, (void)0)
+#undef ROW_BF16
+    free(xs);
+    return 0;
 }
 
 /* Symmetric int16 per row of x: xq = round(x / sx), sx = max|x| / 32767. */
