@@ -99,7 +99,7 @@ class CPULinear(nn.Linear):
     module's place in the tree stay those of the ``nn.Linear`` it was.
     """
 
-    KERNEL_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 16}  # crossovers measured by benchmarks/kernels.py
+    KERNEL_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 16}  # crossovers measured by benchmarks/kernels.py
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
