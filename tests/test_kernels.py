@@ -13,7 +13,8 @@ import torch
 
 from optlm import kernels
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+needs_kernels = pytest.mark.skipif(not kernels.available(),
+                                   reason=f"kernels unavailable here: {kernels.unavailable_reason()}")
 
 # M covers 1..MB, MB + tails; K covers tails of the 8- and 16-wide loops and more than one int8 CHUNK (4096).
 SHAPES = [(1, 7, 64), (2, 5, 24), (3, 33, 100), (4, 16, 128), (5, 9, 8), (13, 40, 200), (1, 6, 4096 * 2 + 19)]
@@ -24,6 +25,7 @@ def _ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.T
     return y if bias is None else y + bias.double()
 
 
+@needs_kernels
 @pytest.mark.parametrize(("M", "N", "K"), SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_float_kernels_match_float64(M, N, K, with_bias):
@@ -38,6 +40,7 @@ def test_float_kernels_match_float64(M, N, K, with_bias):
         assert (got.double() - want).abs().max().item() <= tol
 
 
+@needs_kernels
 @pytest.mark.parametrize(("M", "N", "K"), SHAPES)
 def test_int8_kernel_within_int16_rounding_of_float64(M, N, K):
     g = torch.Generator().manual_seed(K)
@@ -53,6 +56,7 @@ def test_int8_kernel_within_int16_rounding_of_float64(M, N, K):
     assert ((got.double() - want).abs() <= bound * 1.01 + 1e-4).all()
 
 
+@needs_kernels
 def test_int8_kernel_cannot_overflow():
     # Every product at the int16/int8 extremes, over several int32 chunks: the exact sum needs > 31 bits.
     M, N, K = 2, 3, 4096 * 3
@@ -64,6 +68,7 @@ def test_int8_kernel_cannot_overflow():
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
 
 
+@needs_kernels
 def test_zero_rows_give_the_bias():
     x, q, w = torch.zeros(2, 48), torch.ones(5, 48, dtype=torch.int8), torch.randn(5, 48)
     bias = torch.randn(5)
@@ -71,6 +76,7 @@ def test_zero_rows_give_the_bias():
     assert torch.equal(kernels.linear_f32(x, w, bias), bias.expand(2, 5))
 
 
+@needs_kernels
 def test_same_bits_for_any_thread_count():
     x, w = torch.randn(3, 256), torch.randn(301, 256)
     q, s = torch.randint(-127, 128, (301, 256), dtype=torch.int8), torch.rand(301)
@@ -86,6 +92,7 @@ def test_same_bits_for_any_thread_count():
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other, strict=True))
 
 
+@needs_kernels
 def test_bad_input_is_refused():
     x, w = torch.randn(2, 16), torch.randn(4, 16)
     with pytest.raises(ValueError, match="expected x"):
@@ -102,6 +109,7 @@ def test_bad_input_is_refused():
         kernels.linear_int8(x, torch.zeros(4, 16, dtype=torch.int8), torch.ones(3))
 
 
+@needs_kernels
 def test_build_is_cached_and_keyed(tmp_path):
     env = {**os.environ, "OPTLM_CACHE": str(tmp_path)}
     code = "from optlm import kernels; assert kernels.available(), kernels.unavailable_reason()"
