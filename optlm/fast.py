@@ -87,8 +87,9 @@ class CPULinear(nn.Linear):
     """An inference ``nn.Linear`` on the CPU, routed by dtype and row count to the fastest kernel measured.
 
     * Few rows (decoding: one per sequence) are bound by reading the weight once. optlm's AVX2 kernels
-      (:mod:`optlm.kernels`) stream fp32 weights about 1.5x and bf16 weights 1.3x faster than PyTorch's
-      CPU paths on an AVX2 core (``benchmarks/kernels.py``); they take up to ``KERNEL_MAX_ROWS`` rows.
+      (:mod:`optlm.kernels`) read fp32 weights ~1.2x faster than oneDNN and bf16 weights ~1.8x faster than
+      PyTorch's bf16 path on a 2-core AVX2 machine (``benchmarks/kernels.py``); they take up to
+      ``KERNEL_MAX_ROWS`` rows, where oneDNN / the fp32 upcast catch up.
     * More rows of fp32 go to oneDNN's inner product, which splits the work across cores better than the
       default BLAS call for these shapes.
     * More rows of bf16/fp16 on a CPU without native half-precision matmul (no AVX-512 BF16/AMX), where
@@ -163,9 +164,25 @@ def set_threads(n: int | None = None) -> int:
     return n
 
 
+def upcast_half_attention(model: nn.Module) -> nn.Module:
+    """On a CPU without native half-precision matmul, make bf16/fp16 attention compute in fp32 (in place).
+
+    PyTorch's CPU attention kernel accumulates half-precision inputs in fp32 anyway, but on such CPUs its
+    half-precision products are slow fallbacks: one decode step's attention took ~4x longer in bf16 than in
+    fp32 on an AVX2 machine. The cost is converting q, k, v up and the result back."""
+    if _native_half_matmul():
+        return model
+    for attn in model.modules():
+        if isinstance(attn, OPTAttention):
+            attn.upcast_attention = any(p.device.type == "cpu" for p in attn.parameters())
+    return model
+
+
 def optimize(model: nn.Module) -> nn.Module:
     """The speed-ups that cost no start-up time, in place: fused q/k/v (inference), CPU linears routed to
-    the faster kernels (:func:`cpu_linears`), and eval mode."""
+    the faster kernels (:func:`cpu_linears`), half-precision attention in fp32 where that is faster
+    (:func:`upcast_half_attention`), and eval mode."""
     fuse_qkv(model)
     cpu_linears(model)
+    upcast_half_attention(model)
     return model.eval()

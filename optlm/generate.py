@@ -147,9 +147,14 @@ def _float_weight(model) -> Tensor:
 
 
 def new_cache(model, batch_size: int, capacity: int) -> KVCache:
-    """A cache sized for the whole generation, so decoding never reallocates it."""
+    """A cache sized for the whole generation, so decoding never reallocates it.
+
+    Where half-precision attention runs in fp32 (``optlm.fast.upcast_half_attention``) the cache holds fp32:
+    the same values (bf16/fp16 widen exactly), converted once when written instead of at every step."""
     weight = _float_weight(model)
-    return KVCache.for_model(model.config, batch_size, capacity, weight.dtype, weight.device)
+    layers = model.get_decoder().layers
+    dtype = torch.float32 if len(layers) and layers[0].self_attn.upcast_attention else weight.dtype
+    return KVCache.for_model(model.config, batch_size, capacity, dtype, weight.device)
 
 
 def prefill(model, ids: Tensor, mask: Tensor | None, cache: KVCache) -> tuple[Tensor, Tensor]:

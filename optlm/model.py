@@ -59,6 +59,9 @@ class OPTAttention(nn.Module):
         # Optional one-matmul q/k/v projection whose weight the three projections are row views of (set by
         # optlm.fast.fuse_qkv); used only for inference and only while it still matches the three modules.
         self.fused_qkv = None
+        # Compute attention in fp32 for half-precision inputs (set by optlm.fast on CPUs whose half-precision
+        # matmuls are slow fallbacks; the kernel accumulates in fp32 either way).
+        self.upcast_attention = False
 
     def forward(self, x: Tensor, allowed: Tensor | None, cache: KVCache | None, mask: Tensor | None) -> Tensor:
         B, T, C = x.shape
@@ -73,6 +76,9 @@ class OPTAttention(nn.Module):
         v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), S = past + T
+        out_dtype = q.dtype
+        if self.upcast_attention and out_dtype != torch.float32:
+            q, k, v = q.float(), k.float(), v.float()  # no-ops for a float32 cache (see optlm.generate.new_cache)
         p = self.dropout if self.training else 0.0
         impl = self.attn_implementation
         if impl == "sdpa":
@@ -90,7 +96,7 @@ class OPTAttention(nn.Module):
             y = _flash_attention(q, k, v, mask, p)
         else:
             raise ValueError(f"unknown attn_implementation {impl!r}; choose one of {ATTN_IMPLEMENTATIONS}")
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C).to(out_dtype)  # (B, T, C)
         return self.out_proj(y)
 
 

@@ -157,3 +157,28 @@ def test_benchmark_tables_and_engine_list():
     table = single_table(results)
     assert "| optlm int8 | 60.0 | 500 | 200 | – |" in table
     assert "| optlm fp32 | 1.50x |" in ratio_table(results) and "| optlm int8 | 3.00x |" in ratio_table(results)
+
+
+def test_half_attention_in_fp32_caches_exact_values_and_tracks_plain_bf16():
+    from optlm.fast import upcast_half_attention
+    from optlm.generate import new_cache
+
+    plain = _model().to(torch.bfloat16)
+    fast = _model().to(torch.bfloat16)
+    upcast_half_attention(fast)
+    for layer in fast.model.decoder.layers:  # on CPUs with native bf16 matmul the above leaves it off
+        layer.self_attn.upcast_attention = True
+    assert new_cache(fast, 2, 8).k.dtype == torch.float32 and new_cache(plain, 2, 8).k.dtype == torch.bfloat16
+    ids, mask = left_padded_batch(lengths=(12, 7), vocab=256)
+    with torch.no_grad():
+        got, want = fast(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits
+        assert got.dtype == torch.bfloat16
+        real = mask.bool()
+        assert (got.float() - want.float())[real].abs().max() <= 0.05 * want.float()[real].abs().max()
+        # Cached decoding (fp32 cache) equals recomputing the whole sequence at every step.
+        out = fast.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        seq, m = ids, mask
+        for _ in range(8):
+            nxt = fast(seq, attention_mask=m).logits[:, -1].float().argmax(-1, keepdim=True)
+            seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    assert torch.equal(out, seq)
