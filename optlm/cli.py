@@ -243,7 +243,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cpu)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
-                   help="int8 or int4: weight-only; int8-dynamic: also activations (fastest on CPU)")
+                   help="int8 or int4: weight-only (int8: fastest batch-1 decoding on AVX2 CPUs); "
+                        "int8-dynamic: activations too (fastest prompts and batches)")
 
 
 def _add_generation_commands(sub: argparse._SubParsersAction) -> None:

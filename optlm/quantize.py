@@ -12,7 +12,8 @@ calibration data, and batch-1 decoding is bound by reading weights, which is wha
 * ``int8-dynamic``: the int8 weights above, with activations quantized on the fly to 7 bits (one scale
   per matmul) so fbgemm's int8 GEMM does the arithmetic, as CTranslate2's int8 does. It pays for the
   activation-outlier sensitivity above (fine for opt-125m/350m, measured in benchmarks/quality.py; not
-  advised from ~6.7b up) and is only faster than ``int8`` where optlm's kernel cannot be built.
+  advised from ~6.7b up). Measured on an AVX2 machine: about 2x ``int8``'s prefill and batch-8 speed,
+  but slower batch-1 decoding than ``int8`` with optlm's kernel.
 * ``int4``: asymmetric, one scale and zero point per ``group_size`` inputs of each output channel,
   PyTorch's ``_weight_int4pack_mm_for_cpu`` kernel; the LM head stays int8 (the logits are the most
   sensitive matmul, and the int8 head doubles as the embedding table, see below).
