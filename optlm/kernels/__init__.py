@@ -2,7 +2,7 @@
 
 ``available()`` says whether they can run here: an x86-64 CPU with AVX2 + FMA, a C compiler (``$CC``, else
 ``cc``/``gcc``/``clang``) and OpenMP. The build takes about a second and is cached under
-``$OPTLM_CACHE`` (default ``~/.cache/optlm``), keyed by the source, the compiler and the flags. When they
+``$OPTLM_CACHE`` (default ``~/.cache/optlm``), keyed by the source, compiler, flags and CPU. When they
 cannot be built the callers use PyTorch's kernels instead (same results up to rounding), after one warning.
 ``OPTLM_KERNELS=0`` turns them off.
 
