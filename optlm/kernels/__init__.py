@@ -147,7 +147,7 @@ def _check(x: Tensor, w: Tensor, bias: Tensor | None, wdtype: torch.dtype) -> tu
 
 
 def _lib_or_raise() -> ctypes.CDLL:
-    lib = _load()
+    lib = _lib if _lib is not None else _load()  # no lock once loaded: this runs per layer per token
     if lib is None:
         raise RuntimeError(f"optlm's AVX2 kernels are unavailable: {_error}")
     return lib
