@@ -4,8 +4,9 @@ Usage: python benchmarks/kernels.py [--size opt-125m] [--rows 1,2,4,8,32,128] [-
 
 Random weights. For each row count M (1 = batch-1 decode) prints milliseconds for one pass over all
 weights (q/k/v fused, out_proj, fc1, fc2 per layer, and the LM head) and the weight bytes read per second,
-for optlm's AVX2 kernels (fp32, bf16, int8) and PyTorch's (fp32 F.linear, fp32 oneDNN, bf16 F.linear,
-int8 ``_weight_int8pack_mm``). Kernels are interleaved within each repeat and medians reported.
+for optlm's AVX2 kernels (fp32, bf16, int8, int4 group 64) and PyTorch's (fp32 F.linear, fp32 oneDNN,
+bf16 F.linear, int8 ``_weight_int8pack_mm``, int4 ``_weight_int4pack_mm_for_cpu``). Kernels are
+interleaved within each repeat and medians reported.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ def main() -> None:
     for n, k in shapes(cfg):
         w = torch.randn(n, k) / k**0.5
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-        layers.append((w, w.bfloat16(), q, torch.rand(n), torch.rand(n).bfloat16(), torch.randn(n)))
+        q4 = torch.randint(0, 16, (n, k))
+        layers.append((w, w.bfloat16(), q, torch.rand(n), torch.rand(n).bfloat16(), torch.randn(n),
+                       kernels.pack_int4(q4), torch.rand(n, k // 64), -torch.rand(n, k // 64),
+                       torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.int(), 1),
+                       torch.rand(k // 64, n, 2).bfloat16()))
     params = sum(n * k for n, k in shapes(cfg))
     engines = {
         "optlm fp32": (4, lambda x, L: kernels.linear_f32(x, L[0], L[5])),
@@ -52,6 +57,8 @@ def main() -> None:
         "torch bf16 F.linear": (2, lambda x, L: F.linear(x.bfloat16(), L[1], L[5].bfloat16())),
         "optlm int8": (1, lambda x, L: kernels.linear_int8(x, L[2], L[3], L[5])),
         "torch int8pack": (1, lambda x, L: torch._weight_int8pack_mm(x.bfloat16(), L[2], L[4]) + L[5]),
+        "optlm int4": (0.5, lambda x, L: kernels.linear_int4(x, L[6], L[7], L[8], 64, L[5])),
+        "torch int4pack": (0.5, lambda x, L: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), L[9], 64, L[10]) + L[5]),
     }
     print(f"{args.size}: {len(layers)} matrices, {params / 1e6:.1f} M weights, {threads} threads, "
           f"torch {torch.__version__}")

@@ -15,7 +15,8 @@ calibration data, and batch-1 decoding is bound by reading weights, which is wha
   advised from ~6.7b up). Measured on an AVX2 machine: about 2x ``int8``'s prefill and batch-8 speed,
   but slower batch-1 decoding than ``int8`` with optlm's kernel.
 * ``int4``: asymmetric, one scale and zero point per ``group_size`` inputs of each output channel,
-  PyTorch's ``_weight_int4pack_mm_for_cpu`` kernel; the LM head stays int8 (the logits are the most
+  optlm's AVX2 kernel (int16 activations, exact integer sums per group) where it builds, else PyTorch's
+  ``_weight_int4pack_mm_for_cpu``; the LM head stays int8 (the logits are the most
   sensitive matmul, and the int8 head doubles as the embedding table, see below).
 
 The tied token embedding / LM head (50272 x d) is the largest single matrix and is read in full for every
@@ -141,20 +142,26 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 group_size {group_size} does not divide in_features {in_features}; "
                              f"pick one of {INT4_GROUP_SIZES} that does")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        # The kernel's packed layout: two 4-bit values per byte, (N, K / 2) uint8.
+        # Two 4-bit values per byte, (N, K / 2) uint8, in the layout of the kernel that will run it: "optlm"
+        # (optlm.kernels.pack_int4, for optlm's AVX2 kernel) or "torch" (PyTorch's _weight_int4pack_mm_for_cpu).
+        self.packing = "torch"
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         # (K / group_size, N, 2): scale and zero (= min + 8 * scale, the kernel's convention) per group.
         self.register_buffer("scales_and_zeros",
                              torch.zeros(in_features // group_size, out_features, 2, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._sz_c: Tensor | None = None
+        self._groups: tuple | None = None  # (scales_and_zeros it came from, scales (N, G), mins (N, G)) in fp32
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
         w = linear.weight.detach()
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, w.dtype, w.device)
         q, scales, mins = quantize_int4_groups(w, group_size)
-        new.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        if w.device.type == "cpu" and kernels.enabled():
+            new.weight, new.packing = kernels.pack_int4(q), "optlm"
+        else:
+            new.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         new.scales_and_zeros = torch.stack([scales, mins + 8 * scales], dim=-1).transpose(0, 1).contiguous().to(w.dtype)
         if linear.bias is not None:
             new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -165,11 +172,12 @@ class Int4Linear(nn.Module):
         """One layer computing all of ``mods`` (same input, same group size); their packed weights become
         row views of its own. None when the group sizes differ."""
         first = mods[0]
-        if len({m.group_size for m in mods}) != 1:
+        if len({(m.group_size, m.packing) for m in mods}) != 1:
             return None
         fused = cls(first.in_features, sum(m.out_features for m in mods), first.bias is not None,
                     first.group_size, first.scales_and_zeros.dtype, first.weight.device)
-        # The CPU int4 packing is row by row, so stacking packed rows equals packing the stacked rows.
+        fused.packing = first.packing
+        # Both packings are row by row, so stacking packed rows equals packing the stacked rows.
         fused.weight = torch.cat([m.weight for m in mods])
         fused.scales_and_zeros = torch.cat([m.scales_and_zeros for m in mods], dim=1)  # (groups, N, 2)
         if first.bias is not None:
@@ -184,6 +192,17 @@ class Int4Linear(nn.Module):
         return fused
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.packing == "optlm":
+            # optlm's AVX2 kernel: exact integer sums of q times int16-quantized x per group, then scale and min.
+            sz = self.scales_and_zeros
+            if self._groups is None or self._groups[0] is not sz:
+                scales = sz[..., 0].float()
+                self._groups = (sz, scales.T.contiguous(), (sz[..., 1].float() - 8 * scales).T.contiguous())
+            b = self.bias
+            y = kernels.linear_int4(x.reshape(-1, self.in_features).float().contiguous(), self.weight,
+                                    self._groups[1], self._groups[2], self.group_size,
+                                    None if b is None else b.float(), check=False)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         cdt = _compute_dtype(x)
         if self._sz_c is None or self._sz_c.dtype != cdt or self._sz_c.device != x.device:
             self._sz_c = self.scales_and_zeros.to(cdt)
@@ -194,7 +213,7 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, group_size={self.group_size}")
+                f"bias={self.bias is not None}, group_size={self.group_size}, packing={self.packing}")
 
 
 class Int8Embedding(nn.Module):

@@ -57,6 +57,46 @@ def test_int8_kernel_within_int16_rounding_of_float64(M, N, K):
 
 
 @needs_kernels
+@pytest.mark.parametrize(("M", "N", "K", "group"), [(1, 7, 64, 32), (3, 33, 256, 64), (5, 16, 768, 128),
+                                                   (13, 9, 512, 256), (8, 4, 4096 * 2, 256)])
+def test_int4_kernel_within_int16_rounding_of_float64(M, N, K, group):
+    g = torch.Generator().manual_seed(K + M)
+    x = torch.randn(M, K, generator=g)
+    q = torch.randint(0, 16, (N, K), generator=g)
+    scales, mins = torch.rand(N, K // group, generator=g) / 10, -torch.rand(N, K // group, generator=g)
+    bias = torch.randn(N, generator=g)
+    packed = kernels.pack_int4(q)
+    assert packed.shape == (N, K // 2) and torch.equal(kernels.unpack_int4(packed), q.to(torch.uint8))
+    got = kernels.linear_int4(x, packed, scales, mins, group, bias)
+    w = q.double() * scales.double().repeat_interleave(group, 1) + mins.double().repeat_interleave(group, 1)
+    want = _ref(x, w, bias)
+    step = x.abs().amax(dim=1, keepdim=True).double() / 32767
+    bound = step / 2 * w.abs().sum(1)[None, :]
+    assert ((got.double() - want).abs() <= bound * 1.01 + 1e-4).all()
+    with pytest.raises(ValueError, match="group_size"):
+        kernels.linear_int4(x, packed, scales, mins, 48, bias)
+
+
+@needs_kernels
+def test_int4_layer_same_with_either_packing(monkeypatch):
+    from optlm.quantize import Int4Linear
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(128, 48)
+    x = torch.randn(3, 5, 128)
+    ours = Int4Linear.from_float(dense, group_size=32)
+    monkeypatch.setattr(kernels, "_lib", None)  # as on a machine where the kernels cannot be built
+    monkeypatch.setattr(kernels, "_error", "off for this test")
+    theirs = Int4Linear.from_float(dense, group_size=32)
+    assert (ours.packing, theirs.packing) == ("optlm", "torch")
+    with torch.no_grad():
+        want = theirs(x)  # PyTorch's kernel, bf16 activations
+        monkeypatch.undo()
+        got = ours(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * float(want.abs().max()))
+
+
+@needs_kernels
 def test_int8_kernel_cannot_overflow():
     # Every product at the int16/int8 extremes, over several int32 chunks: the exact sum needs > 31 bits.
     M, N, K = 2, 3, 4096 * 3

@@ -107,6 +107,8 @@ def _load() -> ctypes.CDLL | None:
                 lib.optlm_linear_i8.argtypes = [P, P, P, P, P, L, L, L, I]
                 lib.optlm_linear_i8.restype = I
                 lib.optlm_linear_bf16.restype = I
+                lib.optlm_linear_i4.argtypes = [P, P, P, P, P, P, L, L, L, L, I]
+                lib.optlm_linear_i4.restype = I
                 _lib = lib
         if _error is not None:
             warnings.warn(f"optlm's AVX2 kernels are not used ({_error}); falling back to PyTorch's kernels, "
@@ -195,4 +197,46 @@ def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None =
     return y
 
 
-__all__ = ["available", "enabled", "unavailable_reason", "linear_f32", "linear_bf16", "linear_int8", "cache_dir"]
+def pack_int4(q: Tensor) -> Tensor:
+    """``q`` (N, K) integers in [0, 15], K even -> (N, K / 2) uint8, byte j = q[2j] | q[2j + 1] << 4."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of :func:`pack_int4`: (N, K / 2) uint8 -> (N, K) uint8 in [0, 15]."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor, group_size: int,
+                bias: Tensor | None = None, *, check: bool = True) -> Tensor:
+    """``x @ w.T + bias`` for int4 ``w = q * scales + mins`` per group of ``group_size`` inputs: ``packed``
+    (N, K / 2) from :func:`pack_int4`, ``scales`` and ``mins`` float32 (N, K / group_size). Rows of ``x``
+    are quantized to int16 as in :func:`linear_int8`; ``group_size`` must be a multiple of 32 dividing K."""
+    lib = _lib_or_raise()
+    M, K = x.shape
+    N = packed.shape[0]
+    if check:
+        if x.dtype != torch.float32 or packed.dtype != torch.uint8 or packed.shape != (N, K // 2) or K % 2:
+            raise ValueError(f"expected float32 x (M, K) and uint8 packed (N, K/2); got {x.dtype} "
+                             f"{tuple(x.shape)} and {packed.dtype} {tuple(packed.shape)}")
+        if group_size <= 0 or group_size % 32 or K % group_size:
+            raise ValueError(f"group_size must be a multiple of 32 dividing K={K}, got {group_size}")
+        for name, t in (("scales", scales), ("mins", mins)):
+            if t.dtype != torch.float32 or t.shape != (N, K // group_size) or not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous float32 of shape ({N}, {K // group_size})")
+        for t in (x, packed, bias):
+            if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
+                raise ValueError("kernel inputs must be contiguous CPU tensors")
+        if bias is not None and (bias.dtype != torch.float32 or bias.shape != (N,)):
+            raise ValueError(f"bias must be float32 of shape ({N},)")
+    y = torch.empty(M, N)
+    rc = lib.optlm_linear_i4(_ptr(x), _ptr(packed), _ptr(scales), _ptr(mins), _ptr(bias), _ptr(y), M, N, K,
+                             group_size, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"no memory for the int16 copies of a ({M}, {K}) input")
+    return y
+
+
+__all__ = ["available", "enabled", "unavailable_reason", "cache_dir", "linear_f32", "linear_bf16", "linear_int8",
+           "linear_int4", "pack_int4", "unpack_int4"]

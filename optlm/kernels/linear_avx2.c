@@ -122,7 +122,7 @@ static inline void row_i8(const int16_t *xq, long K, const int8_t *w, int mb, fl
  * L2 once per block, not once per column: that is what makes prompts of 100+ rows fast). Common row counts
  * get a constant so the compiler unrolls the inner loop for them. */
 #define NBLOCK 16
-#define DRIVE(ROW, XT, X, W, ROWS, EPILOGUE)                                                                     \
+#define DRIVE(ROW, XT, X, W, WSTRIDE, ROWS, EPILOGUE)                                                            \
     _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                                          \
     for (long n0 = 0; n0 < N; n0 += NBLOCK) {                                                                    \
         float out[MB];                                                                                           \
@@ -131,7 +131,7 @@ static inline void row_i8(const int16_t *xq, long K, const int8_t *w, int mb, fl
             const XT *xb = (X) + m0 * K;                                                                         \
             int mb = M - m0 < (ROWS) ? (int)(M - m0) : (ROWS);                                                   \
             for (long n = n0; n < n1; n++) {                                                                     \
-                const void *wr = (W) + n * K;                                                                    \
+                const void *wr = (W) + n * (WSTRIDE);                                                            \
                 switch (mb) {                                                                                    \
                     case 8: ROW(xb, K, wr, 8, out); break;                                                    \
                     case 1: ROW(xb, K, wr, 1, out); break;                                                       \
@@ -151,7 +151,7 @@ static inline void row_i8(const int16_t *xq, long K, const int8_t *w, int mb, fl
 
 void optlm_linear_f32(const float *x, const float *w, const float *bias, float *y, long M, long N, long K,
                       int nthreads) {
-    DRIVE(row_f32, float, x, w, 8, (void)0)
+    DRIVE(row_f32, float, x, w, K, 8, (void)0)
 }
 
 /* Returns 0, or -1 when scratch memory could not be allocated (y untouched). */
@@ -166,7 +166,7 @@ int optlm_linear_bf16(const float *x, const uint16_t *w, const float *bias, floa
             xs[m * K + H + j] = x[m * K + 2 * j + 1];
         }
 #define ROW_BF16(xb, K, wr, mb, out) row_bf16(xb, xs + m0 * K, K, wr, mb, out)
-    DRIVE(ROW_BF16, float, x, w, 4, (void)0)
+    DRIVE(ROW_BF16, float, x, w, K, 4, (void)0)
 #undef ROW_BF16
     free(xs);
     return 0;
@@ -195,8 +195,77 @@ int optlm_linear_i8(const float *x, const int8_t *w, const float *scale, const f
         return -1;
     }
     quantize_rows_i16(x, xq, sx, M, K);
-    DRIVE(row_i8, int16_t, xq, w, 8, v *= sx[m0 + i] * scale[n])
+    DRIVE(row_i8, int16_t, xq, w, K, 8, v *= sx[m0 + i] * scale[n])
     free(xq);
     free(sx);
+    return 0;
+}
+
+/* int4 weights, asymmetric per group of GS inputs: w = q * scale + min, q in [0, 15]. Packed two per byte,
+ * byte j of a row = q[2j] | q[2j+1] << 4. Rows of x are int16 as above and, per 32 inputs, reordered into
+ * their 16 even then 16 odd elements (xs), so a byte's low nibbles meet the even inputs and its high nibbles
+ * the odd ones with no shuffles. Per group: exact integer dot product * scale, plus min * (sum of the
+ * group's inputs, xg). Everything is then times the row's int16 scale (the epilogue). */
+#define ROWS4 4
+static inline void row_i4(const int16_t *xs, const float *xg, long K, long gs, const uint8_t *w, const float *sc,
+                          const float *mn, int mb, float *out) {
+    const long G = K / gs;
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m256 facc[ROWS4];
+    float minpart[ROWS4];
+    for (int i = 0; i < ROWS4; i++) facc[i] = _mm256_setzero_ps(), minpart[i] = 0.f;
+    for (long g = 0; g < G; g++) {
+        __m256i iacc[ROWS4];
+        for (int i = 0; i < ROWS4; i++) iacc[i] = _mm256_setzero_si256();
+        for (long k = g * gs; k < (g + 1) * gs; k += 32) {
+            _mm_prefetch((const char *)(w + k / 2) + PREFETCH, _MM_HINT_T0);
+            __m128i bytes = _mm_loadu_si128((const __m128i *)(w + k / 2));
+            __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, low4));
+            __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
+            for (int i = 0; i < ROWS4; i++)
+                if (i < mb) {
+                    const int16_t *xr = xs + i * K + k;
+                    __m256i e = _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xr));
+                    __m256i o = _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xr + 16)));
+                    iacc[i] = _mm256_add_epi32(iacc[i], _mm256_add_epi32(e, o));
+                }
+        }
+        __m256 s = _mm256_set1_ps(sc[g]);
+        for (int i = 0; i < mb; i++) {
+            facc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[i]), s, facc[i]);
+            minpart[i] += mn[g] * xg[i * G + g];
+        }
+    }
+    for (int i = 0; i < mb; i++) out[i] = hsum_ps(facc[i]) + minpart[i];
+}
+
+/* Returns 0; -1 when scratch memory could not be allocated; -2 when gs is not a multiple of 32 dividing K. */
+int optlm_linear_i4(const float *x, const uint8_t *w, const float *scale, const float *minv, const float *bias,
+                    float *y, long M, long N, long K, long gs, int nthreads) {
+    if (gs <= 0 || gs % 32 || K % gs) return -2;
+    const long G = K / gs;
+    int16_t *xq = malloc(sizeof(int16_t) * M * K), *xs = malloc(sizeof(int16_t) * M * K);
+    float *sx = malloc(sizeof(float) * M), *xg = malloc(sizeof(float) * M * G);
+    if (!xq || !xs || !sx || !xg) {
+        free(xq), free(xs), free(sx), free(xg);
+        return -1;
+    }
+    quantize_rows_i16(x, xq, sx, M, K);
+    for (long m = 0; m < M; m++) {
+        for (long k = 0; k < K; k += 32)
+            for (long j = 0; j < 16; j++) {
+                xs[m * K + k + j] = xq[m * K + k + 2 * j];
+                xs[m * K + k + 16 + j] = xq[m * K + k + 2 * j + 1];
+            }
+        for (long g = 0; g < G; g++) {
+            int64_t s = 0;
+            for (long k = g * gs; k < (g + 1) * gs; k++) s += xq[m * K + k];
+            xg[m * G + g] = (float)s;
+        }
+    }
+#define ROW_I4(xb, K, wr, mb, out) row_i4(xb, xg + m0 * G, K, gs, wr, scale + n * G, minv + n * G, mb, out)
+    DRIVE(ROW_I4, int16_t, xs, w, K / 2, 4, v *= sx[m0 + i])
+#undef ROW_I4
+    free(xq), free(xs), free(sx), free(xg);
     return 0;
 }
