@@ -109,10 +109,9 @@ class CPULinear(nn.Linear):
         rows = x.numel() // self.in_features
         if rows <= self.KERNEL_MAX_ROWS.get(w.dtype, 0) and kernels.enabled() and w.is_contiguous():
             bias = None if self.bias is None else self.bias.float()
-            x2 = x.reshape(rows, self.in_features).float().contiguous()
             fn = kernels.linear_f32 if w.dtype == torch.float32 else kernels.linear_bf16
-            y = fn(x2, w, bias, check=False)  # shapes, dtypes and layout are guaranteed just above
-            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            # check=False: rowwise hands over contiguous float32 rows; w's dtype and layout are checked above
+            return kernels.rowwise(x, self.out_features, lambda x2: fn(x2, w, bias, check=False))
         if w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
         if w.dtype in (torch.bfloat16, torch.float16) and not _native_half_matmul():

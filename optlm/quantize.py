@@ -110,20 +110,18 @@ class Int8Linear(nn.Module):
             # reduce_range=True: 7-bit activations, so fbgemm's u8 x s8 pair sums cannot saturate int16.
             y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self._packed, True)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # bias already added
-        x2 = x.reshape(-1, self.in_features)
         w = self.weight
         if x.is_cpu and kernels.enabled() and w.is_contiguous():
             # optlm's AVX2 kernel: int8 weights times int16-quantized rows of x (~1e-5 relative), fp32 sums.
             s = self._scales_c
             if s is None or s.dtype != torch.float32:
                 s = self._scales_c = self.scales.float().contiguous()
-            b = self.bias
-            y = kernels.linear_int8(x2.float().contiguous(), w, s, None if b is None else b.float(), check=False)
-            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            b = None if self.bias is None else self.bias.float()
+            return kernels.rowwise(x, self.out_features, lambda x2: kernels.linear_int8(x2, w, s, b, check=False))
         cdt = _compute_dtype(x)
         if self._scales_c is None or self._scales_c.dtype != cdt or self._scales_c.device != x.device:
             self._scales_c = self.scales.to(cdt)
-        y = torch._weight_int8pack_mm(x2.to(cdt), self.weight, self._scales_c)
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(cdt), w, self._scales_c)
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -198,11 +196,10 @@ class Int4Linear(nn.Module):
             if self._groups is None or self._groups[0] is not sz:
                 scales = sz[..., 0].float()
                 self._groups = (sz, scales.T.contiguous(), (sz[..., 1].float() - 8 * scales).T.contiguous())
-            b = self.bias
-            y = kernels.linear_int4(x.reshape(-1, self.in_features).float().contiguous(), self.weight,
-                                    self._groups[1], self._groups[2], self.group_size,
-                                    None if b is None else b.float(), check=False)
-            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            _, scales, mins = self._groups
+            w, gs, b = self.weight, self.group_size, None if self.bias is None else self.bias.float()
+            return kernels.rowwise(x, self.out_features,
+                                   lambda x2: kernels.linear_int4(x2, w, scales, mins, gs, b, check=False))
         cdt = _compute_dtype(x)
         if self._sz_c is None or self._sz_c.dtype != cdt or self._sz_c.device != x.device:
             self._sz_c = self.scales_and_zeros.to(cdt)

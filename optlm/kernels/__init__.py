@@ -135,17 +135,31 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _check(x: Tensor, w: Tensor, bias: Tensor | None, wdtype: torch.dtype) -> tuple[int, int, int]:
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"expected x (M, K) and weight (N, K), got {tuple(x.shape)} and {tuple(w.shape)}")
+def _check(x: Tensor, w: Tensor, bias: Tensor | None, wdtype: torch.dtype, w_cols: int | None = None) -> tuple:
+    """Validate x (M, K) float32 and w (N, w_cols or K) of ``wdtype``, all contiguous on the CPU; (M, N, K)."""
+    K = x.shape[-1]
+    if x.dim() != 2 or w.dim() != 2 or w.shape[1] != (K if w_cols is None else w_cols):
+        raise ValueError(f"expected x (M, K) and weight (N, {'K' if w_cols is None else w_cols}), "
+                         f"got {tuple(x.shape)} and {tuple(w.shape)}")
     if x.dtype != torch.float32 or w.dtype != wdtype:
         raise TypeError(f"expected float32 x and {wdtype} weight, got {x.dtype} and {w.dtype}")
     for t in (x, w, bias):
         if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
             raise ValueError("kernel inputs must be contiguous CPU tensors")
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (w.shape[0],)):
-        raise ValueError(f"bias must be float32 of shape ({w.shape[0]},)")
-    return x.shape[0], w.shape[0], x.shape[1]
+    _check_float(bias, "bias", (w.shape[0],))
+    return x.shape[0], w.shape[0], K
+
+
+def _check_float(t: Tensor | None, name: str, shape: tuple) -> None:
+    if t is not None and (t.dtype != torch.float32 or t.shape != shape or not t.is_contiguous()):
+        raise ValueError(f"{name} must be contiguous float32 of shape {shape}")
+
+
+def rowwise(x: Tensor, out_features: int, kernel) -> Tensor:
+    """Run ``kernel`` (float32 (rows, K) -> float32 (rows, out_features)) on ``x`` (..., K) of any float
+    dtype; the result has x's leading shape and dtype. The glue every kernel-backed layer needs."""
+    y = kernel(x.reshape(-1, x.shape[-1]).float().contiguous())
+    return y.view(*x.shape[:-1], out_features).to(x.dtype)
 
 
 def _lib_or_raise() -> ctypes.CDLL:
@@ -184,12 +198,10 @@ def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None =
     integer dot products; the result differs from the float computation by about 1e-5 relative.
     """
     lib = _lib_or_raise()
+    M, N, K = x.shape[0], weight.shape[0], x.shape[1]
     if check:
-        M, N, K = _check(x, weight, bias, torch.int8)
-        if scales.dtype != torch.float32 or scales.shape != (N,) or not scales.is_contiguous():
-            raise ValueError(f"scales must be contiguous float32 of shape ({N},)")
-    else:
-        M, N, K = x.shape[0], weight.shape[0], x.shape[1]
+        _check(x, weight, bias, torch.int8)
+        _check_float(scales, "scales", (N,))
     y = torch.empty(M, N)
     if lib.optlm_linear_i8(_ptr(x), _ptr(weight), _ptr(scales), _ptr(bias), _ptr(y), M, N, K,
                            torch.get_num_threads()) != 0:
@@ -214,22 +226,13 @@ def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor, group_s
     (N, K / 2) from :func:`pack_int4`, ``scales`` and ``mins`` float32 (N, K / group_size). Rows of ``x``
     are quantized to int16 as in :func:`linear_int8`; ``group_size`` must be a multiple of 32 dividing K."""
     lib = _lib_or_raise()
-    M, K = x.shape
-    N = packed.shape[0]
+    M, N, K = x.shape[0], packed.shape[0], x.shape[-1]
     if check:
-        if x.dtype != torch.float32 or packed.dtype != torch.uint8 or packed.shape != (N, K // 2) or K % 2:
-            raise ValueError(f"expected float32 x (M, K) and uint8 packed (N, K/2); got {x.dtype} "
-                             f"{tuple(x.shape)} and {packed.dtype} {tuple(packed.shape)}")
         if group_size <= 0 or group_size % 32 or K % group_size:
             raise ValueError(f"group_size must be a multiple of 32 dividing K={K}, got {group_size}")
-        for name, t in (("scales", scales), ("mins", mins)):
-            if t.dtype != torch.float32 or t.shape != (N, K // group_size) or not t.is_contiguous():
-                raise ValueError(f"{name} must be contiguous float32 of shape ({N}, {K // group_size})")
-        for t in (x, packed, bias):
-            if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
-                raise ValueError("kernel inputs must be contiguous CPU tensors")
-        if bias is not None and (bias.dtype != torch.float32 or bias.shape != (N,)):
-            raise ValueError(f"bias must be float32 of shape ({N},)")
+        _check(x, packed, bias, torch.uint8, w_cols=K // 2)
+        _check_float(scales, "scales", (N, K // group_size))
+        _check_float(mins, "mins", (N, K // group_size))
     y = torch.empty(M, N)
     rc = lib.optlm_linear_i4(_ptr(x), _ptr(packed), _ptr(scales), _ptr(mins), _ptr(bias), _ptr(y), M, N, K,
                              group_size, torch.get_num_threads())
@@ -238,5 +241,5 @@ def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor, group_s
     return y
 
 
-__all__ = ["available", "enabled", "unavailable_reason", "cache_dir", "linear_f32", "linear_bf16", "linear_int8",
-           "linear_int4", "pack_int4", "unpack_int4"]
+__all__ = ["available", "enabled", "unavailable_reason", "cache_dir", "rowwise", "linear_f32", "linear_bf16",
+           "linear_int8", "linear_int4", "pack_int4", "unpack_int4"]
