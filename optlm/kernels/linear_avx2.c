@@ -3,10 +3,10 @@
  * Why these exist: decoding multiplies a few rows by every weight once per token, so it is bound by how fast
  * weights stream from memory. PyTorch's int8 weight-only and bf16 CPU kernels are vectorised for AVX-512 only
  * and run scalar fallbacks on AVX2, and its fp32 matrix-vector product reads weights at about half the
- * memory bandwidth. What matters here, each measured (benchmarks/kernels.py):
- *   - one weight row at a time, contiguous, with a software prefetch ~1 KiB ahead: a VM's hardware
- *     prefetcher alone reached ~10 GB/s from DRAM, with it ~20 GB/s;
- *   - int8 weights meet int16 activations (quantized here, one scale per row of x) through vpmaddwd, 16
+ * memory bandwidth (the result: benchmarks/kernels.py). What mattered while writing them:
+ *   - one weight row at a time, contiguous, with a software prefetch ~1 KiB ahead: on a VM the hardware
+ *     prefetcher alone streamed about half as fast from DRAM;
+ *   - int8 (and int4) weights meet int16 activations (quantized here, one scale per row of x) through vpmaddwd, 16
  *     products per instruction with no int->float conversion per weight; int16 keeps ~15 bits of each row,
  *     more than bf16's 8, and partial sums are moved to float every CHUNK inputs so int32 cannot overflow;
  *   - up to MB rows of x share each weight load (batched decode, short prompts).
