@@ -2,11 +2,11 @@
 
 Usage: python benchmarks/kernels.py [--size opt-125m] [--rows 1,2,4,8,32,128] [--repeats 5] [--threads N]
 
-Random weights. For each row count M (1 = batch-1 decode) prints milliseconds for one pass over all
-weights (q/k/v fused, out_proj, fc1, fc2 per layer, and the LM head) and the weight bytes read per second,
-for optlm's AVX2 kernels (fp32, bf16, int8, int4 group 64) and PyTorch's (fp32 F.linear, fp32 oneDNN,
-bf16 F.linear, int8 ``_weight_int8pack_mm``, int4 ``_weight_int4pack_mm_for_cpu``). Kernels are
-interleaved within each repeat and medians reported.
+Random weights. Prints the machine's memory read speed for reference, then, for each row count M
+(1 = batch-1 decode), milliseconds for one pass over all weights (q/k/v fused, out_proj, fc1, fc2 per layer,
+and the LM head) and the weight bytes read per second, for optlm's AVX2 kernels (fp32, bf16, int8, int4
+group 64) and PyTorch's (fp32 F.linear, fp32 oneDNN, bf16 F.linear, int8 ``_weight_int8pack_mm``, int4
+``_weight_int4pack_mm_for_cpu``). Kernels are interleaved within each repeat and medians reported.
 """
 
 from __future__ import annotations
@@ -25,6 +25,17 @@ from optlm.fast import set_threads
 def shapes(cfg: OPTConfig) -> list[tuple[int, int]]:
     d, f = cfg.hidden_size, cfg.ffn_dim
     return [(3 * d, d), (d, d), (f, d), (d, f)] * cfg.num_hidden_layers + [(cfg.vocab_size, d)]
+
+
+def memory_read_gbs(mib: int = 512, repeats: int = 7) -> float:
+    """A reference for the GB/s columns: reading a buffer far larger than the caches, with every thread."""
+    buf = torch.randn(mib * 2**20 // 4)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buf.amax()
+        times.append(time.perf_counter() - start)
+    return buf.numel() * 4 / statistics.median(times) / 1e9
 
 
 def main() -> None:
@@ -61,7 +72,7 @@ def main() -> None:
         "torch int4pack": (0.5, lambda x, L: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), L[9], 64, L[10]) + L[5]),
     }
     print(f"{args.size}: {len(layers)} matrices, {params / 1e6:.1f} M weights, {threads} threads, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}; memory read (max over 512 MiB of floats): {memory_read_gbs():.1f} GB/s")
     print(f"| rows | {' | '.join(engines)} |")
     print(f"|---:|{'---:|' * len(engines)}")
     for M in (int(r) for r in args.rows.split(",")):

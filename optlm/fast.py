@@ -87,7 +87,7 @@ class CPULinear(nn.Linear):
     """An inference ``nn.Linear`` on the CPU, routed by dtype and row count to the fastest kernel measured.
 
     * Few rows (decoding: one per sequence) are bound by reading the weight once. optlm's AVX2 kernels
-      (:mod:`optlm.kernels`) read fp32 weights ~1.2x faster than oneDNN and bf16 weights ~1.8x faster than
+      (:mod:`optlm.kernels`) read fp32 weights ~1.2x faster than oneDNN and bf16 weights ~1.5x faster than
       PyTorch's bf16 path on a 2-core AVX2 machine (``benchmarks/kernels.py``); they take up to
       ``KERNEL_MAX_ROWS`` rows, where oneDNN / the fp32 upcast catch up.
     * More rows of fp32 go to oneDNN's inner product, which splits the work across cores better than the
