@@ -65,9 +65,19 @@ class KVCache:
         """
         start, T = self.length, k.shape[2]
         kl, vl = self._layer_views()[layer]
-        kl.narrow(2, start, T).copy_(k)
-        vl.narrow(2, start, T).copy_(v)
-        return kl.narrow(2, 0, start + T), vl.narrow(2, 0, start + T)
+        if not torch.is_grad_enabled():
+            kl.narrow(2, start, T).copy_(k)
+            vl.narrow(2, start, T).copy_(v)
+            return kl.narrow(2, 0, start + T), vl.narrow(2, 0, start + T)
+        # With gradients on (a training forward that left use_cache at its default) the buffers store
+        # detached copies and this pass attends to its own k, v, so the loss differentiates through them;
+        # keys cached by earlier passes are constants here.
+        with torch.no_grad():
+            kl.narrow(2, start, T).copy_(k)
+            vl.narrow(2, start, T).copy_(v)
+        if start == 0:
+            return k, v
+        return torch.cat([kl.narrow(2, 0, start), k], 2), torch.cat([vl.narrow(2, 0, start), v], 2)
 
     def _layer_views(self) -> list[tuple[Tensor, Tensor]]:
         # Per-layer (B, nh, capacity, hs) views, made once per buffer (a decode step indexes them per layer).

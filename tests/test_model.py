@@ -154,6 +154,52 @@ def test_question_answering_loss_clamps_positions_like_reference(tmp_path):
     assert abs(expected.loss.item() - got.loss.item()) <= 1e-10
 
 
+def _head_labels(head: str, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    if head == "causal_lm":
+        return {"labels": ids.masked_fill(mask == 0, -100)}
+    if head == "seq_cls":
+        return {"labels": torch.tensor([0, 1, 0])}
+    if head == "qa":
+        return {"start_positions": torch.tensor([3, 5, 4]), "end_positions": torch.tensor([6, 8, 5])}
+    return {}
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+@pytest.mark.parametrize("with_labels", [False, True])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_forward_with_gradients_matches_reference(tmp_path, head, with_labels, mode):
+    """The first forward an HF user writes: grad mode on, use_cache left at its default, with and without labels.
+    Outputs and every parameter's gradient equal transformers' (backward from the loss, or from a fixed
+    projection of the output when there are no labels)."""
+    hf_cls, opt_cls, field = HEADS[head]
+    ref, ours = build_pair(tmp_path, hf_cls, opt_cls, num_labels=2)
+    ref.train(mode == "train")
+    ours.train(mode == "train")
+    ids, mask = left_padded_batch()
+    kwargs = _head_labels(head, ids, mask) if with_labels else {}
+    expected = ref(input_ids=ids, attention_mask=mask, **kwargs)
+    got = ours(ids, attention_mask=mask, **kwargs)
+    e, g = getattr(expected, field), getattr(got, field)
+    assert (e - g).abs().max() <= 1e-10
+    if kwargs and head != "base":
+        assert abs(expected.loss.item() - got.loss.item()) <= 1e-10
+        e_obj, g_obj = expected.loss, got.loss
+    else:
+        weights = torch.randn(e.shape, generator=torch.Generator().manual_seed(2), dtype=e.dtype)
+        e_obj, g_obj = (e * weights).sum(), (g * weights).sum()
+    e_obj.backward()
+    g_obj.backward()
+    ref_grads = dict(ref.named_parameters())
+    compared = 0
+    for name, p in ours.named_parameters():
+        r = ref_grads[name if name in ref_grads else name.removeprefix("model.")]
+        assert (r.grad is None) == (p.grad is None), name
+        if p.grad is not None:
+            assert (r.grad - p.grad).abs().max() <= 1e-9, name
+            compared += 1
+    assert compared >= 10
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_reduced_precisions_track_float64(tmp_path, dtype):
     torch.manual_seed(0)
