@@ -18,10 +18,10 @@ import time
 import numpy as np
 
 
-def encode(files: list[str], tokenizer) -> np.ndarray:
+def encode(files: list[str], tokenizer, unwrap: bool = False) -> np.ndarray:
     from optlm.evaluate import encode_file
 
-    return np.concatenate([encode_file(f, tokenizer) for f in files])
+    return np.concatenate([encode_file(f, tokenizer, unwrap=unwrap) for f in files])
 
 
 def unigram_nll(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
@@ -58,12 +58,13 @@ def main() -> None:
     ap.add_argument("--val", nargs="+", required=True, help="validation text files")
     ap.add_argument("--model", help="a checkpoint to score on the same tokens")
     ap.add_argument("--stride", type=int, default=256, help="sliding-window stride for the model")
+    ap.add_argument("--unwrap", action="store_true", help="join hard-wrapped lines into paragraphs first")
     args = ap.parse_args()
 
     from optlm.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(args.tokenizer)
-    train, val = encode(args.train, tok), encode(args.val, tok)
+    train, val = encode(args.train, tok, args.unwrap), encode(args.val, tok, args.unwrap)
     vocab = len(tok)
     print(f"train tokens: {len(train):,}   validation tokens scored: {len(val) - 1:,}   vocab: {vocab}")
     print(f"{'model':<34}{'val ppl':>10}{'nll/token':>11}")

@@ -57,7 +57,7 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from .tokenizer_train import train_tokenizer
 
     tok = train_tokenizer(args.data, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                          jsonl_key=args.jsonl_key, show_progress=not args.quiet)
+                          jsonl_key=args.jsonl_key, show_progress=not args.quiet, unwrap=args.unwrap)
     print(f"saved a {len(tok)}-token tokenizer to {args.out}")
     return 0
 
@@ -67,7 +67,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_file
 
     r = evaluate_file(args.model, args.data, stride=args.stride, max_length=args.max_length,
-                      batch_size=args.batch_size, device=args.device, dtype=args.dtype, jsonl_key=args.jsonl_key)
+                      batch_size=args.batch_size, device=args.device, dtype=args.dtype, jsonl_key=args.jsonl_key,
+                      unwrap=args.unwrap)
     print(f"model:       {args.model or 'bundled (opt-gutenberg)'}")
     print(f"perplexity:  {r.perplexity:.3f}")
     print(f"nll/token:   {r.nll:.4f}")
@@ -88,6 +89,8 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-data", nargs="+", help="validation files (default: hold out the tail of --data)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="tail fraction held out without --val-data")
     p.add_argument("--jsonl-key", default="text", help="JSONL field that holds the text")
+    p.add_argument("--unwrap", action="store_true",
+                   help="join hard-wrapped lines of .txt files into paragraphs (e.g. Project Gutenberg books)")
     p.add_argument("--block-size", type=int, default=256, help="tokens per training sequence")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -97,6 +100,11 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr/10)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
+                   help="after warm-up: cosine decay, or wsd = constant then a linear decay over the last "
+                        "--decay-steps (extend --max-steps on --resume when the compute budget allows)")
+    p.add_argument("--decay-steps", type=int, default=None, help="wsd: length of the final decay (default "
+                   "max-steps / 5)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay (not on biases / LayerNorm)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     p.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
@@ -121,6 +129,8 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, default=8192, help="total vocabulary, special tokens included")
     p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
     p.add_argument("--jsonl-key", default="text", help="JSONL field that holds the text")
+    p.add_argument("--unwrap", action="store_true",
+                   help="join hard-wrapped lines of .txt files into paragraphs (e.g. Project Gutenberg books)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train_tokenizer)
 
@@ -133,6 +143,8 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--jsonl-key", default="text", help="JSONL field that holds the text")
+    p.add_argument("--unwrap", action="store_true",
+                   help="join hard-wrapped lines of .txt files into paragraphs (e.g. Project Gutenberg books)")
     p.set_defaults(func=_cmd_eval)
 
 

@@ -13,6 +13,7 @@ import codecs
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ from torch import Tensor
 from .tokenizer import Tokenizer
 
 PIECE_CHARS = 1 << 20  # text is tokenized ~1 MiB at a time
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+# A blank line (spaces allowed) and any further blank lines: the break between two paragraphs.
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 
 
 # ---- reading ---------------------------------------------------------------------------------------
@@ -42,12 +45,30 @@ def _utf8_error(path: Path, e: UnicodeDecodeError, offset: int) -> ValueError:
                       f"{offset + e.start}); convert it, e.g. `iconv -f latin1 -t utf-8`")
 
 
-def _text_pieces(path: Path) -> Iterator[str]:
+def unwrap(text: str) -> str:
+    """Undo hard line wrapping: the lines of each paragraph joined by single spaces, paragraphs kept apart
+    by one blank line. Books from Project Gutenberg break lines at ~70 characters, mid-sentence; a model
+    trained on them as they are learns to emit newlines in the middle of sentences."""
+    paragraphs = _PARAGRAPH_BREAK.split(text)
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines() if line.strip()) for p in paragraphs)
+
+
+def _paragraph_cut(text: str) -> int:
+    """Index where the last paragraph break starts (0 if none): a piece cut there unwraps as the whole would."""
+    last = None
+    for last in _PARAGRAPH_BREAK.finditer(text):
+        pass
+    return 0 if last is None or last.end() == len(text) else last.start()
+
+
+def _text_pieces(path: Path, unwrapped: bool = False) -> Iterator[str]:
     """The file in ~PIECE_CHARS pieces, cut only between a newline and a non-space character.
 
     At such a cut the GPT-2 pre-tokenizer splits the same way with or without the cut, so
-    tokenizing piece by piece gives exactly the ids of tokenizing the whole file.
+    tokenizing piece by piece gives exactly the ids of tokenizing the whole file. With ``unwrapped`` each
+    piece is :func:`unwrap`-ped and cut just before a paragraph break (which the next piece then starts with).
     """
+    cut_at = _paragraph_cut if unwrapped else _safe_cut
     decoder = codecs.getincrementaldecoder("utf-8")()  # holds back a character split by the read
     buf, offset = "", 0
     with open(path, "rb") as f:
@@ -60,12 +81,12 @@ def _text_pieces(path: Path) -> Iterator[str]:
             offset += len(raw)
             if not raw:
                 break
-            cut = _safe_cut(buf)
+            cut = cut_at(buf)
             if cut > 0:
-                yield buf[:cut]
+                yield unwrap(buf[:cut]) if unwrapped else buf[:cut]
                 buf = buf[cut:]
     if buf:
-        yield buf
+        yield unwrap(buf) if unwrapped else buf
 
 
 def _safe_cut(text: str) -> int:
@@ -79,11 +100,13 @@ def _safe_cut(text: str) -> int:
             return i + 1
 
 
-def iter_documents(path: str | os.PathLike, jsonl_key: str = "text") -> Iterator[tuple[str, bool]]:
+def iter_documents(path: str | os.PathLike, jsonl_key: str = "text",
+                   unwrapped: bool = False) -> Iterator[tuple[str, bool]]:
     """Yield ``(text piece, starts a new document)``.
 
     A ``.jsonl`` file holds one document per line, a JSON object whose ``jsonl_key`` field is the text;
-    any other file is UTF-8 plain text and is one document (a book, an article).
+    any other file is UTF-8 plain text and is one document (a book, an article). ``unwrapped`` joins
+    hard-wrapped lines into paragraphs (:func:`unwrap`).
     """
     path = Path(path)
     _check_file(path)
@@ -104,10 +127,10 @@ def iter_documents(path: str | os.PathLike, jsonl_key: str = "text") -> Iterator
                 if not isinstance(record, dict) or not isinstance(record.get(jsonl_key), str):
                     raise ValueError(f"{path} line {n} has no string field {jsonl_key!r}; pass the field that "
                                      "holds the text (--jsonl-key)")
-                yield record[jsonl_key], True
+                yield (unwrap(record[jsonl_key]) if unwrapped else record[jsonl_key]), True
     else:
         first = True
-        for piece in _text_pieces(path):
+        for piece in _text_pieces(path, unwrapped):
             yield piece, first
             first = False
 
@@ -127,8 +150,9 @@ def _tokenizer_digest(tokenizer: Tokenizer) -> str:
         return h.hexdigest()
 
 
-def cache_key(paths: Sequence[str | os.PathLike], tokenizer: Tokenizer, jsonl_key: str) -> str:
-    """Changes when any file (path, size, mtime), the tokenizer or the JSONL field changes."""
+def cache_key(paths: Sequence[str | os.PathLike], tokenizer: Tokenizer, jsonl_key: str,
+              unwrapped: bool = False) -> str:
+    """Changes when any file (path, size, mtime), the tokenizer, the JSONL field or the unwrapping changes."""
     files = []
     for p in paths:
         p = Path(p).resolve()
@@ -136,7 +160,7 @@ def cache_key(paths: Sequence[str | os.PathLike], tokenizer: Tokenizer, jsonl_ke
         st = p.stat()
         files.append([str(p), st.st_size, st.st_mtime_ns])
     blob = json.dumps({"v": _CACHE_VERSION, "files": files, "tokenizer": _tokenizer_digest(tokenizer),
-                       "jsonl_key": jsonl_key}, sort_keys=True)
+                       "jsonl_key": jsonl_key, "unwrapped": unwrapped}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -146,6 +170,7 @@ def tokenize_files(
     cache_dir: str | os.PathLike,
     jsonl_key: str = "text",
     name: str = "tokens",
+    unwrapped: bool = False,
 ) -> np.memmap:
     """Token stream of `paths` as a read-only memmap, built once into `cache_dir` and reused after.
 
@@ -159,7 +184,7 @@ def tokenize_files(
     dtype = token_dtype(len(tokenizer))
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"{name}-{cache_key(paths, tokenizer, jsonl_key)}.{dtype.name}"
+    target = cache_dir / f"{name}-{cache_key(paths, tokenizer, jsonl_key, unwrapped)}.{dtype.name}"
     if not target.exists():
         fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{name}-", suffix=".tmp")
         n = 0
@@ -167,7 +192,7 @@ def tokenize_files(
             with os.fdopen(fd, "wb") as out:
                 for path in paths:
                     file_tokens = 0
-                    for piece, new_doc in iter_documents(path, jsonl_key):
+                    for piece, new_doc in iter_documents(path, jsonl_key, unwrapped):
                         ids = tokenizer.encode(piece, add_special_tokens=False)
                         if new_doc:
                             ids = [bos, *ids]

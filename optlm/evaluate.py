@@ -95,11 +95,12 @@ def _by_length(group: list[tuple[int, int, int]]) -> list[list[tuple[int, int, i
     return list(lengths.values())
 
 
-def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, jsonl_key: str = "text") -> np.ndarray:
+def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, jsonl_key: str = "text",
+                unwrap: bool = False) -> np.ndarray:
     """Token ids of a text/JSONL file, ``</s>`` before each document as in training (read in pieces)."""
     bos = tokenizer.bos_token_id
     parts = []
-    for piece, new_doc in iter_documents(path, jsonl_key):
+    for piece, new_doc in iter_documents(path, jsonl_key, unwrap):
         ids = tokenizer.encode(piece, add_special_tokens=False)
         parts.append(np.asarray(([bos] if new_doc and bos is not None else []) + ids, dtype=np.int64))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
@@ -107,8 +108,11 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, jsonl_key: str = 
 
 def evaluate_file(model: str | os.PathLike | None, data: str | os.PathLike, stride: int | None = None,
                   max_length: int | None = None, batch_size: int = 1, device: str = "cpu",
-                  dtype: str | torch.dtype | None = None, jsonl_key: str = "text") -> PerplexityResult:
-    """Perplexity of the checkpoint ``model`` (directory or hub id; None = the bundled model) on ``data``."""
+                  dtype: str | torch.dtype | None = None, jsonl_key: str = "text",
+                  unwrap: bool = False) -> PerplexityResult:
+    """Perplexity of the checkpoint ``model`` (directory or hub id; None = the bundled model) on ``data``.
+
+    ``unwrap`` joins hard-wrapped lines into paragraphs first, as the model's training data may have been."""
     from .bundled import bundled_model_path
     from .hf import OPTForCausalLM
 
@@ -117,5 +121,5 @@ def evaluate_file(model: str | os.PathLike | None, data: str | os.PathLike, stri
         raise FileNotFoundError(f"data file {data} does not exist")
     tokenizer = Tokenizer.from_pretrained(source)
     lm = OPTForCausalLM.from_pretrained(source, dtype=dtype, device=device)
-    ids = encode_file(data, tokenizer, jsonl_key)
+    ids = encode_file(data, tokenizer, jsonl_key, unwrap)
     return perplexity(lm, ids, max_length=max_length, stride=stride, batch_size=batch_size)

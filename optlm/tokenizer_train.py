@@ -21,9 +21,9 @@ from .tokenizer import Tokenizer
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 
 
-def _texts(paths: Sequence[str | os.PathLike], jsonl_key: str) -> Iterator[str]:
+def _texts(paths: Sequence[str | os.PathLike], jsonl_key: str, unwrapped: bool) -> Iterator[str]:
     for path in paths:
-        for piece, _ in iter_documents(path, jsonl_key=jsonl_key):
+        for piece, _ in iter_documents(path, jsonl_key=jsonl_key, unwrapped=unwrapped):
             yield piece
 
 
@@ -34,11 +34,13 @@ def train_tokenizer(
     min_frequency: int = 2,
     jsonl_key: str = "text",
     show_progress: bool = True,
+    unwrap: bool = False,
 ) -> Tokenizer:
     """Train byte-level BPE on text/JSONL `files` and save it to `out_dir`; returns the wrapped tokenizer.
 
     `vocab_size` counts everything: the 4 special tokens, the 256 byte symbols and the merges.
-    Files are read in pieces, never whole, so large corpora fit in memory.
+    Files are read in pieces, never whole, so large corpora fit in memory. ``unwrap`` joins hard-wrapped
+    lines into paragraphs first (:func:`optlm.data.unwrap`), as ``optlm train --unwrap`` does.
     """
     if vocab_size < len(SPECIAL_TOKENS) + 256 + 1:
         raise ValueError(f"vocab_size {vocab_size} is too small; byte-level BPE needs at least "
@@ -57,7 +59,7 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    backend.train_from_iterator(_texts(files, jsonl_key), trainer=trainer)
+    backend.train_from_iterator(_texts(files, jsonl_key, unwrap), trainer=trainer)
     for i, token in enumerate(SPECIAL_TOKENS):
         assert backend.token_to_id(token) == i, (token, backend.token_to_id(token))
     tokenizer = Tokenizer.from_tokenizers(backend)  # OPT's defaults: bos = eos = "</s>", pad "<pad>"

@@ -67,12 +67,14 @@ class TrainArgs:
     val_data: list[str] | None = None
     val_fraction: float = 0.05        # used without val_data: the tail of the training stream
     jsonl_key: str = "text"
+    unwrap: bool = False              # join hard-wrapped lines into paragraphs (optlm.data.unwrap)
     block_size: int = 256
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 3e-4
     min_lr: float | None = None       # cosine floor; default lr / 10
     warmup_steps: int = 100
+    schedule: str = "cosine"          # after warm-up: "cosine" decay, or "wsd" (constant, then linear decay)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -83,6 +85,7 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     # ---- below: may change between a run and its resume ----
     max_steps: int = 1000
+    decay_steps: int | None = None    # wsd: steps of the final decay (default a fifth of max_steps)
     stop_after: int | None = None     # end this session at that step (schedule still spans max_steps)
     eval_every: int = 100
     eval_batches: int = 20
@@ -94,8 +97,10 @@ class TrainArgs:
     resume: bool = False
     overwrite: bool = False
 
-    _RESUMABLE = ("max_steps", "stop_after", "eval_every", "eval_batches", "save_every", "keep_last", "log_every",
+    _RESUMABLE = ("max_steps", "decay_steps", "stop_after", "eval_every", "eval_batches", "save_every", "keep_last", "log_every",
                   "device", "progress", "resume", "overwrite")
+
+    _ADDED_LATER = {"unwrap": False, "schedule": "cosine"}
 
     def identity(self) -> dict[str, Any]:
         """The fields that make two runs the same run (absolute paths, so a changed cwd still matches)."""
@@ -103,6 +108,9 @@ class TrainArgs:
         d["data"] = [str(Path(p).resolve()) for p in self.data]
         d["val_data"] = None if self.val_data is None else [str(Path(p).resolve()) for p in self.val_data]
         d.pop("out_dir")  # the directory may move; what is in it is the run
+        for key, default in self._ADDED_LATER.items():
+            if d[key] == default:
+                d.pop(key)  # runs from before the option existed resume unchanged
         for key in ("model", "tokenizer"):
             if d[key] is not None and Path(d[key]).exists():
                 d[key] = str(Path(d[key]).resolve())
@@ -119,11 +127,29 @@ class TrainResult:
 
 # ---- schedule and optimizer ------------------------------------------------------------------------
 
+SCHEDULES = ("cosine", "wsd")
+
+
 def lr_at(step: int, args: TrainArgs) -> float:
-    """Linear warm-up from lr/warmup to lr over ``warmup_steps``, then cosine decay to ``min_lr``."""
+    """Linear warm-up from lr/warmup to lr over ``warmup_steps``, then decay to ``min_lr`` at ``max_steps``.
+
+    ``cosine``: a cosine over all the steps after warm-up. ``wsd`` (warm-up, stable, decay; Hu et al. 2024,
+    MiniCPM): the peak rate until the last ``decay_steps``, then a linear decay. A wsd run's learning rate
+    before its decay does not depend on ``max_steps``, so a run whose compute budget is not known in advance
+    trains at the stable rate and is given its end later: ``--resume --max-steps N`` decays into step N.
+    """
     min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
+    if args.schedule == "wsd":
+        decay = max(args.max_steps // 5 if args.decay_steps is None else args.decay_steps, 1)
+        start = max(args.max_steps - decay, args.warmup_steps)
+        if step < start:
+            return args.lr
+        progress = min((step - start) / max(args.max_steps - start, 1), 1.0)
+        return args.lr + (min_lr - args.lr) * progress
+    if args.schedule != "cosine":
+        raise ValueError(f"unknown schedule {args.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     span = max(args.max_steps - args.warmup_steps, 1)
     progress = min((step - args.warmup_steps) / span, 1.0)
     return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * progress))
@@ -360,10 +386,11 @@ def _build(args: TrainArgs, resume_from: Path | None) -> tuple[OPTForCausalLM, T
 
 def _datasets(args: TrainArgs, tokenizer: Tokenizer, out: Path) -> tuple[BlockDataset, BlockDataset]:
     cache = out / "data"
-    tokens = tokenize_files(args.data, tokenizer, cache, args.jsonl_key, name="train")
+    tokens = tokenize_files(args.data, tokenizer, cache, args.jsonl_key, name="train", unwrapped=args.unwrap)
     if args.val_data:
         train_tokens = tokens
-        val_tokens = tokenize_files(args.val_data, tokenizer, cache, args.jsonl_key, name="val")
+        val_tokens = tokenize_files(args.val_data, tokenizer, cache, args.jsonl_key, name="val",
+                                    unwrapped=args.unwrap)
     else:
         train_tokens, val_tokens = split_tokens(tokens, args.val_fraction, args.block_size)
     for name, t in (("training", train_tokens), ("validation", val_tokens)):
