@@ -55,10 +55,9 @@ def unwrap(text: str) -> str:
 
 def _paragraph_cut(text: str) -> int:
     """Index where the last paragraph break starts (0 if none): a piece cut there unwraps as the whole would."""
-    last = None
-    for last in _PARAGRAPH_BREAK.finditer(text):
-        pass
-    return 0 if last is None or last.end() == len(text) else last.start()
+    # A break that reaches the end of the text may go on in the next read: cut only before complete ones.
+    starts = [m.start() for m in _PARAGRAPH_BREAK.finditer(text) if m.end() < len(text)]
+    return starts[-1] if starts else 0
 
 
 def _text_pieces(path: Path, unwrapped: bool = False) -> Iterator[str]:

@@ -97,8 +97,8 @@ class TrainArgs:
     resume: bool = False
     overwrite: bool = False
 
-    _RESUMABLE = ("max_steps", "decay_steps", "stop_after", "eval_every", "eval_batches", "save_every", "keep_last", "log_every",
-                  "device", "progress", "resume", "overwrite")
+    _RESUMABLE = ("max_steps", "decay_steps", "stop_after", "eval_every", "eval_batches", "save_every", "keep_last",
+                  "log_every", "device", "progress", "resume", "overwrite")
 
     _ADDED_LATER = {"unwrap": False, "schedule": "cosine"}
 

@@ -151,7 +151,6 @@ def test_without_model_uses_the_bundled_one_or_says_it_is_missing(capsys, monkey
 
 
 def test_quantize_flag(capsys, monkeypatch, model_dir):
-    pytest.importorskip("optlm.quantize")
     rc, out, err = _main(capsys, monkeypatch, "generate", "Hello", "--model", str(model_dir), "--max-new-tokens", "4",
                          "--quantize", "int8")
     assert rc == 0 and out.startswith("Hello"), err

@@ -30,6 +30,27 @@ def test_pieces_tokenize_like_the_whole_file(tmp_path, tok, monkeypatch):
     assert ids == tok.encode(text, add_special_tokens=False)
 
 
+def test_unwrap_joins_wrapped_lines_and_keeps_paragraphs():
+    text = "  It was a dark\nand stormy   \nnight.\n\n\n \t\n\"Who's there?\"\r\nsaid she.\n\nEnd"
+    assert data.unwrap(text) == 'It was a dark and stormy night.\n\n"Who\'s there?" said she.\n\nEnd'
+
+
+def test_unwrapped_pieces_tokenize_like_the_whole_unwrapped_file(tmp_path, tok, monkeypatch):
+    paragraphs = [corpus_text(12, seed=i).replace(" the ", " the\n") for i in range(30)]
+    text = "\n\n".join(paragraphs) + "\n\n  \n\n last words ünïcödé\n"
+    path = tmp_path / "book.txt"
+    path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(data, "PIECE_CHARS", 101)
+    pieces = list(iter_documents(path, unwrapped=True))
+    assert len(pieces) > 5 and "".join(p for p, _ in pieces) == data.unwrap(text)
+    assert "\n" not in data.unwrap(text).replace("\n\n", "")
+    ids = [i for p, _ in pieces for i in tok.encode(p, add_special_tokens=False)]
+    assert ids == tok.encode(data.unwrap(text), add_special_tokens=False)
+    whole = tokenize_files([path], tok, tmp_path / "cache", unwrapped=True)
+    raw = tokenize_files([path], tok, tmp_path / "cache")
+    assert list(whole) == [2, *ids] and len(raw) != len(whole)  # cached apart from the wrapped stream
+
+
 def test_token_file_is_a_cached_memmap_with_bos_between_documents(tmp_path, tok):
     a = write_corpus(tmp_path, "a.txt", 30, seed=1)
     jl = tmp_path / "b.jsonl"

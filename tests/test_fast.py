@@ -20,7 +20,8 @@ LAYOUTS = {"pre_ln": {}, "post_ln_proj": {"do_layer_norm_before": False, "word_e
 @pytest.fixture(scope="module", params=sorted(LAYOUTS))
 def hf_checkpoint(request, tmp_path_factory):
     """A random float64 transformers OPTForCausalLM saved in the Hugging Face format."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     torch.manual_seed(0)
     cfg = transformers.OPTConfig(**{**TINY, **LAYOUTS[request.param]})
     ref = transformers.OPTForCausalLM(cfg).double().eval()

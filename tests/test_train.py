@@ -3,6 +3,8 @@ transformers loads with identical logits, and clear errors for bad input."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import signal
@@ -126,7 +128,8 @@ def losses_safe(out: Path) -> dict[int, float]:
 
 
 def test_checkpoint_loads_in_transformers_with_identical_logits(setup, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     ckpt = train(args_for(setup, tmp_path / "run", max_steps=3, save_every=3, eval_every=3)).checkpoint
     theirs = transformers.OPTForCausalLM.from_pretrained(str(ckpt)).eval()
     ours = OPTForCausalLM.from_pretrained(ckpt).eval()
@@ -150,6 +153,19 @@ def test_optimizer_groups_and_schedule(setup, tmp_path):
     assert any("layer_norm" in names[id(p)] for p in no_decay["params"])
     assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == args.weight_decay
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_parameters()
+
+
+def test_wsd_schedule_is_flat_until_its_decay_and_independent_of_the_end_before_it(setup, tmp_path):
+    args = args_for(setup, tmp_path, max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1, schedule="wsd",
+                    decay_steps=20)
+    assert lr_at(9, args) == pytest.approx(1.0) and lr_at(80, args) == pytest.approx(1.0)
+    assert lr_at(90, args) == pytest.approx(0.55) and lr_at(100, args) == pytest.approx(0.1)
+    longer = dataclasses.replace(args, max_steps=500)  # a resumed run given a bigger budget
+    assert [lr_at(s, longer) for s in range(81)] == [lr_at(s, args) for s in range(81)]
+    assert lr_at(50, dataclasses.replace(args, decay_steps=None)) == pytest.approx(1.0)  # default: last fifth
+    assert lr_at(90, dataclasses.replace(args, decay_steps=None)) == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_at(50, dataclasses.replace(args, schedule="linear"))
 
 
 def test_grad_accum_and_checkpointing_train(setup, tmp_path):
