@@ -6,6 +6,9 @@ from pathlib import Path
 
 BUNDLED_MODEL_DIR = Path(__file__).parent / "assets" / "opt-gutenberg"
 BUNDLED_MODEL_NAME = "optlm/opt-gutenberg (bundled)"
+# Short names that mean the bundled model wherever a model directory or hub id is accepted (a local
+# directory of the same name wins).
+BUNDLED_ALIASES = ("opt-gutenberg", "optlm/opt-gutenberg")
 
 
 def bundled_model_path() -> Path:

@@ -40,6 +40,10 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None, weights:
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the directory that holds config.json and the weights")
     repo_id = str(path_or_id)
+    from .bundled import BUNDLED_ALIASES, bundled_model_path
+
+    if repo_id in BUNDLED_ALIASES:
+        return bundled_model_path()
     if repo_id.startswith((".", "/", "~")) or repo_id.count("/") > 1:
         raise CheckpointError(f"model directory {repo_id} does not exist")
     from huggingface_hub import snapshot_download

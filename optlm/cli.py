@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -57,7 +58,8 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from .tokenizer_train import train_tokenizer
 
     tok = train_tokenizer(args.data, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                          jsonl_key=args.jsonl_key, show_progress=not args.quiet, unwrap=args.unwrap)
+                          jsonl_key=args.jsonl_key, show_progress=not args.quiet and sys.stderr.isatty(),
+                          unwrap=args.unwrap)
     print(f"saved a {len(tok)}-token tokenizer to {args.out}")
     return 0
 
@@ -68,7 +70,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     r = evaluate_file(args.model, args.data, stride=args.stride, max_length=args.max_length,
                       batch_size=args.batch_size, device=args.device, dtype=args.dtype, jsonl_key=args.jsonl_key,
-                      unwrap=args.unwrap)
+                      unwrap=args.unwrap, progress=not args.quiet)
     print(f"model:       {args.model or 'bundled (opt-gutenberg)'}")
     print(f"perplexity:  {r.perplexity:.3f}")
     print(f"nll/token:   {r.nll:.4f}")
@@ -135,7 +137,8 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train_tokenizer)
 
     p = sub.add_parser("eval", help="sliding-window perplexity over a text file")
-    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled model)")
+    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled model, "
+                   "opt-gutenberg)")
     p.add_argument("--data", required=True, help="a .txt or .jsonl file")
     p.add_argument("--stride", type=int, default=None, help="window step (default: half the context)")
     p.add_argument("--max-length", type=int, default=None, help="window length (default: the model's context)")
@@ -145,7 +148,14 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jsonl-key", default="text", help="JSONL field that holds the text")
     p.add_argument("--unwrap", action="store_true",
                    help="join hard-wrapped lines of .txt files into paragraphs (e.g. Project Gutenberg books)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
+
+
+class _SubParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 # ---- generate / chat -------------------------------------------------------------------------------------
@@ -183,14 +193,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         out, width = lm.generate_ids(prompt, **params)
         seconds = time.perf_counter() - start
-        print(prompt + lm.decode(out[:, width:], params.get("stop_strings"))[0])
+        print((prompt if args.echo else "") + lm.decode(out[:, width:], params.get("stop_strings"))[0])
         if args.verbose:
             new = out.shape[1] - width
             print(f"prompt tokens: {width}\nnew tokens: {new}\ntime: {seconds:.2f} s "
                   f"({new / max(seconds, 1e-9):.1f} tokens/s, beam search)", file=sys.stderr)
         return 0
     stream = lm.stream(prompt, **params)  # checks the prompt against the context window
-    print(prompt, end="", flush=True)
+    if args.echo:
+        print(prompt, end="", flush=True)
     for piece in stream:
         if args.stream:
             print(piece, end="", flush=True)
@@ -229,19 +240,23 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             continue
         if not text:
             continue
+        if not interactive:  # a transcript: each turn marked, turns apart, as the model sees them
+            print(f"{session.template.user}: {text}\n{session.template.assistant}: ", end="", flush=True)
         for piece in session.stream(text):
             print(piece, end="", flush=True)
-        print()
+        print("\n" if not interactive else "")
     return 0
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    from .lm import DEFAULT_MAX_NEW_TOKENS, PRESETS, QUANTIZE_MODES
+    from .lm import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PRESET, PRESETS, QUANTIZE_MODES
 
-    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled model)")
+    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled model, "
+                   "opt-gutenberg)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"tokens to generate (default {DEFAULT_MAX_NEW_TOKENS})")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy decoding; > 0 samples (default: the balanced preset's 0.7)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--num-beams", type=int, default=None, help="beam search with this many beams")
@@ -251,7 +266,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop at this text (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (repeatable runs)")
     p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="temperature / top-p / penalty together; explicit flags override it")
+                   help="temperature / top-p / repetition penalty together; explicit flags override it "
+                        f"(default: {DEFAULT_PRESET}: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in
+                                                                     PRESETS[DEFAULT_PRESET].items()
+                                                                     if k != "do_sample") + ")")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cpu)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
@@ -260,16 +278,25 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generation_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="continue a prompt (greedy, sampling, beam or contrastive search)")
+    p = sub.add_parser("generate", help="continue a prompt (sampling, greedy, beam or contrastive search)",
+                       description="Continue a prompt and print the prompt followed by its continuation "
+                                   "(--no-echo: the continuation only). Samples with the balanced preset unless "
+                                   "told otherwise; --temperature 0 decodes greedily, --seed makes it repeatable.")
     p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     _add_generation_args(p)
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print text as it is generated (default: on)")
+    p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True,
+                   help="print the prompt before the continuation (default: on)")
     p.add_argument("--verbose", action="store_true",
                    help="report prompt/new token counts, time to first token and tokens/s on stderr")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("chat", help="chat with a model through a plain dialogue template")
+    p = sub.add_parser("chat", help="chat with a model through a plain dialogue template",
+                       description="Chat through a 'Human:/AI:' transcript. At a terminal: type a message at "
+                                   "the '> ' prompt and the reply streams back. With stdin piped: one message "
+                                   "per line, and the output is the transcript, each turn marked 'Human: ' / "
+                                   "'AI: ' and turns separated by a blank line.")
     _add_generation_args(p)
     p.add_argument("--system", default=None, help="system text opening the conversation")
     p.set_defaults(func=_cmd_chat)
@@ -290,9 +317,22 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help lines end with the option's default, when it has one worth showing and the text does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or default is False or default == argparse.SUPPRESS
+                or action.option_strings == [] or isinstance(action, argparse._StoreTrueAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="optlm", description="Run, fine-tune and serve OPT language models.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="optlm", description="Run, fine-tune and serve OPT language models.",
+                                     formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubParser)
 
     p = sub.add_parser("info", help="show a checkpoint's config, parameter count, dtype and file sizes")
     p.add_argument("model", help="checkpoint directory or hub id (e.g. facebook/opt-125m)")
@@ -310,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"optlm {args.command}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show_warning  # one plain line, not a source location and code
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

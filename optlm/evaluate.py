@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from .data import iter_documents
 from .tokenizer import Tokenizer
@@ -49,10 +51,11 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int,
 
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: Tensor | np.ndarray, max_length: int | None = None,
-               stride: int | None = None, batch_size: int = 1) -> PerplexityResult:
+               stride: int | None = None, batch_size: int = 1, progress: bool = False) -> PerplexityResult:
     """Sliding-window perplexity of ``ids`` (1-D) under ``model`` (any module whose output has ``.logits``).
 
     ``max_length`` defaults to the model's ``max_position_embeddings``, ``stride`` to half of it.
+    ``progress`` shows a progress bar over the scored tokens on stderr.
     """
     t0 = time.perf_counter()
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64) if isinstance(ids, np.ndarray) else ids).long()
@@ -71,8 +74,10 @@ def perplexity(model: nn.Module, ids: Tensor | np.ndarray, max_length: int | Non
     nll, count = 0.0, 0
     spans = windows(len(ids), max_length, stride)
     # Windows of the same length are batched; only the last one (and, with few tokens, the first) differ.
+    bar = tqdm(total=len(ids) - 1, desc="eval", unit="tok", unit_scale=True, disable=not progress, file=sys.stderr)
     for i in range(0, len(spans), batch_size):
         group = spans[i:i + batch_size]
+        bar.update(sum(n for _, _, n in group) - (1 if i == 0 else 0))
         for same in _by_length(group):
             x = torch.stack([ids[b:e] for b, e, _ in same]).to(device)  # (B, T)
             logits = model(x, use_cache=False).logits.float()  # (B, T, V)
@@ -83,6 +88,7 @@ def perplexity(model: nn.Module, ids: Tensor | np.ndarray, max_length: int | Non
                 pred = logits[row, first - 1:e - b - 1]
                 nll += F.cross_entropy(pred, x[row, first:], reduction="sum").item()
                 count += e - b - first
+    bar.close()
     model.train(was_training)
     mean = nll / count
     return PerplexityResult(math.exp(mean), mean, count, time.perf_counter() - t0)
@@ -109,7 +115,7 @@ def encode_file(path: str | os.PathLike, tokenizer: Tokenizer, jsonl_key: str = 
 def evaluate_file(model: str | os.PathLike | None, data: str | os.PathLike, stride: int | None = None,
                   max_length: int | None = None, batch_size: int = 1, device: str = "cpu",
                   dtype: str | torch.dtype | None = None, jsonl_key: str = "text",
-                  unwrap: bool = False) -> PerplexityResult:
+                  unwrap: bool = False, progress: bool = False) -> PerplexityResult:
     """Perplexity of the checkpoint ``model`` (directory or hub id; None = the bundled model) on ``data``.
 
     ``unwrap`` joins hard-wrapped lines into paragraphs first, as the model's training data may have been."""
@@ -122,4 +128,4 @@ def evaluate_file(model: str | os.PathLike | None, data: str | os.PathLike, stri
     tokenizer = Tokenizer.from_pretrained(source)
     lm = OPTForCausalLM.from_pretrained(source, dtype=dtype, device=device)
     ids = encode_file(data, tokenizer, jsonl_key, unwrap)
-    return perplexity(lm, ids, max_length=max_length, stride=stride, batch_size=batch_size)
+    return perplexity(lm, ids, max_length=max_length, stride=stride, batch_size=batch_size, progress=progress)

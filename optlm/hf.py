@@ -8,6 +8,7 @@ Code written against transformers' OPT classes switches by changing the import. 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,10 @@ class OPTPreTrainedModel(nn.Module):
             model = cls(config, init=False)
         state = ckpt.normalize_keys(state, set(model.state_dict()))
         new_keys = ckpt.check_state_dict(model, state, set(model._optional_keys), str(directory))
+        fresh = [k for k in new_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+        if fresh:
+            warnings.warn(f"{cls.__name__}: {', '.join(fresh)} not in the checkpoint {directory}, newly initialised "
+                          "at random; fine-tune the model before using its predictions", stacklevel=2)
         target = dtype or ckpt.storage_dtype(state)
         state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()
                  if k in model.state_dict()}

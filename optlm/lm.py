@@ -1,8 +1,11 @@
 """Text in, text out: ``lm = optlm.load(...)``; ``lm.generate``, ``lm.stream``, ``lm.chat``.
 
-Strings instead of tensors, named parameter presets, the context window checked up front. Decoding is
-greedy unless sampling is asked for: ``temperature > 0`` (or a sampling preset) samples, ``temperature=0``
-is greedy. Other keywords are those of :func:`optlm.generate.generate`.
+Strings instead of tensors, named parameter presets, the context window checked up front. With no decoding
+keywords the text API samples with the ``balanced`` preset (temperature 0.7, nucleus 0.9, a mild repetition
+penalty): greedy decoding loops on small models ("and the other, and the other, …"), and people reading the
+output expect what llama.cpp and vLLM give them. ``temperature=0`` is plain greedy decoding, ``seed=`` makes
+sampling repeatable. Other keywords are those of :func:`optlm.generate.generate`. (The transformers-style
+``OPTForCausalLM.generate`` keeps transformers' greedy default.)
 """
 
 from __future__ import annotations
@@ -31,9 +34,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+DEFAULT_PRESET = "balanced"
+# Keywords that choose the decoding method themselves: given any, no default preset is laid under them.
+_METHOD_KEYS = ("do_sample", "num_beams", "penalty_alpha")
+
+
 def resolve_params(preset: str | None = None, **params: Any) -> dict[str, Any]:
     """A preset overlaid with explicit keywords (None means "not given"; 0 is kept as 0).
 
+    Without a preset, :data:`DEFAULT_PRESET` is used unless the keywords choose the method themselves
+    (``do_sample``, ``num_beams``, ``penalty_alpha``, or ``temperature=0`` for plain greedy decoding).
     ``temperature`` given without ``do_sample`` decides it: positive samples, 0 is greedy. ``stop`` is
     accepted as another name for ``stop_strings``.
     """
@@ -42,6 +52,8 @@ def resolve_params(preset: str | None = None, **params: Any) -> dict[str, Any]:
     given = {k: v for k, v in params.items() if v is not None}
     if "stop" in given:
         given["stop_strings"] = given.pop("stop")
+    if preset is None and not any(k in given for k in _METHOD_KEYS) and given.get("temperature", 1) != 0:
+        preset = DEFAULT_PRESET
     merged = {**(PRESETS[preset] if preset else {}), **given}
     if "temperature" in given and "do_sample" not in given:
         merged["do_sample"] = given["temperature"] > 0

@@ -20,6 +20,8 @@ from huggingface_hub.utils import EntryNotFoundError, HFValidationError, LocalEn
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
+from .bundled import BUNDLED_ALIASES, bundled_model_path
+
 # As facebook/opt-125m's special_tokens_map.json / tokenizer_config.json; used when there is no config.
 OPT_DEFAULTS = {
     "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>", "add_bos_token": True
@@ -115,6 +117,8 @@ class Tokenizer:
         special tokens apply. `revision` (branch, tag or commit) is used for hub ids only.
         """
         path, local = Path(path_or_hub_id), Path(path_or_hub_id).is_dir()
+        if not local and str(path_or_hub_id) in BUNDLED_ALIASES:
+            path, local = bundled_model_path(), True
         if path.is_file():
             raise ValueError(f"{str(path)!r} is a file; pass the directory that holds the tokenizer files")
 

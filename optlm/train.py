@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,11 +287,12 @@ def _prepare_out_dir(args: TrainArgs) -> tuple[Path, Path | None]:
     identity = args.identity()
     if run_file.is_file():
         previous = json.loads(run_file.read_text("utf-8"))
-        changed = sorted(k for k in identity if previous.get(k) != identity[k])
+        changed = sorted(k for k in {*identity, *previous} if previous.get(k) != identity.get(k))
         if changed:
-            raise TrainingError(f"{out} holds a different run: {', '.join(changed)} differ(s) from its run.json; "
-                                "resume with the same arguments, pass --overwrite to replace it, or choose "
-                                "another --out")
+            diffs = "; ".join(f"{k}: {previous.get(k)!r} in the run, {identity.get(k)!r} now" for k in changed)
+            raise TrainingError(f"{out} holds a different run: {', '.join(changed)} differ(s) from its run.json "
+                                f"({diffs}); resume with the same arguments, pass --overwrite to replace it, or "
+                                "choose another --out")
     else:
         tmp = out / "run.json.tmp"
         tmp.write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n", "utf-8")
@@ -428,6 +430,11 @@ def train(args: TrainArgs) -> TrainResult:
     """Run (or resume) a training run; returns the last checkpoint and the final losses."""
     if args.max_steps < 1 or args.batch_size < 1 or args.grad_accum < 1:
         raise ValueError("max_steps, batch_size and grad_accum must be at least 1")
+    if args.warmup_steps >= args.max_steps:
+        peak = lr_at(args.max_steps - 1, args)
+        warnings.warn(f"--warmup-steps {args.warmup_steps} is not shorter than --max-steps {args.max_steps}: the "
+                      f"learning rate only reaches {peak:.3g}, short of --lr {args.lr:g}; lower --warmup-steps "
+                      "(a few percent of the steps is usual)", stacklevel=2)
     out, resume_from = _prepare_out_dir(args)
     model, tokenizer = _build(args, resume_from)
     device = torch.device(args.device)

@@ -76,7 +76,10 @@ def test_chat_over_a_pipe_answers_each_line(runs):
     rc, out, err = runs["chat_pipe"]
     assert rc == 0, err
     assert "Traceback" not in err
-    assert out.count("\n") >= 2  # one reply per non-empty message; /reset is a command, not a message
+    # One marked turn per non-empty message (/reset is a command, not a message), turns a blank line apart.
+    turns = out.split("\n\n")
+    assert [t.split("\n")[0] for t in turns if t] == ["Human: Hello", "Human: How are you?"], out
+    assert all(t.split("\n")[1].startswith("AI: ") for t in turns if t), out
 
 
 # ---- in-process -------------------------------------------------------------------------------------------
@@ -109,7 +112,7 @@ def test_decoding_options(capsys, monkeypatch, model_dir, extra):
 
 
 def test_stop_flag_cuts_the_text(capsys, monkeypatch, model_dir):
-    args = ["generate", "Hello", "--model", str(model_dir), "--max-new-tokens", "12"]
+    args = ["generate", "Hello", "--model", str(model_dir), "--max-new-tokens", "12", "--temperature", "0"]
     rc, full, _ = _main(capsys, monkeypatch, *args)
     text = full[len("Hello"):].rstrip("\n")
     assert rc == 0 and len(text) > 4
@@ -160,4 +163,67 @@ def test_chat_in_process_keeps_going_after_reset(capsys, monkeypatch, model_dir)
     rc, out, err = _main(capsys, monkeypatch, "chat", "--model", str(model_dir), "--max-new-tokens", "6",
                          stdin="one\n/reset\ntwo\n/exit\nthree\n")
     assert rc == 0, err
-    assert out.count("\n") == 2  # "three" comes after /exit
+    assert out.count("Human: ") == 2 and "Human: three" not in out  # "three" comes after /exit
+
+
+# ---- defaults a person reads --------------------------------------------------------------------------------
+
+PROMPTS = ["The old house at the end of the lane", "It was a dark and stormy night", "The captain looked at me",
+           '"I do not know," said the old woman,', "She opened the letter and"]
+
+
+def _worst_4gram_repeat(text: str) -> int:
+    from collections import Counter
+
+    from optlm import Tokenizer
+
+    ids = Tokenizer.from_pretrained(BUNDLED_MODEL_DIR).encode(text, add_special_tokens=False)
+    return max(Counter(tuple(ids[i:i + 4]) for i in range(len(ids) - 3)).values())
+
+
+@pytest.mark.parametrize("index", range(len(PROMPTS)))
+def test_default_output_of_the_bundled_model_does_not_loop(capsys, monkeypatch, index):
+    args = ["generate", PROMPTS[index], "--max-new-tokens", "60", "--no-echo", "--seed", str(index)]
+    rc, out, err = _main(capsys, monkeypatch, *args)
+    assert rc == 0 and out.strip(), err
+    assert _worst_4gram_repeat(out) < 3, out
+
+
+def test_greedy_is_still_there_and_is_what_loops(capsys, monkeypatch):
+    """--temperature 0 is plain greedy decoding (the measure above can fail: greedy output fails it)."""
+    worst = []
+    for prompt in PROMPTS:
+        rc, out, err = _main(capsys, monkeypatch, "generate", prompt, "--max-new-tokens", "60", "--no-echo",
+                             "--temperature", "0")
+        assert rc == 0, err
+        assert _main(capsys, monkeypatch, "generate", prompt, "--max-new-tokens", "60", "--no-echo",
+                     "--preset", "greedy")[1] == out
+        worst.append(_worst_4gram_repeat(out))
+    assert max(worst) >= 3, worst
+
+
+def test_echo_prints_the_prompt_first_and_no_echo_only_the_continuation(capsys, monkeypatch, model_dir):
+    args = ["generate", "Hello there", "--model", str(model_dir), "--max-new-tokens", "5", "--seed", "1"]
+    rc, echoed, _ = _main(capsys, monkeypatch, *args)
+    rc2, bare, _ = _main(capsys, monkeypatch, *args, "--no-echo")
+    assert rc == rc2 == 0 and echoed == "Hello there" + bare
+
+
+def test_bundled_model_has_a_short_name(capsys, monkeypatch):
+    args = ["generate", "Hello", "--max-new-tokens", "5", "--seed", "1"]
+    assert _main(capsys, monkeypatch, *args, "--model", "opt-gutenberg") == _main(capsys, monkeypatch, *args)
+
+
+@pytest.mark.parametrize("command,expected", [
+    ("generate", ["(default: balanced: temperature 0.7", "the prompt followed by its continuation"]),
+    ("chat", ["'Human: ' / 'AI: '", "(default: the bundled model"]),
+    ("train", ["--block-size BLOCK_SIZE", "(default: 256)", "(default: 0.0003)", "(default: cosine)"]),
+    ("eval", ["(default: text)", "(default: 1)"]),
+])
+def test_help_shows_defaults(capsys, command, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    assert exit_info.value.code == 0
+    for words in expected:
+        assert " ".join(words.split()) in out, words

@@ -79,9 +79,12 @@ def test_cli_eval_on_a_checkpoint(tmp_path, capsys):
     ids = encode_file(text, Tokenizer.from_pretrained(tok_dir))
     assert ids[0] == 2
     assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(text), "--stride", "16"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     expected = evaluate_file(tmp_path / "m", text, stride=16)
     assert f"perplexity:  {expected.perplexity:.3f}" in out and f"tokens:      {expected.tokens:,}" in out
+    assert f"{expected.tokens}/{expected.tokens}" in err  # the progress bar, complete
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(text), "--stride", "16", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
     assert 200 < expected.perplexity < 500  # a random model is near-uniform over 320 tokens
     assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(text), "--stride", "64"]) == 1
     assert "stride" in capsys.readouterr().err

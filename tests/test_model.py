@@ -271,3 +271,18 @@ def test_flash_attention_without_package_or_gpu_is_a_clear_error():
 def _tiny() -> dict:
     return dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
                 max_position_embeddings=64, dropout=0.0)
+
+
+def test_a_head_missing_from_the_checkpoint_is_announced(tmp_path):
+    """Like transformers: loading a classifier from a causal-LM checkpoint says the head is new."""
+    torch.manual_seed(0)
+    transformers.OPTForCausalLM(hf_config()).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="score.weight not in the checkpoint .* newly initialised"):
+        optlm.OPTForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
+    with pytest.warns(UserWarning, match="qa_outputs.bias, qa_outputs.weight not in the checkpoint"):
+        optlm.OPTForQuestionAnswering.from_pretrained(tmp_path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tied LM head is not "new": no warning
+        optlm.OPTForCausalLM.from_pretrained(tmp_path)

@@ -48,3 +48,14 @@ def test_cli_and_errors(tmp_path, capsys):
     bad.write_bytes("caf\xe9".encode("latin-1"))
     assert main(["train-tokenizer", "--data", str(bad), "--out", str(tmp_path / "y"), "--quiet"]) == 1
     assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_cli_prints_no_progress_lines_when_not_on_a_terminal(tmp_path):
+    import subprocess
+    import sys
+
+    corpus = write_corpus(tmp_path, n_sentences=50)
+    run = subprocess.run([sys.executable, "-m", "optlm.cli", "train-tokenizer", "--data", str(corpus), "--out",
+                          str(tmp_path / "tk"), "--vocab-size", "300"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == f"saved a 300-token tokenizer to {tmp_path / 'tk'}\n" and run.stderr.strip() == ""

@@ -4,7 +4,6 @@ transformers loads with identical logits, and clear errors for bad input."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import signal
@@ -189,8 +188,9 @@ def test_errors(setup, tmp_path, capsys):
     train(args_for(setup, tmp_path / "run", max_steps=2, save_every=2, eval_every=2))
     with pytest.raises(TrainingError, match="already holds a training run"):
         train(args_for(setup, tmp_path / "run", max_steps=2))
-    with pytest.raises(TrainingError, match="different run: lr"):
+    with pytest.raises(TrainingError, match="different run: lr") as refusal:
         train(args_for(setup, tmp_path / "run", max_steps=4, lr=1e-3, resume=True))
+    assert "lr: 0.003 in the run, 0.001 now" in str(refusal.value)  # which value changed, and how
     train(args_for(setup, tmp_path / "run", max_steps=3, lr=1e-3, overwrite=True))
     assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["checkpoint-00000003"]
     # the CLI turns the refusal into one line and exit status 1
@@ -219,3 +219,18 @@ def test_stop_after_then_resume_equals_one_run(setup, tmp_path):
     assert first.step == 6 and first.checkpoint.name == "checkpoint-00000006"
     train(args_for(setup, tmp_path / "two", resume=True, **kw))
     assert losses(tmp_path / "two")[0] == losses(tmp_path / "one")[0]
+
+
+def test_warmup_longer_than_the_run_is_warned_about(setup, tmp_path):
+    with pytest.warns(UserWarning, match="--warmup-steps 10 is not shorter than --max-steps 3"):
+        train(args_for(setup, tmp_path / "run", max_steps=3, warmup_steps=10, save_every=3, eval_every=3))
+
+
+def test_cli_prints_warnings_as_one_plain_line(setup, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "optlm.cli", *cli_args(setup, tmp_path / "run", 2)[:-1],
+                          "--warmup-steps", "50", "--quiet"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    warning = [line for line in run.stderr.splitlines() if "warning:" in line]
+    assert warning == [warning[0]] and warning[0].startswith("optlm train: warning: --warmup-steps 50")
+    assert "warnings.warn" not in run.stderr and ".py:" not in run.stderr
