@@ -23,7 +23,12 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
-_WEIGHT_FILES = (SAFE_INDEX, SAFE_SINGLE, BIN_INDEX, BIN_SINGLE)
+# optlm's quantized checkpoints use their own file name, so that transformers (which would ignore the
+# quantization record and silently re-initialise what it cannot read) refuses them instead.
+QUANTIZED_STEM = "optlm-quantized"
+QUANT_INDEX = f"{QUANTIZED_STEM}.safetensors.index.json"
+QUANT_SINGLE = f"{QUANTIZED_STEM}.safetensors"
+_WEIGHT_FILES = (SAFE_INDEX, SAFE_SINGLE, BIN_INDEX, BIN_SINGLE, QUANT_INDEX, QUANT_SINGLE)
 
 
 class CheckpointError(ValueError):
@@ -68,16 +73,10 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None, weights:
 
 def weight_files(directory: Path) -> list[Path]:
     """The weight files of a checkpoint directory, safetensors first."""
-    for index in (SAFE_INDEX, BIN_INDEX):
+    for index in (SAFE_INDEX, BIN_INDEX, QUANT_INDEX):
         if (directory / index).is_file():
-            with open(directory / index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
-            missing = [name for name in files if not (directory / name).is_file()]
-            if missing:
-                raise CheckpointError(f"{directory / index} lists shards that are not there: {', '.join(missing)}")
-            return [directory / name for name in files]
-    for single in (SAFE_SINGLE, BIN_SINGLE):
+            return _shards(directory, index)
+    for single in (SAFE_SINGLE, BIN_SINGLE, QUANT_SINGLE):
         if (directory / single).is_file():
             return [directory / single]
     others = sorted(p.name for p in directory.glob("*.safetensors")) + sorted(p.name for p in directory.glob("*.bin"))
@@ -87,6 +86,29 @@ def weight_files(directory: Path) -> list[Path]:
         f"no weights found in {directory}: looked for {', '.join(_WEIGHT_FILES)}"
         + (f" (found {', '.join(others)} but no index to say which belong together)" if others else "")
     )
+
+
+def _shards(directory: Path, index: str) -> list[Path]:
+    """The shard files an index names: each must be a file inside ``directory`` (no ``..``, no absolute
+    path, no symlink that leads out), so a crafted index cannot make optlm read files elsewhere."""
+    try:
+        with open(directory / index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{directory / index} is not a valid shard index ({e}); save the checkpoint again") from e
+    root = directory.resolve()
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        target = (directory / name).resolve()
+        if Path(name).is_absolute() or target.parent != root:
+            raise CheckpointError(f"{directory / index} names a shard outside the checkpoint directory ({name!r}); "
+                                  "refusing to read it — shards must be files in the directory itself")
+    missing = [name for name in files if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{directory / index} lists shards that are not there: {', '.join(missing)}")
+    return [directory / name for name in files]
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -194,8 +216,10 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * units[(m.group(2) or "b").lower()])
 
 
-def save_state_dict(state: dict[str, Tensor], directory: Path, max_shard_size: int | str = "5GB") -> None:
-    """Write safetensors, sharded with an index when larger than ``max_shard_size`` (transformers' layout)."""
+def save_state_dict(state: dict[str, Tensor], directory: Path, max_shard_size: int | str = "5GB",
+                    stem: str = "model") -> None:
+    """Write safetensors, sharded with an index when larger than ``max_shard_size`` (transformers' layout);
+    ``stem`` names the files (``model`` as transformers does, or :data:`QUANTIZED_STEM`)."""
     limit = parse_size(max_shard_size)
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
@@ -207,18 +231,19 @@ def save_state_dict(state: dict[str, Tensor], directory: Path, max_shard_size: i
         shards[-1][key] = value.detach().contiguous()
         size += nbytes
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in list(directory.glob("model*.safetensors")) + [directory / SAFE_INDEX]:
-        stale.unlink(missing_ok=True)  # a previous save with another shard count must not linger
+    for old in ("model", QUANTIZED_STEM):  # a previous save (other shard count, other precision) must not linger
+        for stale in [*directory.glob(f"{old}*.safetensors"), directory / f"{old}.safetensors.index.json"]:
+            stale.unlink(missing_ok=True)
     if len(shards) == 1:
-        save_file(shards[0], str(directory / SAFE_SINGLE), metadata={"format": "pt"})
+        save_file(shards[0], str(directory / f"{stem}.safetensors"), metadata={"format": "pt"})
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(directory / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(v.numel() * v.element_size() for v in state.values())
-    with open(directory / SAFE_INDEX, "w", encoding="utf-8") as f:
+    with open(directory / f"{stem}.safetensors.index.json", "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
 
 

@@ -22,6 +22,7 @@ from . import checkpoint as ckpt
 from .config import OPTConfig
 from .kv_cache import KVCache
 from .model import OPTDecoder, positions_from_mask
+from .quantize import finish_quantized, prepare_quantized, quantization_config, saved_state
 from .quantize import quantize as quantize_model
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -163,6 +164,11 @@ class OPTPreTrainedModel(nn.Module):
 
         with torch.device("meta"), _ShapesOnly():
             model = cls(config, init=False)
+        qc = quantization_config(config)
+        if qc is not None:
+            if quantize is not None:
+                raise ValueError(f"{directory} is already quantized ({qc['mode']}); load it without quantize=")
+            prepare_quantized(model, qc)
         state = ckpt.normalize_keys(state, set(model.state_dict()))
         new_keys = ckpt.check_state_dict(model, state, set(model._optional_keys), str(directory))
         fresh = [k for k in new_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
@@ -174,6 +180,8 @@ class OPTPreTrainedModel(nn.Module):
                  if k in model.state_dict()}
         model.load_state_dict(state, strict=False, assign=True)
         model._materialize(new_keys, target)
+        if qc is not None:
+            finish_quantized(model, state, qc)
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
         if device is not None:
@@ -203,13 +211,14 @@ class OPTPreTrainedModel(nn.Module):
         if not safe_serialization:
             raise ValueError("optlm saves safetensors only (no pickle); drop safe_serialization=False")
         directory = Path(save_directory)
-        state = self.state_dict()
-        if self.config.tie_word_embeddings:
+        quantized = quantization_config(self.config) is not None
+        state = saved_state(self) if quantized else self.state_dict()
+        if self.config.tie_word_embeddings and "model.decoder.embed_tokens.weight" in state:
             state.pop("lm_head.weight", None)  # tied: stored once, as the embedding (transformers omits it too)
         self.config.extra["dtype"] = str(self.dtype).removeprefix("torch.")
         self.config.extra.pop("torch_dtype", None)
         self.config.extra.setdefault("architectures", [type(self).__name__])
-        ckpt.save_state_dict(state, directory, max_shard_size)
+        ckpt.save_state_dict(state, directory, max_shard_size, ckpt.QUANTIZED_STEM if quantized else "model")
         self.config.save(directory)
 
     # ---- forward helpers ------------------------------------------------------------------------------
@@ -273,7 +282,8 @@ class OPTForCausalLM(OPTPreTrainedModel):
             self._optional_keys = ()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        # A quantized head is tied the other way round: the embedding reads the head's int8 rows.
+        if self.config.tie_word_embeddings and isinstance(self.model.decoder.embed_tokens, nn.Embedding):
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
 
     def get_input_embeddings(self) -> nn.Embedding:

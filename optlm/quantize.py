@@ -156,14 +156,36 @@ class Int4Linear(nn.Module):
         w = linear.weight.detach()
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, w.dtype, w.device)
         q, scales, mins = quantize_int4_groups(w, group_size)
-        if w.device.type == "cpu" and kernels.enabled():
-            new.weight, new.packing = kernels.pack_int4(q), "optlm"
-        else:
-            new.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        new.set_codes(q)
         new.scales_and_zeros = torch.stack([scales, mins + 8 * scales], dim=-1).transpose(0, 1).contiguous().to(w.dtype)
         if linear.bias is not None:
             new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return new
+
+    def set_codes(self, q: Tensor) -> None:
+        """Store the 4-bit codes ``q`` (N, K) in the packing of the kernel that will run on this machine."""
+        if q.device.type == "cpu" and kernels.enabled():
+            self.weight, self.packing = kernels.pack_int4(q), "optlm"
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            self.weight, self.packing = packed, "torch"
+
+    @torch.no_grad()
+    def codes(self, rows: int = 256) -> Tensor:
+        """The 4-bit codes q (N, K) uint8, read back through this layer's own kernel, so any packing works:
+        with scale 1 and min 0 per group the layer computes x @ q.T, and identity rows of x return q exactly."""
+        K, N, gs = self.in_features, self.out_features, self.group_size
+        G = K // gs
+        out = torch.empty(N, K, dtype=torch.uint8)
+        for start in range(0, K, rows):
+            eye = torch.eye(K)[start:start + rows]  # (r, K)
+            if self.packing == "optlm":
+                y = kernels.linear_int4(eye, self.weight, torch.ones(N, G), torch.zeros(N, G), gs, check=False)
+            else:
+                unit = torch.stack([torch.ones(G, N), torch.full((G, N), 8.0)], dim=-1).to(torch.bfloat16)
+                y = torch._weight_int4pack_mm_for_cpu(eye.to(torch.bfloat16), self.weight, gs, unit).float()
+            out[:, start:start + rows] = y.T.round().to(torch.uint8)  # (N, r)
+        return out
 
     @classmethod
     def stack_rows(cls, mods: list[Int4Linear]) -> Int4Linear | None:
@@ -270,6 +292,23 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, lm_head
         raise ValueError("quantize() uses PyTorch's CPU int8/int4 kernels; quantize a model on the CPU "
                          "(device='cpu'), or use bf16 on a GPU")
     model.eval()
+    _swap_modules(model, mode, group_size, lm_head, lambda kind, linear: kind.from_float(linear)
+                  if kind is Int8Linear else kind.from_float(linear, group_size))
+    # Own copies of the float tensors left (norms, biases, positions): a loaded model's tensors share the
+    # checkpoint's memory map, which would otherwise keep every fp32 weight resident.
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            t.data = t.data.clone()
+    _finish(model, mode)
+    if hasattr(model, "config"):
+        model.config.extra["quantization_config"] = {"quant_method": QUANT_METHOD, "mode": mode,
+                                                     "group_size": group_size, "lm_head": lm_head}
+    return model
+
+
+def _swap_modules(model: nn.Module, mode: str, group_size: int, lm_head: bool, make) -> None:
+    """Replace each ``nn.Linear`` by ``make(Int8Linear | Int4Linear, linear)``; the (tied) head and embedding
+    become an int8 head and an embedding that reads its rows."""
     head = getattr(model, "lm_head", None)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     tied = (head is not None and decoder is not None
@@ -278,21 +317,17 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, lm_head
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear) or child is head:
                 continue
-            if mode == "int4" and child.in_features % group_size == 0:
-                setattr(parent, name, Int4Linear.from_float(child, group_size))
-            else:
-                setattr(parent, name, Int8Linear.from_float(child))
+            int4 = mode == "int4" and child.in_features % group_size == 0
+            setattr(parent, name, make(Int4Linear if int4 else Int8Linear, child))
     if head is not None and lm_head:
-        qhead = Int8Linear.from_float(head)
+        qhead = make(Int8Linear, head)
         model.lm_head = qhead
         if tied:
             emb = decoder.embed_tokens
             decoder.embed_tokens = Int8Embedding(qhead, emb.padding_idx)
-    # Own copies of the float tensors left (norms, biases, positions): a loaded model's tensors share the
-    # checkpoint's memory map, which would otherwise keep every fp32 weight resident.
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            t.data = t.data.clone()
+
+
+def _finish(model: nn.Module, mode: str) -> None:
     fuse_qkv(model)
     if mode == "int8-dynamic":
         fused = [a for a in model.modules() if getattr(a, "fused_qkv", None) is not None]
@@ -300,4 +335,53 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, lm_head
         for m in [a.fused_qkv.linear for a in fused] + list(model.modules()):
             if isinstance(m, Int8Linear) and id(m) not in standing_in:
                 m.use_dynamic_activations()
-    return model
+
+
+# ---- saving and loading quantized models ------------------------------------------------------------------
+# A quantized model saves its integer weights as they are, with ``quantization_config`` in config.json naming
+# optlm as the method, so optlm loads it back bit for bit. int4 codes are stored in one portable packing (two
+# codes per byte, the even input in the low nibble) whatever packing the machine that saved it used.
+# transformers refuses such a checkpoint: it does not know the quantization method "optlm" (tested).
+
+QUANT_METHOD = "optlm"
+
+
+def quantization_config(config) -> dict | None:
+    """The checkpoint's optlm quantization record, checked; None for a floating-point checkpoint."""
+    qc = getattr(config, "extra", {}).get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD or qc.get("mode") not in MODES:
+        raise ValueError(f"config.json has a quantization_config optlm cannot load ({qc!r}); optlm reads its own "
+                         f"quantized checkpoints (quant_method {QUANT_METHOD!r}, mode one of {', '.join(MODES)})")
+    return qc
+
+
+def saved_state(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict to save: int4 weights moved to the portable packing."""
+    state = model.state_dict()
+    for name, m in model.named_modules():
+        if isinstance(m, Int4Linear):
+            state[f"{name}.weight"] = kernels.pack_int4(m.codes())
+    return state
+
+
+def prepare_quantized(model: nn.Module, qc: dict) -> None:
+    """Give a model built on the meta device the quantized modules a checkpoint with ``qc`` holds."""
+    def empty(kind, linear):
+        args = (linear.in_features, linear.out_features, linear.bias is not None)
+        if kind is Int4Linear:
+            return kind(*args, group_size=qc["group_size"], dtype=linear.weight.dtype, device="meta")
+        return kind(*args, dtype=linear.weight.dtype, device="meta")
+
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # a tied head becomes one int8 matrix the embedding reads, as in quantize()
+    _swap_modules(model, qc["mode"], qc["group_size"], qc["lm_head"], empty)
+
+
+def finish_quantized(model: nn.Module, state: dict[str, Tensor], qc: dict) -> None:
+    """After the saved tensors are assigned: int4 codes into this machine's packing, fusion, dynamic mode."""
+    for name, m in model.named_modules():
+        if isinstance(m, Int4Linear):
+            m.set_codes(kernels.unpack_int4(state[f"{name}.weight"]))
+    _finish(model, qc["mode"])

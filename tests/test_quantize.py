@@ -104,6 +104,38 @@ def test_from_pretrained_quantize_kwarg(tmp_path):
     assert isinstance(loaded.lm_head, Int8Linear)
 
 
+@pytest.mark.parametrize("kernels_on", [True, False], ids=["optlm_kernels", "torch_kernels"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8-dynamic"])
+def test_quantized_save_loads_back_exactly_and_transformers_refuses_it(tmp_path, monkeypatch, mode, kernels_on):
+    import transformers
+
+    from optlm import kernels
+
+    if kernels_on and not kernels.enabled():
+        pytest.skip(f"optlm's kernels are not available here ({kernels.unavailable_reason()})")
+    if not kernels_on:
+        monkeypatch.setattr(kernels, "enabled", lambda: False)  # PyTorch's int4 packing and kernels
+    _model().save_pretrained(tmp_path / "float")
+    model = optlm.OPTForCausalLM.from_pretrained(tmp_path / "float", quantize=mode)
+    ids = torch.randint(4, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    model.save_pretrained(tmp_path / "q", max_shard_size="40KB")  # sharded, to cover the index too
+    names = sorted(p.name for p in (tmp_path / "q").iterdir())
+    assert "optlm-quantized.safetensors.index.json" in names and not any(n.startswith("model") for n in names)
+    loaded = optlm.OPTForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
+    assert loaded.config.extra["quantization_config"]["mode"] == mode
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        transformers.OPTForCausalLM.from_pretrained(tmp_path / "q")
+    with pytest.raises(ValueError, match="already quantized"):
+        optlm.OPTForCausalLM.from_pretrained(tmp_path / "q", quantize="int8")
+    if mode == "int4":  # the stored codes are the same whichever packing the saving machine used
+        fc1 = model.model.decoder.layers[0].fc1
+        w = _model().model.decoder.layers[0].fc1.weight.detach()
+        assert isinstance(fc1, Int4Linear) and torch.equal(fc1.codes().long(), quantize_int4_groups(w, 64)[0].long())
+
+
 def test_bfloat16_model_quantizes():
     model = optlm.quantize(_model().to(torch.bfloat16), "int8")
     with torch.no_grad():
