@@ -54,6 +54,7 @@ class OPTConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.word_embed_proj_dim is None:
             self.word_embed_proj_dim = self.hidden_size
         if self.id2label is not None:
@@ -68,6 +69,26 @@ class OPTConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
+    def _check_types(self) -> None:
+        """Each field holds its declared kind of value (a config.json with ``"num_hidden_layers": "two"``
+        fails here, naming the field, instead of deep inside the model)."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), _KINDS.get(f.name)
+            if kind is None or (value is None and f.name in _OPTIONAL):
+                continue
+            ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+                  "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+                  "bool": isinstance(value, bool), "str": isinstance(value, str),
+                  "dict": isinstance(value, dict)}[kind]
+            if not ok:
+                article = "an" if kind == "int" else "a"
+                raise ValueError(f"config field {f.name} must be {article} {_NAMES[kind]}, got {value!r}")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        """The architecture fields (what ``--set`` may change)."""
+        return {f.name for f in dataclasses.fields(cls)} - {"extra"}
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -76,7 +97,9 @@ class OPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OPTConfig:
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object of fields, got a {type(d).__name__}")
+        known = cls.field_names()
         kwargs = {k: v for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known}
         model_type = d.get("model_type", "opt")
@@ -98,12 +121,15 @@ class OPTConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> OPTConfig:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
+                d = json.loads(f.read().decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path} is not valid JSON ({e}); is it a config.json?") from e
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}; fix the file (transformers' OPTConfig fields and types)") from None
 
     def save(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -118,6 +144,23 @@ class OPTConfig:
         if key not in PRESETS:
             raise ValueError(f"unknown OPT size {name!r}; known: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[key], **overrides})
+
+
+# Declared kinds of the fields, checked on construction (the annotations are strings under
+# ``from __future__ import annotations``, so they are spelled out here).
+_KINDS = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "max_position_embeddings",
+                     "word_embed_proj_dim", "num_attention_heads", "pad_token_id", "bos_token_id", "eos_token_id",
+                     "num_labels"), "int"),
+    **dict.fromkeys(("dropout", "attention_dropout", "layerdrop", "init_std"), "float"),
+    **dict.fromkeys(("do_layer_norm_before", "_remove_final_layer_norm", "use_cache", "enable_bias",
+                     "layer_norm_elementwise_affine", "tie_word_embeddings"), "bool"),
+    **dict.fromkeys(("activation_function", "problem_type"), "str"),
+    **dict.fromkeys(("id2label", "label2id"), "dict"),
+}
+_OPTIONAL = {"word_embed_proj_dim", "pad_token_id", "bos_token_id", "eos_token_id", "id2label", "label2id",
+             "problem_type"}
+_NAMES = {"int": "integer", "float": "number", "bool": "true or false", "str": "string", "dict": "JSON object"}
 
 
 def _preset(hidden: int, layers: int, heads: int, **kw: Any) -> dict[str, Any]:

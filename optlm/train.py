@@ -20,6 +20,7 @@ repeats the uninterrupted run's losses exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -43,6 +45,7 @@ from .hf import OPTForCausalLM
 from .tokenizer import Tokenizer
 
 CKPT_PREFIX = "checkpoint-"
+LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 # Test hook (for tests only): "SECONDS" or "SECONDS@STEP" sleeps in the middle of writing a checkpoint
@@ -297,21 +300,71 @@ def _prepare_out_dir(args: TrainArgs) -> tuple[Path, Path | None]:
         tmp = out / "run.json.tmp"
         tmp.write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n", "utf-8")
         os.replace(tmp, run_file)
+    if not args.resume:
+        return out, None
     ckpts = list_checkpoints(out)
-    return out, (ckpts[-1] if args.resume and ckpts else None)
+    if not ckpts:
+        warnings.warn(f"--resume: {out} has no checkpoint to continue from; starting a new run", stacklevel=3)
+        return out, None
+    damaged = []
+    for ckpt in reversed(ckpts):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            if damaged:
+                warnings.warn(f"{'; '.join(damaged)}; resuming from {ckpt.name}, the last intact checkpoint",
+                              stacklevel=3)
+            return out, ckpt
+        damaged.append(f"{ckpt.name} is damaged ({problem})")
+    raise TrainingError(f"no intact checkpoint to resume in {out}: {'; '.join(damaged)}. Pass --overwrite to start "
+                        "again, or restore the files from a backup")
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """What is wrong with a checkpoint's resume state (None: intact): unreadable trainer_state.json, or
+    missing / unreadable optimizer, RNG or weight files (their headers are read, not the tensors)."""
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text("utf-8"))
+        missing = [k for k in ("step", "elapsed", "tokens", "optimizer") if k not in state]
+        if missing:
+            return f"trainer_state.json lacks {', '.join(missing)}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
+        return f"trainer_state.json is unreadable: {e}"
+    for name in ("optimizer.safetensors", "rng.safetensors", "model.safetensors"):
+        try:
+            with safe_open(str(ckpt / name), framework="pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            return f"{name} is unreadable: {e}"
+    return None
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise TrainingError(f"could not write {path} ({e}); free disk space or raise the file-size limit, then "
+                            "--resume from the last checkpoint") from e
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past ``step``: a resumed run rewrites what the killed one logged after its checkpoint."""
+    """Drop records past ``step``: a resumed run rewrites what the killed one logged after its checkpoint.
+    A line cut off by a crash (or otherwise unreadable) is dropped with a warning."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text("utf-8").splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = []
+    for n, line in enumerate(path.read_text("utf-8", errors="replace").splitlines(keepends=True), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            warnings.warn(f"{path} line {n} is damaged (cut off by a crash?); dropping it", stacklevel=3)
+            continue
+        if record.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(keep), "utf-8")
     os.replace(tmp, path)
@@ -359,6 +412,11 @@ def _build(args: TrainArgs, resume_from: Path | None) -> tuple[OPTForCausalLM, T
                          "`optlm train-tokenizer`)")
     tokenizer = Tokenizer.from_pretrained(tok_source)
     overrides = dict(args.config_overrides)
+    known = OPTConfig.field_names()
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"--set {unknown[0]}: not an OPT config field (it would be saved and never used); "
+                         f"the fields are: {', '.join(sorted(known))}")
     if args.dropout is not None:
         overrides["dropout"] = args.dropout
     if resume_from is not None:  # its config.json already carries the overrides
@@ -426,10 +484,70 @@ def validation_loss(model: OPTForCausalLM, val: BlockDataset, batch_size: int, m
 
 # ---- the loop --------------------------------------------------------------------------------------
 
+def check_args(args: TrainArgs) -> None:
+    """Every count, rate and choice in range, each error naming its command-line flag."""
+    for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "log_every"):
+        value = getattr(args, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a whole number of at least 1, got {value!r}")
+    for name in ("warmup_steps", "keep_last"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    for name in ("stop_after", "decay_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, lo, hi in (("lr", 0, None), ("min_lr", 0, None), ("weight_decay", 0, None), ("grad_clip", 0, None),
+                         ("dropout", 0, 1), ("val_fraction", 0, 1), ("beta1", 0, 1), ("beta2", 0, 1)):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < lo or (hi is not None and value >= hi) or (name == "lr" and value == 0):
+            span = f"in [{lo}, {hi})" if hi is not None else ("> 0" if name == "lr" else ">= 0")
+            raise ValueError(f"--{name.replace('_', '-')} must be a number {span}, got {value}")
+    if args.schedule not in SCHEDULES:
+        raise ValueError(f"unknown --schedule {args.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
 def train(args: TrainArgs) -> TrainResult:
-    """Run (or resume) a training run; returns the last checkpoint and the final losses."""
-    if args.max_steps < 1 or args.batch_size < 1 or args.grad_accum < 1:
-        raise ValueError("max_steps, batch_size and grad_accum must be at least 1")
+    """Run (or resume) a training run; returns the last checkpoint and the final losses.
+
+    One writer per output directory: a second run on the same directory is refused while the first holds it.
+    """
+    check_args(args)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _train(args)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold an exclusive lock on ``out/.lock`` for the run (released by the OS if the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    with open(out / LOCK_FILE, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            raise TrainingError(f"{out} is in use by another optlm train ({owner}); wait for it to finish, stop "
+                                "it, or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+
+
+def _train(args: TrainArgs) -> TrainResult:
     if args.warmup_steps >= args.max_steps:
         peak = lr_at(args.max_steps - 1, args)
         warnings.warn(f"--warmup-steps {args.warmup_steps} is not shorter than --max-steps {args.max_steps}: the "
@@ -507,10 +625,20 @@ def train(args: TrainArgs) -> TrainResult:
             msg = f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}"
             (bar.write if bar is not None else print)(msg)
         if step % args.save_every == 0 or step == end:
-            last_ckpt = save_checkpoint(out, step, model, tokenizer, opt,
-                                        {"elapsed": elapsed, "tokens": tokens_seen, "train_loss": loss_value,
-                                         "val_loss": val_loss}, args.keep_last)
-            plot_metrics(metrics, out / "loss.png")
+            try:
+                last_ckpt = save_checkpoint(out, step, model, tokenizer, opt,
+                                            {"elapsed": elapsed, "tokens": tokens_seen, "train_loss": loss_value,
+                                             "val_loss": val_loss}, args.keep_last)
+            except (OSError, SafetensorError) as e:
+                shutil.rmtree(out / f"{TMP_PREFIX}{CKPT_PREFIX}{step:08d}", ignore_errors=True)
+                last = f"the last complete checkpoint is {last_ckpt.name}; --resume continues from it" if last_ckpt \
+                    else "no checkpoint was written yet"
+                raise TrainingError(f"could not write the checkpoint of step {step} to {out} ({e}); free disk "
+                                    f"space or raise the file-size limit, then run again — {last}") from e
+            try:
+                plot_metrics(metrics, out / "loss.png")
+            except OSError as e:  # the curve is a convenience: never stop a run over it
+                warnings.warn(f"could not draw {out / 'loss.png'} ({e})", stacklevel=2)
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t_mark
