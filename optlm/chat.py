@@ -59,13 +59,29 @@ class ChatTemplate:
 
 
 def check_messages(messages: Sequence[dict[str, str]]) -> None:
+    if isinstance(messages, (str, dict)) or not isinstance(messages, Sequence):
+        raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("messages is empty; give at least one {'role': 'user', 'content': ...} message")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+        if not isinstance(m["content"], str):
+            raise TypeError(f"message {i} content must be a string, got {type(m['content']).__name__}")
+        check_text(m["content"], f"message {i} content")
         if m["role"] not in ROLES:
             raise ValueError(f"message {i} has role {m['role']!r}; use one of {', '.join(ROLES)}")
         if m["role"] == "system" and i != 0:
             raise ValueError(f"message {i} is a system message; only the first message may be one")
+
+
+def check_text(text: str, what: str) -> None:
+    """Text the tokenizer can take: encodable as UTF-8 (a lone surrogate from a bad decode is not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode text: {e.reason} at character {e.start} "
+                         f"({text[e.start:e.end]!r}); decode the input as UTF-8 first") from None
 
 
 def fit_history(messages: Sequence[dict[str, str]], count_tokens: Callable[[str], int], budget: int,

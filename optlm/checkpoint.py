@@ -252,14 +252,18 @@ def count_parameters(files: Iterable[Path]) -> tuple[int, set[str]]:
     total, dtypes = 0, set()
     for path in files:
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():  # noqa: SIM118
-                    sl = f.get_slice(key)
-                    n = 1
-                    for dim in sl.get_shape():
-                        n *= dim
-                    total += n
-                    dtypes.add(sl.get_dtype())
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for key in f.keys():  # noqa: SIM118
+                        sl = f.get_slice(key)
+                        n = 1
+                        for dim in sl.get_shape():
+                            n *= dim
+                        total += n
+                        dtypes.add(sl.get_dtype())
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+                                      "corrupted — download or save it again") from e
         else:
             for value in _load_bin(path).values():
                 total += value.numel()

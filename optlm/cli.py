@@ -186,7 +186,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     prompt = args.prompt
     if prompt == "-":
-        prompt = sys.stdin.read().removesuffix("\n")  # the newline that `echo` and editors add
+        prompt = _read_stdin(whole=True).removesuffix("\n")  # the newline that `echo` and editors add
+    else:
+        _check_argument(prompt, "the prompt")
     params = _generation_params(args)
     lm = _load_lm(args)
     if params.get("num_beams", 1) > 1:  # beam search ranks whole hypotheses: nothing to stream
@@ -226,7 +228,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         print(f"chatting with {lm.name}; /reset forgets the conversation, /exit or Ctrl-D quits", file=sys.stderr)
     while True:
         try:
-            line = input("> ") if interactive else sys.stdin.readline()
+            line = input("> ") if interactive else _read_stdin(whole=False)
         except EOFError:  # Ctrl-D at the prompt
             print(file=sys.stderr)
             break
@@ -246,6 +248,28 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             print(piece, end="", flush=True)
         print("\n" if not interactive else "")
     return 0
+
+
+def _read_stdin(whole: bool) -> str:
+    """All of stdin, or its next line, decoded as UTF-8 whatever the locale says (a clear error if it is not)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # already text (an embedding program replaced sys.stdin)
+        return sys.stdin.read() if whole else sys.stdin.readline()
+    raw = stream.read() if whole else stream.readline()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"standard input is not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at offset {e.start}); "
+                         "convert it first, e.g. with `iconv -f latin1 -t utf-8`") from None
+
+
+def _check_argument(text: str, what: str) -> None:
+    """Command-line arguments that were not UTF-8 reach Python as lone surrogates (PEP 383)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not UTF-8 text (undecodable byte at character {e.start}); pass UTF-8 "
+                         "text or read it from a converted file with -") from None
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -359,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, ImportError) as e:  # user-facing errors: one clear line, no traceback
+    except (ValueError, TypeError, OSError, ImportError) as e:  # user-facing errors: one line, no traceback
         print(f"optlm {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -91,6 +91,9 @@ def perplexity(model: nn.Module, ids: Tensor | np.ndarray, max_length: int | Non
     bar.close()
     model.train(was_training)
     mean = nll / count
+    if not math.isfinite(mean):
+        raise ValueError(f"the model's log-likelihood is {mean} (NaN or infinite logits): its weights may be damaged "
+                         "(NaN/inf in the checkpoint) or the dtype overflows — check the checkpoint, or use float32")
     return PerplexityResult(math.exp(mean), mean, count, time.perf_counter() - t0)
 
 

@@ -10,6 +10,7 @@ Logits are processed in float32, as the reference does, so ties break the same w
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from . import sampling
 from .kv_cache import KVCache
 from .model import positions_from_mask
 
+MIN_TEMPERATURE = 1e-5  # temperatures below this decode greedily
 NEG = -1.0e9  # the reference's "impossible" beam score: finite, so sums and divisions stay ordered
 
 
@@ -30,8 +32,9 @@ NEG = -1.0e9  # the reference's "impossible" beam score: finite, so sums and div
 class GenerationConfig:
     """Decoding parameters, named and defaulted as in transformers' ``GenerationConfig``.
 
-    ``temperature=0`` means greedy even with ``do_sample=True``. ``eos_token_id`` / ``pad_token_id`` left as None
-    come from the model config (OPT: 2 and 1). ``penalty_alpha > 0`` with ``top_k > 1`` selects contrastive search.
+    ``temperature=0`` (or below ``MIN_TEMPERATURE``) means greedy even with ``do_sample=True``.
+    ``eos_token_id`` / ``pad_token_id`` left as None come from the model config (OPT: 2 and 1).
+    ``penalty_alpha > 0`` with ``top_k > 1`` selects contrastive search.
     """
 
     max_new_tokens: int = 20
@@ -53,7 +56,9 @@ class GenerationConfig:
 
     @property
     def sampling(self) -> bool:
-        return bool(self.do_sample) and self.temperature > 0
+        # Below MIN_TEMPERATURE the scaled logits overflow float32; such a distribution is greedy anyway (vLLM
+        # draws the same line).
+        return bool(self.do_sample) and self.temperature >= MIN_TEMPERATURE
 
     @property
     def mode(self) -> str:
@@ -77,10 +82,16 @@ class GenerationConfig:
         def bad(msg: str) -> None:
             raise ValueError(msg)
 
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        self._check_types()
+        if self.max_new_tokens < 1:
             bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.min_new_tokens < 0:
             bad(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.min_new_tokens > self.max_new_tokens:
+            bad(f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
+        if any(e < 0 for e in self.eos_ids) or (self.pad_token_id is not None and self.pad_token_id < 0):
+            bad(f"eos_token_id and pad_token_id must be token ids (>= 0), got {self.eos_token_id!r} and "
+                f"{self.pad_token_id!r}")
         if self.temperature < 0:
             bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -103,6 +114,39 @@ class GenerationConfig:
             bad(f"{self.mode} decoding returns one sequence per prompt; pass do_sample=True (with temperature > 0) "
                 f"or num_beams >= {self.num_return_sequences} to get num_return_sequences="
                 f"{self.num_return_sequences}")
+
+
+    def _check_types(self) -> None:
+        """Each keyword holds its kind of value: a TypeError naming it otherwise (NaN counts as no number)."""
+        def fail(name: str, kind: str) -> None:
+            raise TypeError(f"{name} must be {kind}, got {getattr(self, name)!r}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("max_new_tokens", "min_new_tokens", "no_repeat_ngram_size", "num_beams", "num_return_sequences"):
+            if not is_int(getattr(self, name)):
+                fail(name, "an integer")
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty", "penalty_alpha"):
+            v = getattr(self, name)
+            if v is None and name == "penalty_alpha":
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                fail(name, "a finite number")
+        if self.top_k is not None and not is_int(self.top_k):
+            fail("top_k", "an integer or None")
+        if not isinstance(self.do_sample, bool):
+            fail("do_sample", "True or False")
+        if self.pad_token_id is not None and not is_int(self.pad_token_id):
+            fail("pad_token_id", "a token id (int) or None")
+        eos = self.eos_token_id
+        if eos is not None and not is_int(eos) and not (isinstance(eos, (list, tuple))
+                                                          and all(is_int(e) for e in eos)):
+            fail("eos_token_id", "a token id, a list of them, or None")
+        stops = self.stop_strings
+        if stops is not None and not isinstance(stops, str) and not (
+                isinstance(stops, (list, tuple)) and all(isinstance(t, str) and t for t in stops)):
+            fail("stop_strings", "a string or a list of non-empty strings")
 
 
 def stop_list(stop_strings: str | Sequence[str] | None) -> list[str]:
@@ -168,7 +212,7 @@ def prefill(model, ids: Tensor, mask: Tensor | None, cache: KVCache) -> tuple[Te
         positions = positions_from_mask(mask)
     out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
                 logits_to_keep=1)
-    return out.logits[:, -1].float(), out.last_hidden_state
+    return check_finite(out.logits[:, -1].float(), "the prompt"), out.last_hidden_state
 
 
 def decode_one(model, tokens: Tensor, positions: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
@@ -179,7 +223,19 @@ def decode_one(model, tokens: Tensor, positions: Tensor, cache: KVCache) -> tupl
     """
     out = model(tokens[:, None], position_ids=positions[:, None], past_key_values=cache, use_cache=True,
                 logits_to_keep=1)
-    return out.logits[:, -1].float(), out.last_hidden_state[:, -1]
+    return check_finite(out.logits[:, -1].float(), f"position {int(positions.max())}"), out.last_hidden_state[:, -1]
+
+
+class NonFiniteError(ValueError):
+    """The model computed NaN or infinite logits (damaged weights, or a dtype that overflows)."""
+
+
+def check_finite(logits: Tensor, where: str) -> Tensor:
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteError(f"the model produced NaN or infinite logits at {where}: its weights may be damaged "
+                             "(NaN/inf in the checkpoint) or the dtype overflows — check the checkpoint, or load "
+                             "it in float32")
+    return logits
 
 
 # ---- logits processing and stopping ----------------------------------------------------------------------
@@ -250,12 +306,39 @@ def trim_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
+def as_ids(input_ids: Tensor | Sequence) -> Tensor:
+    """``input_ids`` as a (batch, length) or (length,) integer tensor, or a TypeError naming the argument."""
+    try:
+        ids = torch.as_tensor(input_ids)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"input_ids must be a tensor or (nested) list of token ids ({e})") from None
+    if ids.dim() not in (1, 2) or ids.shape[-1] == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool \
+            or ids.is_complex():
+        raise TypeError(f"input_ids must be a non-empty 1-D or 2-D array of integer token ids, got "
+                        f"{ids.dtype} of shape {tuple(ids.shape)}")
+    return ids
+
+
 def _prepare(model, input_ids: Tensor | Sequence, attention_mask: Tensor | None, cfg: GenerationConfig):
     device = _float_weight(model).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
     if ids.dim() == 1:
         ids = ids[None]
-    mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=device).reshape(ids.shape)
+    vocab = model.config.vocab_size
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"input_ids must be a non-empty (batch, length) array of token ids, got shape "
+                         f"{tuple(ids.shape)}")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the model's vocab_size), got "
+                         f"{int(ids.min())}..{int(ids.max())}")
+    if cfg.pad_token_id is not None and cfg.pad_token_id >= vocab:
+        raise ValueError(f"pad_token_id {cfg.pad_token_id} is not a token of this model (vocab_size {vocab})")
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask, device=device)
+        if attention_mask.numel() != ids.numel():
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; it must match input_ids "
+                             f"{tuple(ids.shape)}")
+    mask = None if attention_mask is None else attention_mask.reshape(ids.shape)
     pad = cfg.pad_token_id
     if mask is None and pad is not None and pad not in cfg.eos_ids and bool((ids == pad).any()):
         mask = (ids != pad).long()  # as transformers: pad ids in the prompt mean padding
@@ -416,6 +499,14 @@ def _gather(t: Tensor, index: Tensor) -> Tensor:
     return torch.take_along_dim(t, index.view(*index.shape, *([1] * (t.dim() - 2))), dim=1)
 
 
+def _length_norm(length: int, length_penalty: float) -> float:
+    """``length ** length_penalty`` as the reference computes it, infinite where a float cannot hold it."""
+    try:
+        return float(length) ** float(length_penalty)
+    except OverflowError:
+        return math.inf
+
+
 def beam_search(model, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig, tokenizer=None,
                 generator: torch.Generator | None = None) -> Tensor:
     """Beam search with the rules of transformers 5: keep the top ``C = max(2, 1 + #eos) * K`` continuations,
@@ -486,7 +577,7 @@ def beam_search(model, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig, 
 
         # Final hypotheses: merge the stopped top-K candidates into the best K so far.
         just = hits & top_mask
-        final = cand_score / ((cur + 1 - P) ** lp)
+        final = cand_score / _length_norm(cur + 1 - P, lp)
         if cfg.early_stopping is True:
             final += fin_done.all(-1, keepdim=True).float() * NEG  # this prompt already has K hypotheses
         final += (~improvable).float() * NEG
@@ -501,7 +592,7 @@ def beam_search(model, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig, 
         # Can any prompt still improve its worst final hypothesis?
         reach = max_len - P if cfg.early_stopping == "never" and lp > 0 else cur + 1 - P
         worst = torch.where(fin_done, fin_score.min(1, keepdim=True).values, NEG)
-        improvable = improvable & (run_score[:, :1] / (reach**lp) > worst).any(-1, keepdim=True)
+        improvable = improvable & (run_score[:, :1] / _length_norm(reach, lp) > worst).any(-1, keepdim=True)
         all_full = bool(fin_done.all()) and cfg.early_stopping is True
         if not bool(improvable.any()) or all_full or bool(hits.all()):
             break
@@ -521,6 +612,8 @@ def beam_search(model, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig, 
 # ---- entry points ----------------------------------------------------------------------------------------
 
 def _generator(model, generator: torch.Generator | None, seed: int | None) -> torch.Generator | None:
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64):
+        raise TypeError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     if generator is not None or seed is None:
         return generator
     return torch.Generator(device=_float_weight(model).device).manual_seed(seed)
@@ -530,7 +623,7 @@ def start(model, input_ids: Tensor | Sequence, attention_mask: Tensor | None = N
           generator: torch.Generator | None = None, seed: int | None = None, max_length: int | None = None,
           **params: Any) -> Decoding:
     """A :class:`Decoding` to iterate step by step (greedy, sampling or contrastive search; not beams)."""
-    ids = torch.as_tensor(input_ids)
+    ids = as_ids(input_ids)
     cfg = make_config(model, max_length, ids.shape[-1], **params)
     if cfg.mode == "beam":
         raise ValueError("beam search scores whole hypotheses, so it cannot emit tokens step by step; use num_beams=1")
@@ -550,7 +643,7 @@ def generate(model, input_ids: Tensor | Sequence, attention_mask: Tensor | None 
     ``generator`` or ``seed`` makes sampling reproducible; without them the global torch RNG is used, as
     transformers does. ``use_cache`` is accepted for compatibility: generation always uses the cache.
     """
-    ids = torch.as_tensor(input_ids)
+    ids = as_ids(input_ids)
     cfg = make_config(model, max_length, ids.shape[-1], **params)
     ids, mask = _prepare(model, ids, attention_mask, cfg)
     gen = _generator(model, generator, seed)

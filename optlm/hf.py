@@ -38,6 +38,30 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
+def parse_device(device: torch.device | str | None) -> torch.device | None:
+    """A device this machine has, or a ValueError saying what it has instead."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = ("without CUDA" if torch.version.cuda is None
+                     else f"with CUDA {torch.version.cuda}, but no GPU is visible")
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU here (this torch {torch.__version__} is built "
+                             f"{built}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: Apple's MPS backend is not available here; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise ValueError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return dev
+
+
 @dataclass
 class OPTOutput:
     """What the forward passes return; fields a head does not produce stay None."""
@@ -149,6 +173,7 @@ class OPTPreTrainedModel(nn.Module):
         (:func:`optlm.quantize.quantize`).
         """
         dtype = parse_dtype(dtype if dtype is not None else torch_dtype)
+        device = parse_device(device)
         directory = ckpt.resolve(path_or_hub_id, revision)
         if config is None:
             if not (directory / "config.json").is_file():

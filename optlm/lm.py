@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import generate as gen
-from .chat import ChatSession, ChatTemplate, fit_history, strip_pieces, trim_notice
+from .chat import ChatSession, ChatTemplate, check_text, fit_history, strip_pieces, trim_notice
 from .hf import OPTForCausalLM
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -55,8 +55,9 @@ def resolve_params(preset: str | None = None, **params: Any) -> dict[str, Any]:
     if preset is None and not any(k in given for k in _METHOD_KEYS) and given.get("temperature", 1) != 0:
         preset = DEFAULT_PRESET
     merged = {**(PRESETS[preset] if preset else {}), **given}
-    if "temperature" in given and "do_sample" not in given:
-        merged["do_sample"] = given["temperature"] > 0
+    temperature = given.get("temperature")
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and "do_sample" not in given:
+        merged["do_sample"] = temperature > 0  # other values are left for validation to name
     merged.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     return merged
 
@@ -79,14 +80,26 @@ class LM:
     # ---- completion --------------------------------------------------------------------------------------
 
     def _encode(self, prompts: list[str], params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not prompts:
+            raise ValueError("no prompts given; pass a string or a non-empty list of strings")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"prompt {i} must be a string, got {type(p).__name__}")
+            check_text(p, f"prompt {i}")
+        gen.validate_params(params)
         enc = self.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]
         longest = int(mask.sum(1).max())
         if longest >= self.context_length:
             raise ValueError(f"prompt has {longest} tokens; {self.name} has a context window of {self.context_length} "
                              "tokens (the prompt plus at least one new token) — shorten the prompt")
-        # Room for new tokens is whatever the (padded) prompt leaves: cap the request rather than fail.
-        params["max_new_tokens"] = min(params["max_new_tokens"], self.context_length - ids.shape[1])
+        # Room for new tokens is whatever the (padded) prompt leaves: cap the request rather than fail, and say so.
+        room = self.context_length - ids.shape[1]
+        if params["max_new_tokens"] > room:
+            warnings.warn(f"max_new_tokens {params['max_new_tokens']} does not fit: the prompt ({ids.shape[1]} "
+                          f"tokens) leaves room for {room} in the {self.context_length}-token context of "
+                          f"{self.name}; generating at most {room}", stacklevel=3)
+            params["max_new_tokens"] = room
         return ids, mask
 
     def generate(self, prompt: str | Sequence[str], preset: str | None = None, **params: Any) -> list[str]:

@@ -129,7 +129,11 @@ class Tokenizer:
 
         config = _read_config(*map(find, CONFIG_FILES))
         if tokenizer_json := find("tokenizer.json"):
-            backend = Backend.from_file(str(tokenizer_json))
+            try:
+                backend = Backend.from_file(str(tokenizer_json))
+            except Exception as e:  # the tokenizers library raises plain Exception for a bad file
+                raise ValueError(f"{tokenizer_json} is not a valid tokenizer.json ({e}); restore it, or remove it "
+                                 "to fall back to vocab.json + merges.txt") from None
         else:
             vocab, merges = find("vocab.json"), find("merges.txt")
             if vocab is None or merges is None:
@@ -141,10 +145,13 @@ class Tokenizer:
                     f"no tokenizer in {where}: looked for tokenizer.json, or vocab.json + merges.txt; {hint}"
                 )
             # The pipeline transformers' GPT2Tokenizer builds from these files.
-            backend = Backend(models.BPE.from_file(
-                str(vocab), str(merges), dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
-                fuse_unk=False,
-            ))
+            try:
+                backend = Backend(models.BPE.from_file(
+                    str(vocab), str(merges), dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
+                    fuse_unk=False,
+                ))
+            except Exception as e:  # the tokenizers library raises plain Exception for bad files
+                raise ValueError(f"{vocab} / {merges} are not valid BPE files ({e}); restore them") from None
             add_prefix_space = bool((config or {}).get("add_prefix_space", False))
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
             backend.decoder = decoders.ByteLevel()
@@ -326,11 +333,21 @@ def _read_config(tokenizer_config: Path | None, special_tokens_map: Path | None)
     """Merge the two config files as transformers does; None when neither exists."""
     if tokenizer_config is None and special_tokens_map is None:
         return None
-    config = json.loads(tokenizer_config.read_text("utf-8")) if tokenizer_config else {}
+    config = _read_json_object(tokenizer_config) if tokenizer_config else {}
     # transformers reads special_tokens_map.json, which then wins, only without added_tokens_decoder.
     if special_tokens_map is not None and "added_tokens_decoder" not in config:
-        config.update(json.loads(special_tokens_map.read_text("utf-8")))
+        config.update(_read_json_object(special_tokens_map))
     return config
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore the tokenizer files") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(value).__name__}; restore the tokenizer files")
+    return value
 
 
 def _opt_defaults(backend: Backend) -> dict[str, Any]:

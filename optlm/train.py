@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .config import OPTConfig
 from .data import BlockDataset, split_tokens, tokenize_files
-from .hf import OPTForCausalLM
+from .hf import OPTForCausalLM, parse_device
 from .tokenizer import Tokenizer
 
 CKPT_PREFIX = "checkpoint-"
@@ -504,6 +504,7 @@ def check_args(args: TrainArgs) -> None:
         if not math.isfinite(value) or value < lo or (hi is not None and value >= hi) or (name == "lr" and value == 0):
             span = f"in [{lo}, {hi})" if hi is not None else ("> 0" if name == "lr" else ">= 0")
             raise ValueError(f"--{name.replace('_', '-')} must be a number {span}, got {value}")
+    parse_device(args.device)
     if args.schedule not in SCHEDULES:
         raise ValueError(f"unknown --schedule {args.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
