@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 
@@ -14,6 +15,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .config import OPTConfig
 
     directory = ckpt.resolve(args.model, args.revision)
+    if not (directory / "config.json").is_file():
+        raise ckpt.CheckpointError(f"{directory} has no config.json; an OPT checkpoint directory needs one")
     config = OPTConfig.from_json_file(directory / "config.json")
     files = ckpt.weight_files(directory)
     params, dtypes = ckpt.count_parameters(files)
@@ -187,8 +190,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if prompt == "-":
         prompt = _read_stdin(whole=True).removesuffix("\n")  # the newline that `echo` and editors add
-    else:
-        _check_argument(prompt, "the prompt")
     params = _generation_params(args)
     lm = _load_lm(args)
     if params.get("num_beams", 1) > 1:  # beam search ranks whole hypotheses: nothing to stream
@@ -261,6 +262,14 @@ def _read_stdin(whole: bool) -> str:
     except UnicodeDecodeError as e:
         raise ValueError(f"standard input is not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at offset {e.start}); "
                          "convert it first, e.g. with `iconv -f latin1 -t utf-8`") from None
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Every text argument must be UTF-8 (undecodable bytes arrive as lone surrogates, PEP 383)."""
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                _check_argument(item, "the prompt" if name == "prompt" else f"--{name.replace('_', '-')}")
 
 
 def _check_argument(text: str, what: str) -> None:
@@ -379,10 +388,15 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.showwarning = show_warning  # one plain line, not a source location and code
     try:
+        _check_arguments(args)
         return args.func(args) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`optlm generate ... | head -1`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except (ValueError, TypeError, OSError, ImportError) as e:  # user-facing errors: one line, no traceback
         print(f"optlm {args.command}: error: {e}", file=sys.stderr)
         return 1

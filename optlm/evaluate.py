@@ -63,6 +63,8 @@ def perplexity(model: nn.Module, ids: Tensor | np.ndarray, max_length: int | Non
         raise ValueError(f"ids must be 1-D (one token stream), got shape {tuple(ids.shape)}")
     if len(ids) < 2:
         raise ValueError("the text has fewer than 2 tokens; there is nothing to score")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     limit = model.config.max_position_embeddings
     max_length = limit if max_length is None else max_length
     if max_length > limit:

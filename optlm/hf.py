@@ -252,6 +252,13 @@ class OPTPreTrainedModel(nn.Module):
                 past_key_values: KVCache | None, use_cache: bool | None) -> tuple[Tensor, KVCache | None]:
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty (batch, length) tensor of token ids, got "
+                             f"{input_ids.dtype} of shape {tuple(input_ids.shape)}")
+        lo, hi = torch.aminmax(input_ids)
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"input_ids must be token ids in [0, {self.config.vocab_size}) (vocab_size), got "
+                             f"{int(lo)}..{int(hi)}; is the tokenizer the model's own?")
         B, T = input_ids.shape
         cache = past_key_values
         if use_cache is None:

@@ -55,6 +55,12 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
     (escape / "model.safetensors").rename(root / "outside.safetensors")
     (escape / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {"lm_head.weight": "../outside.safetensors"}}))
+    link = copy("symlink_escape")
+    (link / "model.safetensors").rename(root / "elsewhere.safetensors")
+    (link / "model-00001-of-00001.safetensors").symlink_to(root / "elsewhere.safetensors")
+    (link / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors"}}))
+    (copy("no_config") / "config.json").unlink()
     nan_model = optlm.OPTForCausalLM.from_pretrained(good)
     with torch.no_grad():
         nan_model.model.decoder.layers[0].fc1.weight.fill_(float("nan"))
@@ -84,6 +90,13 @@ CASES = {
                                       ["truncated"]),
     "shard_outside_the_directory": (lambda d: ["generate", "hi", "--model", d["escape"]], None, 1,
                                     ["outside the checkpoint directory", "../outside.safetensors"]),
+    "shard_symlink_leading_out": (lambda d: ["generate", "hi", "--model", d["symlink_escape"]], None, 1,
+                                  ["outside the checkpoint directory"]),
+    "info_without_config": (lambda d: ["info", d["no_config"]], None, 1, ["has no config.json"]),
+    "system_text_not_utf8": (lambda d: ["chat", "--model", d["good"], "--system", b"\xff"], b"hi\n", 1,
+                             ["--system", "not UTF-8"]),
+    "eval_batch_size_0": (lambda d: ["eval", "--model", d["good"], "--data", d["corpus"], "--batch-size", "0"],
+                          None, 1, ["batch_size", "at least 1"]),
     "set_value_of_wrong_type": (lambda d: _train_argv(d, d["root"] / "r1", "--set", "hidden_size=abc"), None, 1,
                                 ["hidden_size", "integer", "'abc'"]),
     "set_unknown_field": (lambda d: _train_argv(d, d["root"] / "r2", "--set", "bogus_field=3"), None, 1,
@@ -241,6 +254,8 @@ def lm(dirs):
     (lambda lm: lm.generate("hi", temperature=float("nan")), TypeError, ["temperature", "finite"]),
     (lambda lm: lm.model.generate(torch.tensor([[5, 99999]])), ValueError, ["input_ids", "vocab_size"]),
     (lambda lm: lm.model.generate([]), TypeError, ["input_ids", "non-empty"]),
+    (lambda lm: lm.model(torch.tensor([[5, -1]])), ValueError, ["input_ids", "vocab_size"]),
+    (lambda lm: lm.model(torch.tensor([[0.5, 2.0]])), ValueError, ["input_ids", "token ids"]),
     (lambda lm: optlm.OPTForCausalLM.from_pretrained(lm.model.config and "/nonexistent/x"), ValueError,
      ["does not exist"]),
 ])
@@ -267,3 +282,13 @@ def test_any_generation_arguments_run_or_fail_naming_the_argument(lm, kwargs):
     except (ValueError, TypeError) as e:
         message = str(e)
         assert any(name in message for name in kwargs), (kwargs, message)
+
+
+def test_a_closed_pipe_ends_generation_quietly(dirs):
+    proc = subprocess.Popen(_optlm("generate", "hi", "--model", str(dirs["good"]), "--max-new-tokens", "60"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    proc.stdout.read(1)
+    proc.stdout.close()  # what `| head -c 1` does
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=300)
+    assert "Traceback" not in err and "error" not in err, err
