@@ -82,6 +82,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+_UNWRAP_HELP = "join hard-wrapped lines of .txt files into paragraphs (e.g. Project Gutenberg books)"
+
+
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="pre-train or fine-tune on text/JSONL files (HF checkpoints, exact resume)")
     p.add_argument("--data", nargs="+", required=True, help="training files: .txt (one document each) or .jsonl")
@@ -94,8 +97,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-data", nargs="+", help="validation files (default: hold out the tail of --data)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="tail fraction held out without --val-data")
     p.add_argument("--jsonl-key", default="text", help="JSONL field that holds the text")
-    p.add_argument("--unwrap", action="store_true",
-                   help="join hard-wrapped lines of .txt files into paragraphs (e.g. Project Gutenberg books)")
+    p.add_argument("--unwrap", action="store_true", help=_UNWRAP_HELP)
     p.add_argument("--block-size", type=int, default=256, help="tokens per training sequence")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -134,8 +136,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, default=8192, help="total vocabulary, special tokens included")
     p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
     p.add_argument("--jsonl-key", default="text", help="JSONL field that holds the text")
-    p.add_argument("--unwrap", action="store_true",
-                   help="join hard-wrapped lines of .txt files into paragraphs (e.g. Project Gutenberg books)")
+    p.add_argument("--unwrap", action="store_true", help=_UNWRAP_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train_tokenizer)
 
@@ -149,8 +150,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--jsonl-key", default="text", help="JSONL field that holds the text")
-    p.add_argument("--unwrap", action="store_true",
-                   help="join hard-wrapped lines of .txt files into paragraphs (e.g. Project Gutenberg books)")
+    p.add_argument("--unwrap", action="store_true", help=_UNWRAP_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
 
