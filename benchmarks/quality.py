@@ -55,9 +55,10 @@ def logit_agreement(checkpoint: Path, batch: int = 4, length: int = 128) -> list
     return rows
 
 
-def perplexities(checkpoint: Path, data: Path, max_tokens: int, stride: int | None) -> tuple[list[str], bool]:
+def perplexities(checkpoint: Path, data: Path, max_tokens: int, stride: int | None,
+                 unwrap: bool = False) -> tuple[list[str], bool]:
     tokenizer = Tokenizer.from_pretrained(checkpoint)
-    ids = torch.as_tensor(encode_file(data, tokenizer)[:max_tokens])
+    ids = torch.as_tensor(encode_file(data, tokenizer, unwrap=unwrap)[:max_tokens])
     rows = ["| precision | perplexity | vs fp32 | limit |", "|---|---:|---:|---:|"]
     base, ok = None, True
     for precision in PRECISIONS:
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=40_000, help="evaluate the first N tokens of --data")
     parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: half a window)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--unwrap", action="store_true", help="join hard-wrapped lines of --data into paragraphs "
+                        "(as the bundled model was trained)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
 
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         checkpoint = Path(args.model)
     print(f"\n## Perplexity: {checkpoint.name} on {Path(args.data).name} (first {args.max_tokens} tokens)\n")
-    rows, ok = perplexities(checkpoint, Path(args.data), args.max_tokens, args.stride)
+    rows, ok = perplexities(checkpoint, Path(args.data), args.max_tokens, args.stride, args.unwrap)
     print("\n".join(rows))
     return 0 if ok else 1
 
