@@ -1,0 +1,243 @@
+"""Paged key/value cache: the PagedAttention idea (Kwon et al. 2023, vLLM) in plain PyTorch.
+
+Keys and values of every layer live in one pool of fixed-size blocks. Each sequence owns a block table (the
+blocks that hold its tokens, in order) and its own length, so sequences of any lengths share one batch, join
+and leave it at any step, and memory follows the tokens in use rather than slots x context. Blocks are taken
+from the pool as tokens arrive and go back the moment a sequence is freed.
+
+Blocks are reference-counted. ``fork`` gives a new sequence its parent's blocks (``n > 1`` samples of one
+prompt); a full block whose tokens, and all tokens before them, equal those of a block seen earlier is shared
+instead of recomputed (prefix caching: repeated system prompts). Writing into a shared block copies it first
+(copy-on-write), so no sequence ever sees another's tokens. A freed block keeps its contents and its prefix
+key until the pool hands it out again, so a prompt repeated later can still find it.
+
+The caller owns the cache: it registers sequences, asks for the slots of the tokens it is about to run, and the
+model writes keys/values to those slots and reads each sequence's past by its block table. Nothing here
+advances on its own.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+class CacheFull(RuntimeError):
+    """The pool has no free block for a request; the caller waits, preempts another sequence, or fails it."""
+
+
+@dataclass
+class _Seq:
+    blocks: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # token ids whose keys/values are (or are about to be) cached
+    keys: list[int] = field(default_factory=list)  # prefix key of each full block, in order
+
+
+class BlockPool:
+    """Which blocks are free, how many sequences hold each one, and the prefix key of full blocks."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
+        self.refs = [0] * num_blocks
+        # Free blocks, least recently freed first: blocks freed long ago are reused before recent ones, whose
+        # contents a repeated prompt may still want (an LRU over the prefix cache).
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.by_key: dict[int, int] = {}
+        self.key_of: dict[int, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def take(self) -> int:
+        if not self.free:
+            raise CacheFull("no free cache block")
+        block, _ = self.free.popitem(last=False)
+        self.unpublish(block)  # its old contents are about to be overwritten
+        self.refs[block] = 1
+        return block
+
+    def retain(self, block: int) -> None:
+        if self.refs[block] == 0:
+            del self.free[block]  # a cached block coming back into use
+        self.refs[block] += 1
+
+    def release(self, block: int) -> None:
+        assert self.refs[block] > 0, f"block {block} released more often than taken"
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            self.free[block] = None
+
+    def unpublish(self, block: int) -> None:
+        key = self.key_of.pop(block, None)
+        if key is not None:
+            del self.by_key[key]
+
+    def publish(self, block: int, key: int) -> None:
+        """Make a full block findable by its prefix key (the first block with a key keeps it)."""
+        if key not in self.by_key and block not in self.key_of:
+            self.by_key[key] = block
+            self.key_of[block] = key
+
+
+class PagedKVCache:
+    """Keys and values of all layers in ``num_blocks`` blocks of ``block_size`` token slots.
+
+    ``k`` and ``v`` are ``(layers, num_blocks * block_size, heads, head_dim)``: slot ``b * block_size + i`` is
+    token ``i`` of block ``b``. Sequences are named by any hashable id.
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, head_dim: int, num_blocks: int, block_size: int = 16,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        if block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {block_size}")
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        shape = (num_layers, num_blocks * block_size, num_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.seqs: dict[object, _Seq] = {}
+
+    @classmethod
+    def for_memory(cls, config, memory_bytes: int, block_size: int = 16, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str | None = None) -> PagedKVCache:
+        """As many blocks as ``memory_bytes`` holds for a model with ``config`` (keys and values, all layers)."""
+        per_block = 2 * config.num_hidden_layers * block_size * config.hidden_size * torch.finfo(dtype).bits // 8
+        if memory_bytes < per_block:
+            raise ValueError(f"kv cache memory {memory_bytes} bytes is less than one block ({per_block} bytes: "
+                             f"{block_size} tokens x {config.num_hidden_layers} layers x keys and values)")
+        return cls(config.num_hidden_layers, config.num_attention_heads, config.head_dim, memory_bytes // per_block,
+                   block_size, dtype, device)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.pool.refs)
+
+    @property
+    def blocks_in_use(self) -> int:
+        return self.num_blocks - self.pool.num_free
+
+    def length(self, seq) -> int:
+        return len(self.seqs[seq].tokens)
+
+    def blocks_needed(self, seq, n_new: int) -> int:
+        """Free blocks that adding ``n_new`` tokens to ``seq`` (registered or not) may take, copy-on-write
+        included (an upper bound: prefix hits only lower it)."""
+        s = self.seqs.get(seq)
+        have = 0 if s is None else len(s.tokens)
+        held = 0 if s is None else len(s.blocks)
+        need = -(-(have + n_new) // self.block_size) - held
+        if s is not None and have % self.block_size and self.pool.refs[s.blocks[-1]] > 1:
+            need += 1  # the shared, partly filled last block is copied before it is written
+        return need
+
+    def add(self, seq, prompt: list[int]) -> int:
+        """Register ``seq`` with its prompt's token ids; returns how many leading tokens are already cached
+        (whole blocks shared with an earlier prompt). At least the last prompt token is always left to run."""
+        if seq in self.seqs:
+            raise ValueError(f"sequence {seq!r} is already in the cache")
+        s = self.seqs[seq] = _Seq()
+        bs, key = self.block_size, 0
+        for i in range((len(prompt) - 1) // bs):
+            key = hash((key, tuple(prompt[i * bs:(i + 1) * bs])))
+            block = self.pool.by_key.get(key)
+            if block is None:
+                break
+            self.pool.retain(block)
+            s.blocks.append(block)
+            s.keys.append(key)
+            s.tokens.extend(prompt[i * bs:(i + 1) * bs])
+        return len(s.tokens)
+
+    def fork(self, parent, child) -> None:
+        """``child`` starts as a copy of ``parent`` that shares its blocks until either writes."""
+        if child in self.seqs:
+            raise ValueError(f"sequence {child!r} is already in the cache")
+        p = self.seqs[parent]
+        for b in p.blocks:
+            self.pool.retain(b)
+        self.seqs[child] = _Seq(list(p.blocks), list(p.tokens), list(p.keys))
+
+    def free(self, seq) -> None:
+        """Give back ``seq``'s blocks (finished or cancelled); unknown ids are ignored."""
+        s = self.seqs.pop(seq, None)
+        for b in [] if s is None else s.blocks:
+            self.pool.release(b)
+
+    def append(self, seq, token_ids: list[int]) -> Tensor:
+        """Reserve slots for ``token_ids`` after ``seq``'s cached tokens; returns their slot indices ``(n,)``.
+
+        All-or-nothing: when the pool runs out, :class:`CacheFull` is raised and ``seq`` is unchanged.
+        """
+        s, bs = self.seqs[seq], self.block_size
+        if self.blocks_needed(seq, len(token_ids)) > self.pool.num_free:
+            raise CacheFull(f"sequence {seq!r} needs {self.blocks_needed(seq, len(token_ids))} more cache blocks "
+                            f"and {self.pool.num_free} are free")
+        start = len(s.tokens)
+        if start % bs and self.pool.refs[s.blocks[-1]] > 1:
+            self._copy_last_block(s)
+        while len(s.blocks) * bs < start + len(token_ids):
+            s.blocks.append(self.pool.take())
+        s.tokens.extend(token_ids)
+        for i in range(len(s.keys), len(s.tokens) // bs):  # blocks just filled become findable
+            s.keys.append(hash((s.keys[-1] if s.keys else 0, tuple(s.tokens[i * bs:(i + 1) * bs]))))
+            self.pool.publish(s.blocks[i], s.keys[-1])
+        return self.slots(seq, start, len(token_ids))
+
+    def truncate(self, seq, length: int) -> None:
+        """Forget ``seq``'s tokens from ``length`` on (a preempted or rolled-back sequence), freeing blocks."""
+        s, bs = self.seqs[seq], self.block_size
+        keep = -(-length // bs)
+        for b in s.blocks[keep:]:
+            self.pool.release(b)
+        if length % bs and self.pool.refs[s.blocks[keep - 1]] == 1:
+            self.pool.unpublish(s.blocks[keep - 1])  # it will be written again: no longer the prefix it was
+        del s.blocks[keep:], s.tokens[length:], s.keys[length // bs:]
+
+    def _copy_last_block(self, s: _Seq) -> None:
+        old, bs = s.blocks[-1], self.block_size
+        new = self.pool.take()
+        src, dst = slice(old * bs, (old + 1) * bs), slice(new * bs, (new + 1) * bs)
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+        self.pool.release(old)
+        s.blocks[-1] = new
+
+    # ---- what the model reads and writes ---------------------------------------------------------------------
+
+    def slots(self, seq, start: int, n: int) -> Tensor:
+        """Slot indices of ``seq``'s tokens ``start … start + n - 1``."""
+        pos = torch.arange(start, start + n)
+        table = torch.tensor(self.seqs[seq].blocks, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def slot_table(self, seqs: list, length: int | None = None) -> tuple[Tensor, Tensor]:
+        """Slots of each sequence's cached tokens, right-padded: ``(B, S)`` indices (padding points at slot 0)
+        and a ``(B, S)`` bool mask of real tokens; ``S`` is the longest length unless given."""
+        lengths = torch.tensor([len(self.seqs[s].tokens) for s in seqs])
+        S = int(lengths.max()) if length is None else length
+        pos = torch.arange(S)
+        nb = max(-(-S // self.block_size), 1)
+        tables = torch.zeros(len(seqs), nb, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            blocks = self.seqs[s].blocks[:nb]
+            tables[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        slots = tables[:, pos // self.block_size] * self.block_size + pos % self.block_size  # (B, S)
+        valid = pos[None, :] < lengths[:, None]
+        return slots.masked_fill(~valid, 0).to(self.k.device), valid.to(self.k.device)
+
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store keys/values ``(n, heads, head_dim)`` of ``n`` tokens at ``slots`` ``(n,)``."""
+        slots = slots.to(self.k.device)
+        self.k[layer].index_copy_(0, slots, k.to(self.k.dtype))
+        self.v[layer].index_copy_(0, slots, v.to(self.v.dtype))
+
+    def read(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values at ``slots`` ``(B, S)``, as ``(B, heads, S, head_dim)`` each."""
+        return self.k[layer][slots].transpose(1, 2), self.v[layer][slots].transpose(1, 2)
