@@ -129,7 +129,8 @@ def evaluate_file(model: str | os.PathLike | None, data: str | os.PathLike, stri
 
     source = bundled_model_path() if model is None else model
     if not Path(data).is_file():
-        raise FileNotFoundError(f"data file {data} does not exist")
+        raise FileNotFoundError(f"data file {data} " + ("is not a regular file" if Path(data).exists()
+                                                         else "does not exist"))
     tokenizer = Tokenizer.from_pretrained(source)
     lm = OPTForCausalLM.from_pretrained(source, dtype=dtype, device=device)
     ids = encode_file(data, tokenizer, jsonl_key, unwrap)

@@ -505,6 +505,10 @@ def check_args(args: TrainArgs) -> None:
             span = f"in [{lo}, {hi})" if hi is not None else ("> 0" if name == "lr" else ">= 0")
             raise ValueError(f"--{name.replace('_', '-')} must be a number {span}, got {value}")
     parse_device(args.device)
+    for path in [*args.data, *(args.val_data or [])]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data file {path} " + ("is not a regular file" if Path(path).exists()
+                                                             else "does not exist"))
     if args.schedule not in SCHEDULES:
         raise ValueError(f"unknown --schedule {args.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
@@ -516,7 +520,10 @@ def train(args: TrainArgs) -> TrainResult:
     """
     check_args(args)
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"cannot create the output directory {out} ({e.strerror}); choose another --out") from e
     with _exclusive(out):
         return _train(args)
 
