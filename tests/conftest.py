@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# Large corpora (novels, WikiText) live beside the checkout and are optional; the small tokenizer files every
-# tokenizer / generation / chat / CLI test needs ship with the tests (see fixtures/tokenizers/README.md).
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The small tokenizer files every tokenizer / generation / chat / CLI test needs ship with the tests (see
+# fixtures/tokenizers/README.md); the tests need nothing from outside the repository.
 TOKENIZER_FILES = Path(__file__).resolve().parent / "fixtures" / "tokenizers"
 
 # Small shapes that still exercise every code path: pre-LN (most OPT sizes), post-LN with embedding
@@ -55,10 +54,3 @@ def left_padded_batch(vocab: int = 128, lengths=(9, 5, 7), pad_id: int = 1, seed
         mask[i, T - n:] = 1
     return ids, mask
 
-
-@pytest.fixture
-def shared_data() -> Path:
-    """The optional large corpora beside the checkout (only benchmarks and slow tests may use them)."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data (the large corpora) is not present beside this checkout")
-    return SHARED_DATA
