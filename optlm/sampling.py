@@ -34,8 +34,15 @@ def seen_tokens(ids: Tensor, vocab_size: int, mask: Tensor | None = None) -> Ten
 def repetition_penalty(scores: Tensor, seen: Tensor, penalty: float) -> Tensor:
     """CTRL's penalty (Keskar et al. 2019) on tokens already seen: positive scores are divided by
     ``penalty``, negative ones multiplied, so a penalty above 1 always makes a repeat less likely."""
+    penalty = max(penalty, torch.finfo(scores.dtype).tiny)  # one that underflows to 0 would make 0 / 0 = NaN
     penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return torch.where(seen, penalized, scores)
+    return _no_pos_inf(torch.where(seen, penalized, scores))
+
+
+def _no_pos_inf(scores: Tensor) -> Tensor:
+    """Scores pushed past the float range by an extreme penalty or temperature stay the largest finite value:
+    +inf would turn softmax into NaN (inf - inf), where the intent is plain "most likely"."""
+    return scores.clamp(max=torch.finfo(scores.dtype).max)
 
 
 def repeated_ngram_bans(ids: Tensor, n: int, vocab_size: int) -> Tensor:
@@ -67,7 +74,7 @@ def apply_temperature(scores: Tensor, temperature: float) -> Tensor:
     """``scores / temperature``; temperature must be positive (0 means greedy and is handled by the caller)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 here, got {temperature}; use greedy decoding for 0")
-    return scores / temperature
+    return _no_pos_inf(scores / temperature)
 
 
 def top_k_filter(scores: Tensor, k: int, min_keep: int = 1) -> Tensor:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_generate import text_checkpoint
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from train_fixtures import tiny_config, tiny_tokenizer, write_corpus
 
@@ -275,6 +275,10 @@ _ARGS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k"
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(st.sampled_from(_ARGS), _VALUES, max_size=4))
+@example({"temperature": 5.5e-285})  # crashes found by this test once, kept as regression cases
+@example({"repetition_penalty": 2.8e-114, "do_sample": True})
+@example({"num_beams": 2, "length_penalty": 41})
+@example({"temperature": ""})
 def test_any_generation_arguments_run_or_fail_naming_the_argument(lm, kwargs):
     kwargs.setdefault("max_new_tokens", 3)
     try:
