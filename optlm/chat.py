@@ -75,13 +75,14 @@ def check_messages(messages: Sequence[dict[str, str]]) -> None:
             raise ValueError(f"message {i} is a system message; only the first message may be one")
 
 
-def check_text(text: str, what: str) -> None:
-    """Text the tokenizer can take: encodable as UTF-8 (a lone surrogate from a bad decode is not)."""
+def check_text(text: str, what: str, fix: str = "decode the input as UTF-8 first") -> None:
+    """Text the tokenizer can take: encodable as UTF-8. A lone surrogate is not; it is what a bad decode
+    leaves, and what a command-line argument that was not UTF-8 becomes (PEP 383)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{what} is not valid Unicode text: {e.reason} at character {e.start} "
-                         f"({text[e.start:e.end]!r}); decode the input as UTF-8 first") from None
+        raise ValueError(f"{what} is not valid Unicode text (not UTF-8: {e.reason} at character {e.start}, "
+                         f"{text[e.start:e.end]!r}); {fix}") from None
 
 
 def fit_history(messages: Sequence[dict[str, str]], count_tokens: Callable[[str], int], budget: int,

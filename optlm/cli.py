@@ -266,19 +266,13 @@ def _read_stdin(whole: bool) -> str:
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """Every text argument must be UTF-8 (undecodable bytes arrive as lone surrogates, PEP 383)."""
+    from .chat import check_text
+
     for name, value in vars(args).items():
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, str):
-                _check_argument(item, "the prompt" if name == "prompt" else f"--{name.replace('_', '-')}")
-
-
-def _check_argument(text: str, what: str) -> None:
-    """Command-line arguments that were not UTF-8 reach Python as lone surrogates (PEP 383)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{what} is not UTF-8 text (undecodable byte at character {e.start}); pass UTF-8 "
-                         "text or read it from a converted file with -") from None
+                check_text(item, "the prompt" if name == "prompt" else f"--{name.replace('_', '-')}",
+                           fix="pass UTF-8 text, or read it from a converted file with -")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:

@@ -33,9 +33,11 @@ _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 
 # ---- reading ---------------------------------------------------------------------------------------
 
-def _check_file(path: Path) -> None:
+def check_file(path: str | os.PathLike) -> None:
+    """A data file must be a regular, non-empty file; the error says which of those it is not."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise FileNotFoundError(f"data file {path} " + ("is not a regular file" if path.exists() else "does not exist"))
     if path.stat().st_size == 0:
         raise ValueError(f"data file {path} is empty; give files with text in them")
 
@@ -108,7 +110,7 @@ def iter_documents(path: str | os.PathLike, jsonl_key: str = "text",
     hard-wrapped lines into paragraphs (:func:`unwrap`).
     """
     path = Path(path)
-    _check_file(path)
+    check_file(path)
     if path.suffix == ".jsonl":
         with open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
@@ -155,7 +157,7 @@ def cache_key(paths: Sequence[str | os.PathLike], tokenizer: Tokenizer, jsonl_ke
     files = []
     for p in paths:
         p = Path(p).resolve()
-        _check_file(p)
+        check_file(p)
         st = p.stat()
         files.append([str(p), st.st_size, st.st_mtime_ns])
     blob = json.dumps({"v": _CACHE_VERSION, "files": files, "tokenizer": _tokenizer_digest(tokenizer),

@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .data import iter_documents
+from .data import check_file, iter_documents
 from .tokenizer import Tokenizer
 
 
@@ -128,9 +127,7 @@ def evaluate_file(model: str | os.PathLike | None, data: str | os.PathLike, stri
     from .hf import OPTForCausalLM
 
     source = bundled_model_path() if model is None else model
-    if not Path(data).is_file():
-        raise FileNotFoundError(f"data file {data} " + ("is not a regular file" if Path(data).exists()
-                                                         else "does not exist"))
+    check_file(data)
     tokenizer = Tokenizer.from_pretrained(source)
     lm = OPTForCausalLM.from_pretrained(source, dtype=dtype, device=device)
     ids = encode_file(data, tokenizer, jsonl_key, unwrap)

@@ -324,7 +324,7 @@ def _prepare(model, input_ids: Tensor | Sequence, attention_mask: Tensor | None,
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
     if ids.dim() == 1:
         ids = ids[None]
-    vocab = model.config.vocab_size
+    vocab = model.config.vocab_size  # checked here too, not only at the model's door: the penalties index by id
     if ids.dim() != 2 or ids.numel() == 0:
         raise ValueError(f"input_ids must be a non-empty (batch, length) array of token ids, got shape "
                          f"{tuple(ids.shape)}")

@@ -178,7 +178,9 @@ class Int4Linear(nn.Module):
         G = K // gs
         out = torch.empty(N, K, dtype=torch.uint8)
         for start in range(0, K, rows):
-            eye = torch.eye(K)[start:start + rows]  # (r, K)
+            r = min(rows, K - start)
+            eye = torch.zeros(r, K)  # rows start … start + r - 1 of the identity
+            eye[torch.arange(r), torch.arange(start, start + r)] = 1.0
             if self.packing == "optlm":
                 y = kernels.linear_int4(eye, self.weight, torch.ones(N, G), torch.zeros(N, G), gs, check=False)
             else:

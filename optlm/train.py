@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import OPTConfig
-from .data import BlockDataset, split_tokens, tokenize_files
+from .data import BlockDataset, check_file, split_tokens, tokenize_files
 from .hf import OPTForCausalLM, parse_device
 from .tokenizer import Tokenizer
 
@@ -506,9 +506,7 @@ def check_args(args: TrainArgs) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a number {span}, got {value}")
     parse_device(args.device)
     for path in [*args.data, *(args.val_data or [])]:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"data file {path} " + ("is not a regular file" if Path(path).exists()
-                                                             else "does not exist"))
+        check_file(path)
     if args.schedule not in SCHEDULES:
         raise ValueError(f"unknown --schedule {args.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
