@@ -66,11 +66,20 @@ def main() -> None:
     tok = Tokenizer.from_pretrained(args.tokenizer)
     train, val = encode(args.train, tok, args.unwrap), encode(args.val, tok, args.unwrap)
     vocab = len(tok)
-    print(f"train tokens: {len(train):,}   validation tokens scored: {len(val) - 1:,}   vocab: {vocab}")
-    print(f"{'model':<34}{'val ppl':>10}{'nll/token':>11}")
+    from optlm.data import iter_documents
+
+    # Bits per character compare models whose tokenizers (or text preparation) differ: total nll / characters.
+    chars = sum(len(piece) for f in args.val for piece, _ in iter_documents(f, unwrapped=args.unwrap))
+    print(f"train tokens: {len(train):,}   validation tokens scored: {len(val) - 1:,}   characters: {chars:,}   "
+          f"vocab: {vocab}")
+    print(f"{'model':<34}{'val ppl':>10}{'nll/token':>11}{'bits/char':>11}")
+
+    def bits_per_char(nll: float) -> float:
+        return nll * (len(val) - 1) / chars / math.log(2)
+
     for name, nll in [("unigram (add-one)", unigram_nll(train, val, vocab)),
                       ("bigram (interpolated Kneser-Ney)", kneser_ney_bigram_nll(train, val, vocab))]:
-        print(f"{name:<34}{math.exp(nll):>10.2f}{nll:>11.4f}")
+        print(f"{name:<34}{math.exp(nll):>10.2f}{nll:>11.4f}{bits_per_char(nll):>11.4f}")
     if args.model:
         from optlm import OPTForCausalLM
         from optlm.evaluate import perplexity
@@ -79,7 +88,7 @@ def main() -> None:
         t0 = time.perf_counter()
         r = perplexity(model, val, stride=args.stride, batch_size=8)
         print(f"{'model (stride ' + str(args.stride) + ')':<34}{r.perplexity:>10.2f}{r.nll:>11.4f}"
-              f"   ({r.tokens:,} tokens, {time.perf_counter() - t0:.0f}s)")
+              f"{bits_per_char(r.nll):>11.4f}   ({r.tokens:,} tokens, {time.perf_counter() - t0:.0f}s)")
 
 
 if __name__ == "__main__":
