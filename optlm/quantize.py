@@ -386,4 +386,12 @@ def finish_quantized(model: nn.Module, state: dict[str, Tensor], qc: dict) -> No
     for name, m in model.named_modules():
         if isinstance(m, Int4Linear):
             m.set_codes(kernels.unpack_int4(state[f"{name}.weight"]))
+        elif isinstance(m, Int8Linear):
+            # Tensors memory-mapped from a safetensors file start wherever the file put them; PyTorch's int8
+            # matmul reads its weight with aligned vector loads on AVX-512 CPUs and crashes on such a pointer.
+            # A copy lands on the allocator's 64-byte alignment.
+            for key in ("weight", "scales"):
+                t = getattr(m, key)
+                if t.device.type == "cpu" and t.data_ptr() % 64:
+                    setattr(m, key, t.clone())
     _finish(model, qc["mode"])
