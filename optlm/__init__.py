@@ -1,6 +1,7 @@
 """optlm: Meta's OPT language models in lean PyTorch, numerically matching the reference implementation."""
 
 from .config import OPTConfig
+from .engine import LLM, CompletionOutput, LLMEngine, RequestOutput, SamplingParams
 from .evaluate import evaluate_file, perplexity
 from .hf import (
     OPTForCausalLM,
@@ -19,6 +20,11 @@ from .train import TrainArgs, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "LLM",
+    "CompletionOutput",
+    "LLMEngine",
+    "RequestOutput",
+    "SamplingParams",
     "KVCache",
     "LM",
     "OPTConfig",

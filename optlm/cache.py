@@ -11,9 +11,9 @@ instead of recomputed (prefix caching: repeated system prompts). Writing into a 
 (copy-on-write), so no sequence ever sees another's tokens. A freed block keeps its contents and its prefix
 key until the pool hands it out again, so a prompt repeated later can still find it.
 
-The caller owns the cache: it registers sequences, asks for the slots of the tokens it is about to run, and the
-model writes keys/values to those slots and reads each sequence's past by its block table. Nothing here
-advances on its own.
+The caller owns the cache: it registers sequences, reserves slots for the tokens it is about to run
+(``append``), and passes the model a :meth:`PagedKVCache.frame` of the batch; the model writes keys/values to
+those slots and reads each sequence's past by its block table. Nothing here advances on its own.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from .model import Frame
 
 
 class CacheFull(RuntimeError):
@@ -101,6 +103,7 @@ class PagedKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.seqs: dict[object, _Seq] = {}
+        self.prefix_hit_tokens = 0  # prompt tokens found already cached (for metrics)
 
     @classmethod
     def for_memory(cls, config, memory_bytes: int, block_size: int = 16, dtype: torch.dtype = torch.float32,
@@ -153,6 +156,7 @@ class PagedKVCache:
             s.blocks.append(block)
             s.keys.append(key)
             s.tokens.extend(prompt[i * bs:(i + 1) * bs])
+        self.prefix_hit_tokens += len(s.tokens)
         return len(s.tokens)
 
     def fork(self, parent, child) -> None:
@@ -185,10 +189,15 @@ class PagedKVCache:
         while len(s.blocks) * bs < start + len(token_ids):
             s.blocks.append(self.pool.take())
         s.tokens.extend(token_ids)
-        for i in range(len(s.keys), len(s.tokens) // bs):  # blocks just filled become findable
+        return self.slots(seq, start, len(token_ids))
+
+    def publish(self, seq) -> None:
+        """Make ``seq``'s full blocks findable by later prompts. Call it once their keys/values are written: a
+        block reserved but not yet computed must not be shared."""
+        s, bs = self.seqs[seq], self.block_size
+        for i in range(len(s.keys), len(s.tokens) // bs):
             s.keys.append(hash((s.keys[-1] if s.keys else 0, tuple(s.tokens[i * bs:(i + 1) * bs]))))
             self.pool.publish(s.blocks[i], s.keys[-1])
-        return self.slots(seq, start, len(token_ids))
 
     def truncate(self, seq, length: int) -> None:
         """Forget ``seq``'s tokens from ``length`` on (a preempted or rolled-back sequence), freeing blocks."""
@@ -241,3 +250,61 @@ class PagedKVCache:
     def read(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values at ``slots`` ``(B, S)``, as ``(B, heads, S, head_dim)`` each."""
         return self.k[layer][slots].transpose(1, 2), self.v[layer][slots].transpose(1, 2)
+
+    def frame(self, rows: list[tuple[object, int]]) -> PagedFrame:
+        """The frame of one forward pass in which row ``b`` runs the last ``n_b`` tokens of sequence ``seq_b``
+        (``rows = [(seq_b, n_b), ...]``, slots already reserved by :meth:`append`). Rows are right-padded to
+        the longest ``n``; feed the model ``(B, T)`` ids laid out the same way."""
+        return PagedFrame(self, rows)
+
+
+class PagedFrame(Frame):
+    """A batch of sequences at different lengths running different numbers of new tokens over one paged cache.
+
+    Row ``b`` has ``past_b`` cached tokens and ``n_b`` new ones at positions ``past_b … past_b + n_b - 1``;
+    new token ``t`` attends to the row's keys ``0 … past_b + t``. Padding queries (``t >= n_b``) get position
+    -1 and attend to the row's real keys; their outputs are ignored and their keys/values are never stored.
+    """
+
+    def __init__(self, cache: PagedKVCache, rows: list[tuple[object, int]]):
+        self.cache = cache
+        dev = cache.k.device
+        seqs = [seq for seq, _ in rows]
+        n = torch.tensor([count for _, count in rows])  # (B,)
+        lengths = torch.tensor([cache.length(seq) for seq in seqs])  # (B,) after this pass
+        past = lengths - n
+        B, T = len(rows), int(n.max())
+        S = int(lengths.max())
+        self.slots, key_valid = cache.slot_table(seqs, S)  # (B, S) each
+        t = torch.arange(T)
+        self.new = (t[None, :] < n[:, None]).to(dev)  # (B, T) real new tokens
+        q_pos = past[:, None] + t[None, :]  # (B, T)
+        self.write_slots = self.slots.gather(1, q_pos.clamp(max=S - 1).to(dev))[self.new]  # (N,)
+        positions = q_pos.masked_fill(~self.new.cpu(), -1).to(dev)
+        # Only the new tokens themselves, from an empty past: their own keys, causally (no gather needed).
+        self.own = bool((past == 0).all()) and T == S
+        if T == 1 and bool((lengths == S).all()):
+            allowed = None  # one query per row and every row's keys all real: attend to everything
+        elif self.own and bool((n == T).all()):
+            allowed = None  # plain causal attention over equal-length prompts
+        else:
+            s = torch.arange(S)
+            causal = s[None, None, :] <= q_pos.clamp(max=S - 1)[:, :, None]  # (B, T, S)
+            # Padding queries attend to the row's real keys (any non-empty set, so softmax stays finite).
+            allowed = (causal | ~self.new.cpu()[:, :, None]) & key_valid.cpu()[:, None, :]
+            allowed = allowed[:, None].to(dev)  # (B, 1, T, S)
+        super().__init__(positions, allowed, None)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.cache
+        new_k = k.transpose(1, 2)[self.new]  # (N, nh, hs): the real new tokens, in row order
+        new_v = v.transpose(1, 2)[self.new]
+        c.k[layer].index_copy_(0, self.write_slots, new_k.to(c.k.dtype))
+        c.v[layer].index_copy_(0, self.write_slots, new_v.to(c.v.dtype))
+        if self.own:
+            return k.to(c.k.dtype), v.to(c.v.dtype)
+        B, S = self.slots.shape
+        flat = self.slots.reshape(-1)
+        k_all = c.k[layer].index_select(0, flat).view(B, S, *c.k.shape[2:]).transpose(1, 2)  # (B, nh, S, hs)
+        v_all = c.v[layer].index_select(0, flat).view(B, S, *c.v.shape[2:]).transpose(1, 2)
+        return k_all, v_all

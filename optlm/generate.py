@@ -22,7 +22,6 @@ from torch import Tensor
 
 from . import sampling
 from .kv_cache import KVCache
-from .model import positions_from_mask
 
 MIN_TEMPERATURE = 1e-5  # temperatures below this decode greedily
 NEG = -1.0e9  # the reference's "impossible" beam score: finite, so sums and divisions stay ordered
@@ -195,10 +194,14 @@ def new_cache(model, batch_size: int, capacity: int) -> KVCache:
 
     Where half-precision attention runs in fp32 (``optlm.fast.upcast_half_attention``) the cache holds fp32:
     the same values (bf16/fp16 widen exactly), converted once when written instead of at every step."""
-    weight = _float_weight(model)
+    return KVCache.for_model(model.config, batch_size, capacity, cache_dtype(model), _float_weight(model).device)
+
+
+def cache_dtype(model) -> torch.dtype:
+    """The dtype keys/values are cached in: the activations', or float32 where half-precision attention is
+    computed in float32 (``optlm.fast.upcast_half_attention``)."""
     layers = model.get_decoder().layers
-    dtype = torch.float32 if len(layers) and layers[0].self_attn.upcast_attention else weight.dtype
-    return KVCache.for_model(model.config, batch_size, capacity, dtype, weight.device)
+    return torch.float32 if len(layers) and layers[0].self_attn.upcast_attention else _float_weight(model).dtype
 
 
 def prefill(model, ids: Tensor, mask: Tensor | None, cache: KVCache) -> tuple[Tensor, Tensor]:
@@ -206,24 +209,22 @@ def prefill(model, ids: Tensor, mask: Tensor | None, cache: KVCache) -> tuple[Te
 
     Returns float32 next-token logits ``(B, V)`` and the last hidden states of every prompt token ``(B, P, d)``.
     """
-    if mask is None:
-        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    else:
-        positions = positions_from_mask(mask)
-    out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
-    return check_finite(out.logits[:, -1].float(), "the prompt"), out.last_hidden_state
+    frame = cache.frame(ids.shape[1], mask)
+    logits, hidden = model.step(ids, frame)
+    cache.commit(frame)
+    return check_finite(logits.float(), "the prompt"), hidden
 
 
-def decode_one(model, tokens: Tensor, positions: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
-    """One cached step for ``tokens`` ``(N,)`` at ``positions`` ``(N,)``: float32 logits ``(N, V)``, hidden ``(N, d)``.
+def decode_one(model, tokens: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
+    """One cached step for ``tokens`` ``(N,)``: float32 logits ``(N, V)`` and hidden states ``(N, d)``.
 
-    The cache remembers earlier padding, so no attention mask is passed; the cost is one token through the
-    layers plus attention over the filled slots.
+    The cache remembers earlier padding, so each row's position follows from it; the cost is one token through
+    the layers plus attention over the filled slots.
     """
-    out = model(tokens[:, None], position_ids=positions[:, None], past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
-    return check_finite(out.logits[:, -1].float(), f"position {int(positions.max())}"), out.last_hidden_state[:, -1]
+    frame = cache.frame(1)
+    logits, hidden = model.step(tokens[:, None], frame)
+    cache.commit(frame)
+    return check_finite(logits.float(), f"position {int(frame.positions.max())}"), hidden[:, -1]
 
 
 class NonFiniteError(ValueError):
@@ -395,12 +396,6 @@ class Decoding:
         finally:
             self.finished_at = time.perf_counter()
 
-    def _positions(self) -> Tensor:
-        P, N = self.prompt_length, self.seqs.shape[0]
-        if self.mask is None:
-            return torch.full((N,), P, dtype=torch.long, device=self.seqs.device)
-        return self.mask.sum(1)  # next position = number of real prompt tokens (padding takes none)
-
     def _emit(self, tokens: Tensor) -> Tensor:
         """Record this step's tokens; finished rows get the pad id. Returns the tokens as written."""
         pad = self.cfg.pad_token_id
@@ -429,7 +424,6 @@ class Decoding:
             cache.repeat_interleave(n)
             logits = logits.repeat_interleave(n, dim=0)
             self.procs.expand(n)
-        positions = self._positions()
         while True:
             scores = self.procs(logits, self.sequences, self.steps)
             if cfg.sampling:
@@ -442,8 +436,7 @@ class Decoding:
             if not self._more():
                 return
             with torch.no_grad():
-                logits, _ = decode_one(self.model, tokens, positions, cache)
-            positions = positions + 1
+                logits, _ = decode_one(self.model, tokens, cache)
 
     def _contrastive(self) -> Iterator[Tensor]:
         """Contrastive search: among the top-k candidates pick argmax of (1 - α) p(v) - α max_j cos(h_v, h_j),
@@ -464,7 +457,6 @@ class Decoding:
         context[:, :P] = F.normalize(hidden.to(dtype), dim=-1)  # unit vectors: dot products are cosines
         valid = torch.zeros(B, self.seqs.shape[1], dtype=torch.bool, device=hidden.device)
         valid[:, :P] = True if self._prompt_mask is None else self._prompt_mask.bool()
-        positions = self._positions().repeat_interleave(K)
         rows = torch.arange(B, device=hidden.device) * K
         alpha = cfg.penalty_alpha
         while True:
@@ -472,7 +464,7 @@ class Decoding:
             probs = torch.softmax(self.procs(logits, self.sequences, self.steps), dim=-1)
             top_probs, top_ids = torch.topk(probs, K, dim=-1)  # (B, K)
             with torch.no_grad():
-                cand_logits, cand_hidden = decode_one(self.model, top_ids.reshape(-1), positions, cache)
+                cand_logits, cand_hidden = decode_one(self.model, top_ids.reshape(-1), cache)
             cand = F.normalize(cand_hidden.to(dtype), dim=-1).view(B, K, -1)  # (B, K, d)
             cos = cand @ context[:, :S].transpose(1, 2)  # (B, K, S)
             penalty = cos.masked_fill(~valid[:, None, :S], -1.0).amax(-1)  # (B, K) degeneration penalty
@@ -489,7 +481,6 @@ class Decoding:
             if not self._more():
                 return
             logits = cand_logits[winner]
-            positions = positions + 1
 
 
 # ---- beam search -----------------------------------------------------------------------------------------
@@ -534,7 +525,6 @@ def beam_search(model, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig, 
         logits, _ = prefill(model, ids, mask, cache)
     cache.repeat_interleave(K)
     logits = logits.repeat_interleave(K, dim=0)  # (B*K, V)
-    positions = (torch.full((B,), P, device=dev) if mask is None else mask.sum(1)).repeat_interleave(K)
 
     run_seq = torch.full((B, K, max_len), fill, dtype=torch.long, device=dev)
     run_seq[:, :, :P] = ids[:, None]
@@ -602,8 +592,7 @@ def beam_search(model, ids: Tensor, mask: Tensor | None, cfg: GenerationConfig, 
         tokens = run_seq[:, :, cur].reshape(-1)
         procs.advance(tokens, flat_parent)
         with torch.no_grad():
-            logits, _ = decode_one(model, tokens, positions, cache)
-        positions = positions + 1
+            logits, _ = decode_one(model, tokens, cache)
 
     out = fin_seq[:, :n].reshape(B * n, max_len)
     return out[:, : P + int(fin_len[:, :n].max())]
@@ -716,11 +705,14 @@ class TextStream:
         cut = trim_at_stop(pending, self.stops)
         if len(cut) < len(pending):
             return cut, "", True
-        if final:
-            return pending, "", False
-        # Hold back the longest tail that could still grow into a stop string.
-        hold = max((k for s in self.stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+        hold = 0 if final else stop_prefix_length(pending, self.stops)
         return pending[: len(pending) - hold], pending[len(pending) - hold:], False
+
+
+def stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that could still grow into a stop string (streamed text holds
+    it back until it is clearly not one)."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def stream(model, tokenizer, input_ids: Tensor | Sequence, attention_mask: Tensor | None = None,

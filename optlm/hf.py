@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from . import checkpoint as ckpt
 from .config import OPTConfig
 from .kv_cache import KVCache
-from .model import OPTDecoder, positions_from_mask
+from .model import Frame, OPTDecoder
 from .quantize import finish_quantized, prepare_quantized, quantization_config, saved_state
 from .quantize import quantize as quantize_model
 
@@ -265,19 +265,16 @@ class OPTPreTrainedModel(nn.Module):
             use_cache = self.config.use_cache and not self.training
         if cache is None and use_cache:
             cache = KVCache.for_model(self.config, B, T, self.dtype, input_ids.device)
-        past = cache.length if cache is not None else 0
-        if attention_mask is None and cache is not None and cache.mask is not None:
-            attention_mask = torch.cat([cache.mask.long(), cache.mask.new_ones(B, T, dtype=torch.long)], 1)
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = positions_from_mask(attention_mask)[:, past:]
-            else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        limit = self.config.max_position_embeddings
-        if past + T > limit:
-            raise ValueError(f"input has {past + T} tokens ({past} cached + {T} new); this model allows {limit} "
-                             "(max_position_embeddings) — shorten or truncate it")
-        hidden = self.get_decoder()(input_ids, position_ids, attention_mask, cache)
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask, device=input_ids.device)
+        frame = Frame.causal(B, T, input_ids.device, attention_mask) if cache is None else cache.frame(T, attention_mask)
+        if position_ids is not None:
+            if tuple(position_ids.shape) not in ((B, T), (1, T)):
+                raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected ({B}, {T})")
+            frame.positions = position_ids.expand(B, T)
+        hidden = self.get_decoder()(input_ids, frame)
+        if cache is not None:
+            cache.commit(frame)
         return hidden, cache
 
 
@@ -332,6 +329,14 @@ class OPTForCausalLM(OPTPreTrainedModel):
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, T, V)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return OPTOutput(loss=loss, logits=logits, last_hidden_state=hidden, past_key_values=cache)
+
+    def step(self, ids: Tensor, frame: Frame, last: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The core call of generation and the engine: ``ids`` ``(B, T)`` run in ``frame`` → logits ``(B, V)``
+        of each row's token at column ``last`` ``(B,)`` (default: the last column) and the hidden states
+        ``(B, T, e)``. The caller owns the cache behind the frame and advances it."""
+        hidden = self.model.decoder(ids, frame)
+        rows = hidden[:, -1] if last is None else hidden[torch.arange(ids.shape[0], device=ids.device), last]
+        return self.lm_head(rows), hidden
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         """transformers-style ``generate``: prompt + new tokens; see :func:`optlm.generate.generate`."""

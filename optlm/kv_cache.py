@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .model import Frame
+
 
 class KVCache:
     """Static cache of keys and values for all layers.
@@ -58,6 +60,19 @@ class KVCache:
             new[:, :, :, : self.length] = old[:, :, :, : self.length]
             setattr(self, name, new)
 
+    def frame(self, T: int, mask: Tensor | None = None) -> _CacheFrame:
+        """The frame of a forward pass over ``T`` new tokens after the filled slots.
+
+        ``mask`` ``(B, length + T)`` marks real tokens; None means the padding seen so far and ``T`` real new
+        tokens. The caller runs the model with the frame and then calls :meth:`advance` with it.
+        """
+        B = self.batch_size
+        if mask is None and self.mask is not None:
+            mask = torch.cat([self.mask, self.mask.new_ones(B, T)], dim=1)  # earlier padding persists
+        self.reserve(T)
+        base = Frame.causal(B, T, self.k.device, mask, past=self.length)
+        return _CacheFrame(self, base)
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write ``k``, ``v`` (``(B, nh, T, hs)``) after the filled slots; return all keys/values so far.
 
@@ -86,10 +101,14 @@ class KVCache:
             views = self._views = (self.k, self.v, list(zip(self.k.unbind(0), self.v.unbind(0), strict=True)))
         return views[2]
 
-    def advance(self, n: int, mask: Tensor | None) -> None:
+    def advance(self, n: int, mask: Tensor | None = None) -> None:
         """Mark ``n`` new slots filled; ``mask`` is the (B, length + n) validity mask or None (no padding)."""
         self.length += n
         self.mask = None if mask is None else mask[:, : self.length].bool()
+
+    def commit(self, frame: _CacheFrame) -> None:
+        """Mark the tokens of ``frame`` (run through the model) as filled."""
+        self.advance(frame.positions.shape[1], frame.valid)
 
     def reorder(self, index: Tensor) -> None:
         """Select batch rows (beam search: keep the surviving beams' histories)."""
@@ -117,3 +136,14 @@ class KVCache:
         new._views = None
         new.mask = None if self.mask is None else self.mask.clone()
         return new
+
+
+class _CacheFrame(Frame):
+    """A frame whose keys/values go into a :class:`KVCache` after its filled slots."""
+
+    def __init__(self, cache: KVCache, base: Frame):
+        super().__init__(base.positions, base.allowed, base.valid)
+        self.cache = cache
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cache.update(layer, k, v)

@@ -3,6 +3,11 @@
 Parameter names follow the Hugging Face layout (``embed_tokens``, ``layers.N.self_attn.q_proj`` …) so a
 checkpoint maps onto the module tree one to one and adapters can target the same names as ``peft``.
 This file is pure computation: no I/O, no tokenizer, no HF keyword surface (that lives in ``hf.py``).
+
+The core protocol: ``decoder(ids, frame)``. A :class:`Frame` says where the new tokens sit (their positions) and
+what they attend to; the default frame is the tokens themselves, causally. A cache hands the model a frame of
+its own (``KVCache.frame``, ``PagedKVCache.frame``) whose ``update`` stores the new keys/values and returns all
+the keys/values the pass may read. The model never imports a cache and never advances one: the caller does.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import OPTConfig
-from .kv_cache import KVCache
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
@@ -41,6 +45,39 @@ def positions_from_mask(mask: Tensor) -> Tensor:
     return torch.cumsum(mask, dim=1) * mask - 1
 
 
+class Frame:
+    """One forward pass's view: where its ``T`` new tokens sit and which ``S`` keys each may attend to.
+
+    ``positions`` ``(B, T)``: position of each new token (-1 for padding). ``allowed`` ``(B|1, 1, T, S)`` bool:
+    query t may attend key s; None means plain causal attention over the new tokens (``T == S``) or, for one
+    query per row (``T == 1``), all keys. ``valid`` ``(B, S)``: real keys, for flash-attention's variable-length
+    path; None = all real. This base frame has no cache: the keys are the new tokens' own.
+    """
+
+    def __init__(self, positions: Tensor, allowed: Tensor | None = None, valid: Tensor | None = None):
+        self.positions, self.allowed, self.valid = positions, allowed, valid
+
+    @classmethod
+    def causal(cls, B: int, T: int, device: torch.device, mask: Tensor | None = None, past: int = 0) -> Frame:
+        """``T`` new tokens after ``past`` earlier ones; ``mask`` ``(B, past + T)`` marks real tokens (1) and
+        left padding (0), or None for no padding. The one place positions and masks are derived from padding."""
+        S = past + T
+        if mask is not None and tuple(mask.shape) != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected ({B}, {S}) = "
+                             f"(batch, cached tokens {past} + new tokens {T})")
+        if mask is not None and bool(mask.all()):
+            mask = None  # no padding anywhere: take the unmasked fast path
+        if mask is None:
+            positions = torch.arange(past, S, device=device).expand(B, T)
+            return cls(positions, causal_mask(T, S, device) if 1 < T < S else None)
+        valid = mask.bool()
+        return cls(positions_from_mask(mask)[:, past:], causal_mask(T, S, device, valid), valid)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store layer ``layer``'s new keys/values ``(B, nh, T, hs)``; return all it attends to ``(B, nh, S, hs)``."""
+        return k, v
+
+
 class OPTAttention(nn.Module):
     def __init__(self, config: OPTConfig, layer_idx: int):
         super().__init__()
@@ -63,7 +100,7 @@ class OPTAttention(nn.Module):
         # matmuls are slow fallbacks; the kernel accumulates in fp32 either way).
         self.upcast_attention = False
 
-    def forward(self, x: Tensor, allowed: Tensor | None, cache: KVCache | None, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, frame: Frame) -> Tensor:
         B, T, C = x.shape
         fused = self.fused_qkv
         if fused is not None and not torch.is_grad_enabled() and fused.matches(self):
@@ -74,8 +111,8 @@ class OPTAttention(nn.Module):
         q = (q * self.scaling).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), S = past + T
+        k, v = frame.update(self.layer_idx, k, v)  # (B, nh, S, hs): cached keys (if any) and the new ones
+        allowed = frame.allowed
         out_dtype = q.dtype
         if self.upcast_attention and out_dtype != torch.float32:
             q, k, v = q.float(), k.float(), v.float()  # no-ops for a float32 cache (see optlm.generate.new_cache)
@@ -87,13 +124,15 @@ class OPTAttention(nn.Module):
             causal = allowed is None and T > 1
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, is_causal=causal, scale=1.0)
         elif impl == "eager":
+            if allowed is None:
+                allowed = causal_mask(T, k.shape[2], q.device)
             scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, torch.finfo(q.dtype).min)  # (B, nh, T, S)
             # Softmax in (at least) fp32 like the reference, so fp16/bf16 scores cannot overflow.
             w = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
             w = w.masked_fill(~allowed.any(-1, keepdim=True), 0.0)  # fully padded query rows attend to nothing
             y = F.dropout(w, p=p, training=self.training) @ v  # (B, nh, T, hs)
         elif impl == "flash_attention_2":
-            y = _flash_attention(q, k, v, mask, p)
+            y = _flash_attention(q, k, v, frame.valid, p)
         else:
             raise ValueError(f"unknown attn_implementation {impl!r}; choose one of {ATTN_IMPLEMENTATIONS}")
         y = y.transpose(1, 2).reshape(B, T, C).to(out_dtype)  # (B, T, C)
@@ -114,7 +153,7 @@ def causal_mask(T: int, S: int, device: torch.device, valid: Tensor | None = Non
     return allowed[:, None]  # (B|1, 1, T, S)
 
 
-def _flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
+def _flash_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, dropout: float) -> Tensor:
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError as e:
@@ -128,11 +167,10 @@ def _flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropo
     B, nh, T, hs = q.shape
     S = k.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T|S, nh, hs)
-    if mask is None:
+    if valid is None:
         # flash_attn aligns the causal diagonal bottom-right, which is our slot layout (queries are the last T).
         return flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=1.0, causal=True).transpose(1, 2)
     # Padding: drop padded keys and queries, run variable-length attention, scatter results back.
-    valid = mask[:, :S].bool()  # (B, S)
     q_valid = valid[:, S - T:]  # (B, T)
     k_lens, q_lens = valid.sum(1, dtype=torch.int32), q_valid.sum(1, dtype=torch.int32)
     cu_k = F.pad(torch.cumsum(k_lens, 0, dtype=torch.int32), (1, 0))
@@ -160,10 +198,10 @@ class OPTDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.ffn_dim, d, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
 
-    def forward(self, x: Tensor, allowed: Tensor | None, cache: KVCache | None, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, frame: Frame) -> Tensor:
         # Pre-LN (every OPT but 350m) normalises each sublayer's input; post-LN (350m) its residual sum.
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
-        h = self.self_attn(h, allowed, cache, mask)
+        h = self.self_attn(h, frame)
         x = x + (F.dropout(h, self.dropout, True) if self.training else h)
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
@@ -203,46 +241,28 @@ class OPTDecoder(nn.Module):
         for layer in self.layers:
             layer.self_attn.attn_implementation = name
 
-    def forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
-        """ids, positions: (B, T). mask: (B, past + T) 1 = real token, or None for no padding at all.
-
-        With a cache, the new keys/values are written after its filled slots and the cache advances by T.
-        """
+    def forward(self, ids: Tensor, frame: Frame | None = None) -> Tensor:
+        """ids ``(B, T)`` → hidden states ``(B, T, e)``. Without a frame: the tokens alone, causally, no padding."""
         B, T = ids.shape
-        past = cache.length if cache is not None else 0
-        S = past + T
-        if mask is None and cache is not None and cache.mask is not None:
-            mask = torch.cat([cache.mask, cache.mask.new_ones(B, T)], dim=1)  # earlier padding persists
-        if mask is not None and mask.shape != (B, S):
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected ({B}, {S}) = "
-                             f"(batch, cached tokens {past} + new tokens {T})")
-        if mask is not None and bool(mask.all()):
-            mask = None  # no padding anywhere: take the unmasked fast path
-        if positions.min() < -1 or positions.max() >= self.config.max_position_embeddings:
-            raise ValueError(f"positions must lie in [0, {self.config.max_position_embeddings}) "
-                             f"(max_position_embeddings); got up to {int(positions.max())}")
-        if cache is not None:
-            cache.reserve(T)
+        if frame is None:
+            frame = Frame.causal(B, T, ids.device)
+        positions = frame.positions
+        limit = self.config.max_position_embeddings
+        if int(positions.max()) >= limit or int(positions.min()) < -1:
+            raise ValueError(f"the input reaches position {int(positions.max())} (counting from 0); this model allows "
+                             f"{limit} tokens (max_position_embeddings) — shorten or truncate it")
 
         x = self.embed_tokens(ids)  # (B, T, e)
         if self.project_in is not None:
             x = self.project_in(x)  # (B, T, d)
         x = x + self.embed_positions(positions + POSITION_OFFSET)  # (B, T, d)
-
-        impl = self.layers[0].self_attn.attn_implementation if len(self.layers) else "sdpa"
-        allowed = None  # boolean (B|1, 1, T, S) attention mask; None = no padding, SDPA's is_causal suffices
-        if impl != "flash_attention_2" and (mask is not None or impl == "eager" or 1 < T < S):
-            allowed = causal_mask(T, S, x.device, mask)
         for layer in self.layers:
             if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
                 continue  # LayerDrop (Fan et al. 2019): skip whole layers at random while training
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, allowed, None, mask, use_reentrant=False)
+            if self.gradient_checkpointing and self.training and type(frame) is Frame:
+                x = checkpoint(layer, x, frame, use_reentrant=False)
             else:
-                x = layer(x, allowed, cache, mask)
-        if cache is not None:
-            cache.advance(T, mask)
+                x = layer(x, frame)
 
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)

@@ -31,12 +31,20 @@ def seen_tokens(ids: Tensor, vocab_size: int, mask: Tensor | None = None) -> Ten
     return seen[:, :vocab_size]
 
 
-def repetition_penalty(scores: Tensor, seen: Tensor, penalty: float) -> Tensor:
+def repetition_penalty(scores: Tensor, seen: Tensor, penalty: float | Tensor) -> Tensor:
     """CTRL's penalty (Keskar et al. 2019) on tokens already seen: positive scores are divided by
-    ``penalty``, negative ones multiplied, so a penalty above 1 always makes a repeat less likely."""
-    penalty = max(penalty, torch.finfo(scores.dtype).tiny)  # one that underflows to 0 would make 0 / 0 = NaN
+    ``penalty`` (a number, or ``(N, 1)`` per row), negative ones multiplied, so a penalty above 1 always makes a
+    repeat less likely."""
+    tiny = torch.finfo(scores.dtype).tiny  # a penalty that underflows to 0 would make 0 / 0 = NaN
+    penalty = penalty.clamp(min=tiny) if isinstance(penalty, Tensor) else max(penalty, tiny)
     penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
     return _no_pos_inf(torch.where(seen, penalized, scores))
+
+
+def presence_frequency_penalty(scores: Tensor, counts: Tensor, presence: Tensor, frequency: Tensor) -> Tensor:
+    """OpenAI's penalties: subtract ``presence`` once from every token that occurred and ``frequency`` per
+    occurrence; ``counts`` ``(N, V)`` are the occurrences, ``presence`` and ``frequency`` ``(N, 1)``."""
+    return scores - frequency * counts - presence * (counts > 0)
 
 
 def _no_pos_inf(scores: Tensor) -> Tensor:
@@ -70,23 +78,29 @@ def ban_tokens(scores: Tensor, banned: Tensor) -> Tensor:
 
 # ---- warpers (sampling only) ---------------------------------------------------------------------------
 
-def apply_temperature(scores: Tensor, temperature: float) -> Tensor:
-    """``scores / temperature``; temperature must be positive (0 means greedy and is handled by the caller)."""
-    if not temperature > 0:
+def apply_temperature(scores: Tensor, temperature: float | Tensor) -> Tensor:
+    """``scores / temperature`` (a number, or ``(N, 1)`` per row); temperature must be positive (0 means
+    greedy and is handled by the caller)."""
+    if not bool((torch.as_tensor(temperature) > 0).all()):
         raise ValueError(f"temperature must be > 0 here, got {temperature}; use greedy decoding for 0")
     return _no_pos_inf(scores / temperature)
 
 
-def top_k_filter(scores: Tensor, k: int, min_keep: int = 1) -> Tensor:
-    """Keep the ``k`` highest scores of each row (all tokens tied with the k-th are kept too)."""
-    k = min(max(k, min_keep), scores.shape[-1])
-    kth = torch.topk(scores, k, dim=-1).values[..., -1:]  # (N, 1)
+def top_k_filter(scores: Tensor, k: int | Tensor, min_keep: int = 1) -> Tensor:
+    """Keep the ``k`` highest scores of each row (all tokens tied with the k-th are kept too); ``k`` is a
+    number or ``(N,)`` per row."""
+    if isinstance(k, Tensor):
+        k = k.clamp(min_keep, scores.shape[-1])
+        kth = torch.topk(scores, int(k.max()), dim=-1).values.gather(-1, k[:, None] - 1)  # (N, 1)
+    else:
+        k = min(max(k, min_keep), scores.shape[-1])
+        kth = torch.topk(scores, k, dim=-1).values[..., -1:]  # (N, 1)
     return scores.masked_fill(scores < kth, NEG_INF)
 
 
-def top_p_filter(scores: Tensor, p: float, min_keep: int = 1) -> Tensor:
+def top_p_filter(scores: Tensor, p: float | Tensor, min_keep: int = 1) -> Tensor:
     """Nucleus filtering (Holtzman et al. 2020): keep the most probable tokens whose probabilities sum to at
-    least ``p``. Ascending sort: a token goes when the mass of itself and everything less likely is at most
+    least ``p`` (a number, or ``(N, 1)`` per row). Ascending sort: a token goes when the mass of itself and everything less likely is at most
     ``1 - p``; the ``min_keep`` most likely always stay."""
     ascending, order = torch.sort(scores, dim=-1)
     tail_mass = ascending.softmax(dim=-1).cumsum(dim=-1)  # (N, V) mass of this token and all below it
@@ -94,6 +108,13 @@ def top_p_filter(scores: Tensor, p: float, min_keep: int = 1) -> Tensor:
     drop_sorted[..., -min_keep:] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return scores.masked_fill(drop, NEG_INF)
+
+
+def min_p_filter(scores: Tensor, min_p: Tensor) -> Tensor:
+    """Min-p sampling (Nguyen et al. 2024): drop tokens whose probability is below ``min_p`` ``(N, 1)`` times
+    the row's most likely token's."""
+    probs = torch.softmax(scores, dim=-1)
+    return scores.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), NEG_INF)
 
 
 def warp(scores: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,

@@ -82,7 +82,7 @@ def text_checkpoint(directory: Path, seed: int = 0, favour: list[int] | None = N
 class ScriptedLM(nn.Module):
     """A stand-in causal LM that emits ``script`` token after token (one-hot logits), then ``after`` forever.
 
-    It implements just what generation calls (forward with positions and a cache, config, get_decoder), so
+    It implements just what generation calls (the core `step`, config, get_decoder), so
     text-level behaviour (streaming, stop strings, chat turns) can be tested on exactly chosen tokens.
     """
 
@@ -101,18 +101,16 @@ class ScriptedLM(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.decoder.embed_tokens
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
-                logits_to_keep=0) -> OPTOutput:
+    def step(self, input_ids, frame, last=None):
         B, T = input_ids.shape
-        nxt = position_ids[:, -1] + 1  # (B,) position of the token these logits predict, per row
-        if past_key_values.length == 0:
+        nxt = frame.positions[:, -1] + 1  # (B,) position of the token these logits predict, per row
+        if frame.cache.length == 0:
             self.start = nxt.clone()
             self.prompts.append(input_ids.clone())
         elif len(self.start) != B:  # rows were repeated after the prefill (several sequences per prompt)
             self.start = self.start.repeat_interleave(B // len(self.start))
-        past_key_values.advance(T, attention_mask)
-        logits = torch.full((B, 1, self.config.vocab_size), -30.0)
+        logits = torch.full((B, self.config.vocab_size), -30.0)
         for b in range(B):
             i = int(nxt[b] - self.start[b])
-            logits[b, 0, self.script[i] if 0 <= i < len(self.script) else self.after] = 30.0
-        return OPTOutput(logits=logits, last_hidden_state=torch.zeros(B, T, 8), past_key_values=past_key_values)
+            logits[b, self.script[i] if 0 <= i < len(self.script) else self.after] = 30.0
+        return logits, torch.zeros(B, T, 8)

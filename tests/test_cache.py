@@ -2,8 +2,8 @@
 
 Invariants: what a sequence reads back is exactly what was written for it, token by token, whatever the other
 sequences do (append, fork, free, share a prefix, get cut back); blocks are shared only between equal prefixes
-and copied before a shared block is written; every block returns to the pool when its sequences are freed;
-a request the pool cannot hold fails as a whole, leaving the cache as it was.
+whose keys/values are already written, and copied before a shared block is written; every block returns to the
+pool when its sequences are freed; a request the pool cannot hold fails as a whole, leaving the cache as it was.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def _run(cache: PagedKVCache, seq, tokens: list[int]) -> None:
     k, v = _kv(tokens, list(range(start, start + len(tokens))))
     for layer in range(L):
         cache.write(layer, slots, k + layer, v - layer)
+    cache.publish(seq)
 
 
 def _check(cache: PagedKVCache, seqs: dict) -> None:
@@ -99,6 +100,17 @@ def test_a_repeated_prompt_prefix_is_shared_not_recomputed():
     cache.free("a")
     cache.free("c")
     assert cache.add("d", system + [9]) == 12
+
+
+def test_a_block_is_shared_only_once_its_keys_are_written():
+    cache = _cache()
+    prompt = list(range(20, 29))
+    cache.add("a", prompt)
+    cache.append("a", prompt)  # slots reserved, nothing computed yet
+    assert cache.add("b", prompt) == 0
+    cache.free("b")
+    cache.publish("a")
+    assert cache.add("c", prompt) == 8
 
 
 def test_different_prefixes_never_share_even_with_equal_last_blocks():

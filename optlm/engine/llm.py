@@ -1,0 +1,95 @@
+"""The offline API with vLLM's names: ``LLM(model).generate(prompts, SamplingParams(...))``.
+
+All prompts are submitted at once and run together by the continuous-batching engine; the results come back in
+prompt order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .engine import LLMEngine, RequestOutput
+from .params import SamplingParams
+
+
+class LLM:
+    """A model, its tokenizer and an engine.
+
+    ``model``: a checkpoint directory or hub id, None for the bundled model, or an already built causal LM
+    (then pass ``tokenizer`` — a Tokenizer or a path — for text prompts and outputs). ``dtype``, ``device``,
+    ``quantize`` and ``revision`` are :func:`optlm.load`'s. ``max_num_seqs``, ``max_model_len``,
+    ``kv_cache_memory`` (bytes), ``block_size`` and ``max_num_batched_tokens`` size the engine
+    (:class:`LLMEngine`).
+    """
+
+    def __init__(self, model: str | os.PathLike | torch.nn.Module | None = None, tokenizer: Any = None, *,
+                 dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                 quantize: str | None = None, revision: str | None = None, max_num_seqs: int = 64,
+                 max_model_len: int | None = None, kv_cache_memory: int | None = None, block_size: int = 16,
+                 max_num_batched_tokens: int = 512):
+        if isinstance(model, torch.nn.Module):
+            if isinstance(tokenizer, (str, os.PathLike)):
+                from ..tokenizer import Tokenizer
+
+                tokenizer = Tokenizer.from_pretrained(tokenizer)
+        else:
+            from ..lm import load
+
+            lm = load(model, dtype=dtype, device=device, quantize=quantize, revision=revision, tokenizer=tokenizer)
+            model, tokenizer = lm.model, lm.tokenizer
+        self.llm_engine = LLMEngine(model, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                    kv_cache_memory=kv_cache_memory, block_size=block_size,
+                                    max_num_batched_tokens=max_num_batched_tokens)
+        self._counter = 0
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: str | Seq[str] | Seq[int] | Seq[Seq[int]] | Seq[dict],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Completions of every prompt (text, a list of token ids, a list of either, or ``{"prompt_token_ids":
+        [...]}`` dicts), with one ``SamplingParams`` for all or one per prompt; finished ``RequestOutput``s in
+        prompt order. A bad prompt or setting raises ValueError naming the prompt before anything runs."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
+                                                and all(isinstance(i, int) for i in prompts)):
+            prompts = [prompts]  # one prompt (text or token ids)
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts; give one, or one per "
+                                 "prompt")
+        engine = self.llm_engine
+        ids = []
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+                rid = f"{self._counter}"
+                self._counter += 1
+                try:
+                    engine.add_request(rid, prompt, p)
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"prompt {i}: {e}") from None
+                ids.append(rid)
+            results: dict[str, RequestOutput] = {}
+            with tqdm(total=len(ids), desc="Processed prompts", unit="prompt", disable=not use_tqdm) as bar:
+                while len(results) < len(ids):
+                    if not engine.has_unfinished_requests():
+                        raise RuntimeError("the engine stopped with requests unanswered")  # an internal error
+                    for out in engine.step():
+                        if out.finished:
+                            results[out.request_id] = out
+                            bar.update(1)
+        except BaseException:
+            engine.abort_request(ids)  # an error or Ctrl-C leaves no request behind in the engine
+            raise
+        return [results[rid] for rid in ids]
