@@ -50,6 +50,7 @@ class BlockPool:
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.by_key: dict[int, int] = {}
         self.key_of: dict[int, int] = {}
+        self.peak = 0  # most blocks in use at once
 
     @property
     def num_free(self) -> int:
@@ -61,11 +62,13 @@ class BlockPool:
         block, _ = self.free.popitem(last=False)
         self.unpublish(block)  # its old contents are about to be overwritten
         self.refs[block] = 1
+        self.peak = max(self.peak, len(self.refs) - len(self.free))
         return block
 
     def retain(self, block: int) -> None:
         if self.refs[block] == 0:
             del self.free[block]  # a cached block coming back into use
+            self.peak = max(self.peak, len(self.refs) - len(self.free))
         self.refs[block] += 1
 
     def release(self, block: int) -> None:
@@ -273,7 +276,7 @@ class PagedFrame(Frame):
         n = torch.tensor([count for _, count in rows])  # (B,)
         lengths = torch.tensor([cache.length(seq) for seq in seqs])  # (B,) after this pass
         past = lengths - n
-        B, T = len(rows), int(n.max())
+        T = int(n.max())
         S = int(lengths.max())
         self.slots, key_valid = cache.slot_table(seqs, S)  # (B, S) each
         t = torch.arange(T)

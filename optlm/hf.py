@@ -267,7 +267,10 @@ class OPTPreTrainedModel(nn.Module):
             cache = KVCache.for_model(self.config, B, T, self.dtype, input_ids.device)
         if attention_mask is not None:
             attention_mask = torch.as_tensor(attention_mask, device=input_ids.device)
-        frame = Frame.causal(B, T, input_ids.device, attention_mask) if cache is None else cache.frame(T, attention_mask)
+        if cache is None:
+            frame = Frame.causal(B, T, input_ids.device, attention_mask)
+        else:
+            frame = cache.frame(T, attention_mask)
         if position_ids is not None:
             if tuple(position_ids.shape) not in ((B, T), (1, T)):
                 raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected ({B}, {T})")

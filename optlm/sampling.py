@@ -100,8 +100,8 @@ def top_k_filter(scores: Tensor, k: int | Tensor, min_keep: int = 1) -> Tensor:
 
 def top_p_filter(scores: Tensor, p: float | Tensor, min_keep: int = 1) -> Tensor:
     """Nucleus filtering (Holtzman et al. 2020): keep the most probable tokens whose probabilities sum to at
-    least ``p`` (a number, or ``(N, 1)`` per row). Ascending sort: a token goes when the mass of itself and everything less likely is at most
-    ``1 - p``; the ``min_keep`` most likely always stay."""
+    least ``p`` (a number, or ``(N, 1)`` per row). Ascending sort: a token goes when the mass of itself and
+    everything less likely is at most ``1 - p``; the ``min_keep`` most likely always stay."""
     ascending, order = torch.sort(scores, dim=-1)
     tail_mass = ascending.softmax(dim=-1).cumsum(dim=-1)  # (N, V) mass of this token and all below it
     drop_sorted = tail_mass <= 1 - p

@@ -13,7 +13,6 @@ from torch import nn
 
 import optlm
 from optlm.config import OPTConfig
-from optlm.hf import OPTOutput
 from optlm.model import OPTDecoder
 
 OPT_TOKENIZER = TOKENIZER_FILES / "opt"

@@ -223,7 +223,8 @@ def test_sampling_filters_match_transformers_warpers_row_by_row():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 200, generator=g) * 3
     settings = [dict(temperature=0.7), dict(temperature=1.3, top_k=7), dict(top_p=0.6),
-                dict(min_p=0.1, temperature=0.5), dict(top_k=3, top_p=0.9, min_p=0.05), dict(temperature=2.0, top_k=150)]
+                dict(min_p=0.1, temperature=0.5), dict(top_k=3, top_p=0.9, min_p=0.05),
+                dict(temperature=2.0, top_k=150)]
     rows = [Row(SamplingParams(**s), [], [], g, 2) for s in settings]
     got = warp(logits, rows)
     for r, s in enumerate(settings):
@@ -362,7 +363,7 @@ def test_streamed_text_grows_and_never_shows_a_stop_string(text_llm):
         for out in engine.step():
             seen.append(out.outputs[0].text)
     assert seen[-1] == full.text[:full.text.index(stop)]
-    for a, b in zip(seen, seen[1:]):
+    for a, b in zip(seen, seen[1:], strict=False):
         assert b.startswith(a)
     assert not any(stop in s for s in seen)
 

@@ -66,6 +66,20 @@ class _Request:
         return all(s.finished for s in self.seqs)
 
 
+def _groups(rows: list[tuple[Sequence, int]], waste: float = 0.25) -> list[list[tuple[Sequence, int]]]:
+    """Forward passes for one step: prompt chunks of similar lengths together (padding at most ``waste`` of
+    the tokens computed), then all decoding rows (one token each) in one pass."""
+    groups: list[list[tuple[Sequence, int]]] = []
+    for row in sorted((r for r in rows if r[1] > 1), key=lambda r: r[1]):
+        group = groups[-1] if groups else None
+        if group is not None and row[1] * (len(group) + 1) <= (1 + waste) * (sum(n for _, n in group) + row[1]):
+            group.append(row)
+        else:
+            groups.append([row])
+    decoding = [r for r in rows if r[1] == 1]
+    return groups + ([decoding] if decoding else [])
+
+
 class LLMEngine:
     """Continuous batching of many requests over one model and one paged KV cache.
 
@@ -195,9 +209,8 @@ class LLMEngine:
         """Run one step; the outputs of the requests it advanced (finished ones are then forgotten)."""
         rows = self.scheduler.schedule()
         ready: list[tuple[Sequence, torch.Tensor]] = []
-        for group in ([r for r in rows if r[1] > 1], [r for r in rows if r[1] == 1]):
-            if group:
-                ready += self._forward(group)
+        for group in _groups(rows):
+            ready += self._forward(group)
         touched: dict[str, _Request] = {}
         if ready:
             seqs = [s for s, _ in ready]
