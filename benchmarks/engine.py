@@ -32,8 +32,12 @@ def requests(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[i
 
 def run_engine(checkpoint: Path, precision: str, prompts: list[list[int]], new: int, max_num_seqs: int,
                kv_cache_memory: int) -> tuple[float, int, dict]:
-    llm = LLM(str(checkpoint), quantize=None if precision == "fp32" else precision, max_num_seqs=max_num_seqs,
-              kv_cache_memory=kv_cache_memory)
+    from optlm import OPTForCausalLM
+    from optlm.fast import optimize
+
+    # What optlm.load does, without a tokenizer (the random checkpoint has none; prompts are token ids).
+    model = optimize(OPTForCausalLM.from_pretrained(checkpoint, quantize=None if precision == "fp32" else precision))
+    llm = LLM(model, max_num_seqs=max_num_seqs, kv_cache_memory=kv_cache_memory)
     params = SamplingParams(temperature=0, max_tokens=new, min_tokens=new, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
     engine = llm.llm_engine
@@ -43,7 +47,7 @@ def run_engine(checkpoint: Path, precision: str, prompts: list[list[int]], new: 
     seconds = time.perf_counter() - start
     made = sum(len(o.outputs[0].token_ids) for o in outs)
     cache = engine.cache
-    per_token = cache.k[0, 0].numel() * cache.k.element_size() * 2 * cache.k.shape[0]
+    per_token = cache.bytes_per_token(model.config, cache.k.dtype)
     stats = {"peak_mb": cache.pool.peak * cache.block_size * per_token / 2**20,
              "fixed_mb": max_num_seqs * engine.max_model_len * per_token / 2**20,
              "preemptions": engine.scheduler.preemptions}

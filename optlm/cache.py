@@ -107,17 +107,23 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.seqs: dict[object, _Seq] = {}
         self.prefix_hit_tokens = 0  # prompt tokens found already cached (for metrics)
+        self._scratch: list[Tensor] = []  # reused gather buffers (see PagedFrame.update)
 
     @classmethod
     def for_memory(cls, config, memory_bytes: int, block_size: int = 16, dtype: torch.dtype = torch.float32,
                    device: torch.device | str | None = None) -> PagedKVCache:
         """As many blocks as ``memory_bytes`` holds for a model with ``config`` (keys and values, all layers)."""
-        per_block = 2 * config.num_hidden_layers * block_size * config.hidden_size * torch.finfo(dtype).bits // 8
+        per_block = block_size * cls.bytes_per_token(config, dtype)
         if memory_bytes < per_block:
             raise ValueError(f"kv cache memory {memory_bytes} bytes is less than one block ({per_block} bytes: "
                              f"{block_size} tokens x {config.num_hidden_layers} layers x keys and values)")
         return cls(config.num_hidden_layers, config.num_attention_heads, config.head_dim, memory_bytes // per_block,
                    block_size, dtype, device)
+
+    @staticmethod
+    def bytes_per_token(config, dtype: torch.dtype) -> int:
+        """Cache bytes one token takes: keys and values of every layer and head."""
+        return 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * dtype.itemsize
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------
 
@@ -254,6 +260,20 @@ class PagedKVCache:
         """Keys and values at ``slots`` ``(B, S)``, as ``(B, heads, S, head_dim)`` each."""
         return self.k[layer][slots].transpose(1, 2), self.v[layer][slots].transpose(1, 2)
 
+    def scratch(self, n: int, shape: tuple[int, ...]) -> list[Tensor]:
+        """``n`` buffers of ``shape`` reused from call to call (their contents are overwritten by the next
+        caller). A gather into fresh memory costs ~7x a gather into memory already touched: the first write to
+        each new page is a page fault."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        while len(self._scratch) < n:
+            self._scratch.append(self.k.new_empty(0))
+        for i in range(n):
+            if self._scratch[i].numel() < numel:
+                self._scratch[i] = self.k.new_empty(max(numel, 2 * self._scratch[i].numel()))
+        return [buf[:numel].view(shape) for buf in self._scratch[:n]]
+
     def frame(self, rows: list[tuple[object, int]]) -> PagedFrame:
         """The frame of one forward pass in which row ``b`` runs the last ``n_b`` tokens of sequence ``seq_b``
         (``rows = [(seq_b, n_b), ...]``, slots already reserved by :meth:`append`). Rows are right-padded to
@@ -263,6 +283,9 @@ class PagedKVCache:
 
 class PagedFrame(Frame):
     """A batch of sequences at different lengths running different numbers of new tokens over one paged cache.
+
+    The keys/values :meth:`update` returns live in the cache's scratch buffers: valid until the next call
+    (attention consumes them at once; gradients do not flow through a paged cache).
 
     Row ``b`` has ``past_b`` cached tokens and ``n_b`` new ones at positions ``past_b … past_b + n_b - 1``;
     new token ``t`` attends to the row's keys ``0 … past_b + t``. Padding queries (``t >= n_b``) get position
@@ -308,6 +331,7 @@ class PagedFrame(Frame):
             return k.to(c.k.dtype), v.to(c.v.dtype)
         B, S = self.slots.shape
         flat = self.slots.reshape(-1)
-        k_all = c.k[layer].index_select(0, flat).view(B, S, *c.k.shape[2:]).transpose(1, 2)  # (B, nh, S, hs)
-        v_all = c.v[layer].index_select(0, flat).view(B, S, *c.v.shape[2:]).transpose(1, 2)
-        return k_all, v_all
+        k_all, v_all = c.scratch(2, (B * S, *c.k.shape[2:]))
+        torch.index_select(c.k[layer], 0, flat, out=k_all)
+        torch.index_select(c.v[layer], 0, flat, out=v_all)
+        return k_all.view(B, S, *c.k.shape[2:]).transpose(1, 2), v_all.view(B, S, *c.v.shape[2:]).transpose(1, 2)

@@ -146,17 +146,21 @@ def _load_bin(path: Path) -> dict[str, Tensor]:
 
 # ---- names --------------------------------------------------------------------------------------------
 
-def normalize_keys(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
-    """Map checkpoint names onto ``expected`` model names: add or drop the ``model.`` prefix as needed."""
-    out = {}
+def normalize_keys(state: dict[str, Tensor], expected: set[str], prefix: str = "model",
+                   ignore: Iterable[str] = ()) -> dict[str, Tensor]:
+    """Map checkpoint names onto ``expected`` model names: add or drop the base model's ``prefix`` (``model.``
+    for OPT, as transformers' ``base_model_prefix``) as needed; drop keys matching an ``ignore`` pattern
+    (bookkeeping buffers a family's old checkpoints carry)."""
+    out, lead = {}, prefix + "."
+    patterns = [re.compile(p) for p in ignore]
     for key, value in state.items():
-        if key.endswith(".version"):  # fairseq bookkeeping buffers, not weights
+        if any(p.search(key) for p in patterns):
             continue
         if key not in expected:
-            if "model." + key in expected:
-                key = "model." + key
-            elif key.startswith("model.") and key[len("model."):] in expected:
-                key = key[len("model."):]
+            if lead + key in expected:
+                key = lead + key
+            elif key.startswith(lead) and key[len(lead):] in expected:
+                key = key[len(lead):]
         out[key] = value
     return out
 

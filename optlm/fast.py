@@ -13,7 +13,6 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .model import OPTAttention
 
 
 class FusedQKV:
@@ -24,18 +23,18 @@ class FusedQKV:
     is cast with ``.to(dtype)``), :meth:`matches` turns false and the attention goes back to three matmuls.
     """
 
-    def __init__(self, linear: nn.Module, attn: OPTAttention):
+    def __init__(self, linear: nn.Module, attn: nn.Module):
         self.linear = linear
         self._key = _identity(attn)
 
-    def matches(self, attn: OPTAttention) -> bool:
+    def matches(self, attn: nn.Module) -> bool:
         return _identity(attn) == self._key
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.linear(x)  # (B, T, 3C)
 
 
-def _identity(attn: OPTAttention) -> tuple:
+def _identity(attn: nn.Module) -> tuple:
     mods = (attn.q_proj, attn.k_proj, attn.v_proj)
     return tuple(id(m) for m in mods) + tuple(m.weight.data_ptr() for m in mods)
 
@@ -59,6 +58,12 @@ def _fuse_float(mods: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention layers of any model family: modules that declare the slots these speed-ups use
+    (``q_proj``, ``k_proj``, ``v_proj``, ``fused_qkv``, ``upcast_attention``; see ``optlm.model``)."""
+    return [m for m in model.modules() if hasattr(m, "fused_qkv") and hasattr(m, "upcast_attention")]
+
+
 @torch.no_grad()
 def fuse_qkv(model: nn.Module) -> nn.Module:
     """Give every attention layer a single q/k/v matmul (in place; returns the model).
@@ -66,8 +71,8 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
     Works on float and quantized projections (all three of one kind). Call it before building an optimizer:
     the q/k/v parameters become new (view) tensors. Gradient-enabled forwards keep using three matmuls.
     """
-    for attn in model.modules():
-        if not isinstance(attn, OPTAttention) or (attn.fused_qkv is not None and attn.fused_qkv.matches(attn)):
+    for attn in attention_modules(model):
+        if attn.fused_qkv is not None and attn.fused_qkv.matches(attn):
             continue
         mods = [attn.q_proj, attn.k_proj, attn.v_proj]
         kinds = {type(m) for m in mods}
@@ -128,8 +133,8 @@ def cpu_linears(model: nn.Module) -> nn.Module:
     """Make the CPU ``nn.Linear`` layers of ``model`` (in place) :class:`CPULinear`, which routes each call
     to the fastest kernel for its dtype and row count. Only the class changes; the parameters stay."""
     linears = [m for m in model.modules() if type(m) is nn.Linear]
-    for attn in model.modules():
-        if isinstance(attn, OPTAttention) and attn.fused_qkv is not None:
+    for attn in attention_modules(model):
+        if attn.fused_qkv is not None:
             linears.append(attn.fused_qkv.linear)
     for m in linears:
         if type(m) is nn.Linear and m.weight.device.type == "cpu":
@@ -171,9 +176,8 @@ def upcast_half_attention(model: nn.Module) -> nn.Module:
     fp32 on an AVX2 machine. The cost is converting q, k, v up and the result back."""
     if _native_half_matmul():
         return model
-    for attn in model.modules():
-        if isinstance(attn, OPTAttention):
-            attn.upcast_attention = any(p.device.type == "cpu" for p in attn.parameters())
+    for attn in attention_modules(model):
+        attn.upcast_attention = any(p.device.type == "cpu" for p in attn.parameters())
     return model
 
 

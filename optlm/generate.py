@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import sampling
+from .fast import attention_modules
 from .kv_cache import KVCache
 
 MIN_TEMPERATURE = 1e-5  # temperatures below this decode greedily
@@ -185,8 +186,9 @@ def make_config(model, max_length: int | None = None, prompt_length: int = 0, **
 # ---- model steps -----------------------------------------------------------------------------------------
 
 def _float_weight(model) -> Tensor:
-    """A weight in the activation dtype and device: the position table, which quantization never touches."""
-    return model.get_decoder().embed_positions.weight
+    """A weight in the activation dtype and device, whatever the family: the first floating-point parameter
+    (quantized weights are integer buffers, never parameters)."""
+    return next(p for p in model.parameters() if p.is_floating_point())
 
 
 def new_cache(model, batch_size: int, capacity: int) -> KVCache:
@@ -200,8 +202,8 @@ def new_cache(model, batch_size: int, capacity: int) -> KVCache:
 def cache_dtype(model) -> torch.dtype:
     """The dtype keys/values are cached in: the activations', or float32 where half-precision attention is
     computed in float32 (``optlm.fast.upcast_half_attention``)."""
-    layers = model.get_decoder().layers
-    return torch.float32 if len(layers) and layers[0].self_attn.upcast_attention else _float_weight(model).dtype
+    upcast = any(attn.upcast_attention for attn in attention_modules(model))
+    return torch.float32 if upcast else _float_weight(model).dtype
 
 
 def prefill(model, ids: Tensor, mask: Tensor | None, cache: KVCache) -> tuple[Tensor, Tensor]:
@@ -232,7 +234,9 @@ class NonFiniteError(ValueError):
 
 
 def check_finite(logits: Tensor, where: str) -> Tensor:
-    if not bool(torch.isfinite(logits).all()):
+    # One pass: a NaN or infinity anywhere in a row makes the row's sum non-finite (finite float32 logits of
+    # any sane model are far too small for their sum to overflow).
+    if not bool(torch.isfinite(logits.sum(-1)).all()):
         raise NonFiniteError(f"the model produced NaN or infinite logits at {where}: its weights may be damaged "
                              "(NaN/inf in the checkpoint) or the dtype overflows — check the checkpoint, or load "
                              "it in float32")
@@ -345,11 +349,19 @@ def _prepare(model, input_ids: Tensor | Sequence, attention_mask: Tensor | None,
         mask = (ids != pad).long()  # as transformers: pad ids in the prompt mean padding
     if mask is not None and bool(mask.all()):
         mask = None
-    P, limit = ids.shape[1], model.config.max_position_embeddings
-    if P + cfg.max_new_tokens > limit:
-        raise ValueError(f"prompt of {P} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the model's context "
-                         f"of {limit} tokens; lower max_new_tokens to {max(limit - P, 0)} or shorten the prompt")
+    check_fits(ids.shape[1], cfg.max_new_tokens, model.config.max_position_embeddings, "max_new_tokens")
     return ids, mask
+
+
+def check_fits(prompt: int, new: int | None, limit: int, name: str = "max_tokens") -> None:
+    """The one up-front check that a request fits the context: a ValueError naming both lengths otherwise.
+    ``new=None`` asks for whatever room the prompt leaves (at least one token)."""
+    if prompt >= limit:
+        raise ValueError(f"the prompt has {prompt} tokens and the context holds {limit} (prompt + completion); "
+                         "shorten the prompt")
+    if new is not None and prompt + new > limit:
+        raise ValueError(f"the prompt has {prompt} tokens and {name} is {new}: {prompt + new} tokens, more than "
+                         f"the context's {limit}; lower {name} to {limit - prompt} or shorten the prompt")
 
 
 # ---- greedy, sampling and contrastive search -------------------------------------------------------------

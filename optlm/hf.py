@@ -95,6 +95,10 @@ class OPTPreTrainedModel(nn.Module):
     """Shared loading, saving and bookkeeping. Subclasses set ``_optional_keys`` (weights they may init)."""
 
     _optional_keys: tuple[str, ...] = ()
+    # What checkpoint loading needs from a family (transformers' names where it has them): the attribute that
+    # holds the base model in the classes with a head, and keys to drop on load.
+    base_model_prefix = "model"
+    _ignore_checkpoint_keys: tuple[str, ...] = (r"\.version$",)  # fairseq bookkeeping buffers, not weights
 
     def __init__(self, config: OPTConfig):
         super().__init__()
@@ -124,6 +128,16 @@ class OPTPreTrainedModel(nn.Module):
 
     def get_decoder(self) -> OPTDecoder:
         return self.model.decoder
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.get_decoder().embed_tokens
+
+    def set_input_embeddings(self, module: nn.Module) -> None:
+        self.get_decoder().embed_tokens = module
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The LM head (None for models without one, as in transformers)."""
+        return None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -194,7 +208,8 @@ class OPTPreTrainedModel(nn.Module):
             if quantize is not None:
                 raise ValueError(f"{directory} is already quantized ({qc['mode']}); load it without quantize=")
             prepare_quantized(model, qc)
-        state = ckpt.normalize_keys(state, set(model.state_dict()))
+        state = ckpt.normalize_keys(state, set(model.state_dict()), cls.base_model_prefix,
+                                    cls._ignore_checkpoint_keys)
         new_keys = ckpt.check_state_dict(model, state, set(model._optional_keys), str(directory))
         fresh = [k for k in new_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
         if fresh:
@@ -318,11 +333,11 @@ class OPTForCausalLM(OPTPreTrainedModel):
         if self.config.tie_word_embeddings and isinstance(self.model.decoder.embed_tokens, nn.Embedding):
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.decoder.embed_tokens
-
-    def get_output_embeddings(self) -> nn.Linear:
+    def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
+
+    def set_output_embeddings(self, module: nn.Module) -> None:
+        self.lm_head = module
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool | None = None,

@@ -311,10 +311,10 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, lm_head
 def _swap_modules(model: nn.Module, mode: str, group_size: int, lm_head: bool, make) -> None:
     """Replace each ``nn.Linear`` by ``make(Int8Linear | Int4Linear, linear)``; the (tied) head and embedding
     become an int8 head and an embedding that reads its rows."""
-    head = getattr(model, "lm_head", None)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    tied = (head is not None and decoder is not None
-            and head.weight is decoder.embed_tokens.weight)
+    # The head and embedding are found through transformers' accessors, so any model family that has them works.
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = head is not None and emb is not None and head.weight is emb.weight
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear) or child is head:
@@ -323,10 +323,9 @@ def _swap_modules(model: nn.Module, mode: str, group_size: int, lm_head: bool, m
             setattr(parent, name, make(Int4Linear if int4 else Int8Linear, child))
     if head is not None and lm_head:
         qhead = make(Int8Linear, head)
-        model.lm_head = qhead
+        model.set_output_embeddings(qhead)
         if tied:
-            emb = decoder.embed_tokens
-            decoder.embed_tokens = Int8Embedding(qhead, emb.padding_idx)
+            model.set_input_embeddings(Int8Embedding(qhead, emb.padding_idx))
 
 
 def _finish(model: nn.Module, mode: str) -> None:

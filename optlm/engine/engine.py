@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..cache import PagedKVCache
-from ..generate import cache_dtype, check_finite, stop_prefix_length
+from ..generate import cache_dtype, check_finite, check_fits, stop_prefix_length
 from ..tokenizer import StreamDecoder
 from .params import SamplingParams
 from .sampler import Logprob, Row, sample
@@ -100,14 +100,14 @@ class LLMEngine:
         if max_model_len is not None and (not isinstance(max_model_len, int) or not 1 < max_model_len <= limit):
             raise ValueError(f"max_model_len must be an integer in [2, {limit}] (the model's context), "
                              f"got {max_model_len!r}")
-        if model.get_decoder().layers[0].self_attn.attn_implementation == "flash_attention_2":
+        if any(getattr(m, "attn_implementation", None) == "flash_attention_2" for m in model.modules()):
             raise ValueError("the engine attends over a paged cache with 'sdpa' or 'eager'; load the model with "
                              "attn_implementation='sdpa'")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len or limit
         dtype = cache_dtype(model)
-        per_token = 2 * config.num_hidden_layers * config.hidden_size * torch.finfo(dtype).bits // 8
+        per_token = PagedKVCache.bytes_per_token(config, dtype)
         if kv_cache_memory is None:
             kv_cache_memory = min(DEFAULT_KV_CACHE_MEMORY, per_token * max_num_seqs * self.max_model_len)
             kv_cache_memory = max(kv_cache_memory, per_token * (self.max_model_len + block_size))
@@ -138,13 +138,7 @@ class LLMEngine:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         params.check_vocab(vocab)
         P, limit = len(ids), self.max_model_len
-        if P >= limit:
-            raise ValueError(f"the prompt has {P} tokens and the context holds {limit} (prompt + completion); "
-                             "shorten the prompt")
-        if params.max_tokens is not None and P + params.max_tokens > limit:
-            raise ValueError(f"the prompt has {P} tokens and max_tokens is {params.max_tokens}: {P + params.max_tokens}"
-                             f" tokens, more than the context's {limit}; lower max_tokens to {limit - P} or "
-                             "shorten the prompt")
+        check_fits(P, params.max_tokens, limit)
         need = P + (params.max_tokens or limit - P)
         capacity = self.cache.num_blocks * self.cache.block_size
         if need > capacity:
