@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import kernels
 from .model import Frame
 
 
@@ -309,6 +310,10 @@ class PagedFrame(Frame):
         positions = q_pos.masked_fill(~self.new.cpu(), -1).to(dev)
         # Only the new tokens themselves, from an empty past: their own keys, causally (no gather needed).
         self.own = bool((past == 0).all()) and T == S
+        # One new token per row on a float32 CPU cache: optlm's kernel reads each row's slots in place.
+        self.lengths = lengths
+        self.kernel = (T == 1 and dev.type == "cpu" and cache.k.dtype == torch.float32 and not self.own
+                       and kernels.enabled())
         if T == 1 and bool((lengths == S).all()):
             allowed = None  # one query per row and every row's keys all real: attend to everything
         elif self.own and bool((n == T).all()):
@@ -321,12 +326,25 @@ class PagedFrame(Frame):
             allowed = allowed[:, None].to(dev)  # (B, 1, T, S)
         super().__init__(positions, allowed, None)
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def _store(self, layer: int, k: Tensor, v: Tensor) -> None:
         c = self.cache
         new_k = k.transpose(1, 2)[self.new]  # (N, nh, hs): the real new tokens, in row order
         new_v = v.transpose(1, 2)[self.new]
         c.k[layer].index_copy_(0, self.write_slots, new_k.to(c.k.dtype))
         c.v[layer].index_copy_(0, self.write_slots, new_v.to(c.v.dtype))
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+        if not self.kernel:
+            return None
+        self._store(layer, k, v)
+        c = self.cache
+        out = kernels.paged_decode_attention(q[:, :, 0].float().contiguous(), c.k[layer], c.v[layer], self.slots,
+                                             self.lengths)
+        return out[:, :, None]  # (B, nh, 1, hs)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.cache
+        self._store(layer, k, v)
         if self.own:
             return k.to(c.k.dtype), v.to(c.v.dtype)
         B, S = self.slots.shape

@@ -77,6 +77,12 @@ class Frame:
         """Store layer ``layer``'s new keys/values ``(B, nh, T, hs)``; return all it attends to ``(B, nh, S, hs)``."""
         return k, v
 
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+        """A frame that computes attention its own way (a kernel reading a paged cache in place) stores the new
+        keys/values and returns the output ``(B, nh, T, hs)``; None (the default) leaves it to the model, which
+        then calls :meth:`update`. ``q`` is already scaled."""
+        return None
+
 
 class OPTAttention(nn.Module):
     def __init__(self, config: OPTConfig, layer_idx: int):
@@ -111,10 +117,18 @@ class OPTAttention(nn.Module):
         q = (q * self.scaling).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        out_dtype = q.dtype
+        y = None if self.training else frame.attend(self.layer_idx, q, k, v)
+        if y is None:
+            y = self._attention(q, k, v, frame)
+        y = y.transpose(1, 2).reshape(B, T, C).to(out_dtype)  # (B, T, C)
+        return self.out_proj(y)
+
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, frame: Frame) -> Tensor:
+        T = q.shape[2]
         k, v = frame.update(self.layer_idx, k, v)  # (B, nh, S, hs): cached keys (if any) and the new ones
         allowed = frame.allowed
-        out_dtype = q.dtype
-        if self.upcast_attention and out_dtype != torch.float32:
+        if self.upcast_attention and q.dtype != torch.float32:
             q, k, v = q.float(), k.float(), v.float()  # no-ops for a float32 cache (see optlm.generate.new_cache)
         p = self.dropout if self.training else 0.0
         impl = self.attn_implementation
@@ -135,8 +149,7 @@ class OPTAttention(nn.Module):
             y = _flash_attention(q, k, v, frame.valid, p)
         else:
             raise ValueError(f"unknown attn_implementation {impl!r}; choose one of {ATTN_IMPLEMENTATIONS}")
-        y = y.transpose(1, 2).reshape(B, T, C).to(out_dtype)  # (B, T, C)
-        return self.out_proj(y)
+        return y
 
 
 def causal_mask(T: int, S: int, device: torch.device, valid: Tensor | None = None) -> Tensor:

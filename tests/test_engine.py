@@ -10,6 +10,7 @@ with a ValueError naming the field, and the requests already running are unaffec
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -375,3 +376,20 @@ def test_llm_defaults_to_the_bundled_model_offline():
     for o, p in zip(out, ["It was a dark night", "The"], strict=True):
         assert o.prompt == p
         assert o.outputs[0].text == lm.generate(p, temperature=0, max_new_tokens=8)[0]
+
+
+def test_the_paged_attention_kernel_decodes_as_the_gathering_path(pair, greedy_case, monkeypatch):
+    from optlm import kernels
+
+    if not kernels.available():
+        pytest.skip(f"optlm's kernels are unavailable here ({kernels.unavailable_reason()})")
+    _, ours = pair
+    model = copy.deepcopy(ours).float()  # the kernel reads float32 caches
+    prompts, max_tokens, _ = greedy_case
+    params = [SamplingParams(temperature=0, max_tokens=m, logprobs=1) for m in max_tokens[:20]]
+    with_kernel = LLM(model, block_size=8).generate(prompts[:20], params, use_tqdm=False)
+    monkeypatch.setattr(kernels, "enabled", lambda: False)
+    gathered = LLM(model, block_size=8).generate(prompts[:20], params, use_tqdm=False)
+    for a, b in zip(with_kernel, gathered, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-4)

@@ -156,7 +156,7 @@ def test_build_is_cached_and_keyed(tmp_path):
     for _ in range(2):
         subprocess.run([sys.executable, "-c", code], env=env, check=True)
     built = list((tmp_path / "kernels").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("linear_avx2-") and built[0].suffix == ".so"
+    assert len(built) == 1 and built[0].name.startswith("optlm-kernels-") and built[0].suffix == ".so"
 
 
 @pytest.mark.parametrize("how", ["no_compiler", "turned_off"])
@@ -192,3 +192,36 @@ print(kernels.unavailable_reason())
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert ("no C compiler" if how == "no_compiler" else "OPTLM_KERNELS=0") in proc.stdout
+
+
+@needs_kernels
+@pytest.mark.parametrize(("B", "H", "D", "S"), [(1, 1, 8, 1), (3, 2, 64, 37), (5, 12, 64, 130), (2, 3, 20, 9)])
+def test_paged_decode_attention_matches_float64_softmax_attention(B, H, D, S):
+    g = torch.Generator().manual_seed(B * 100 + S)
+    pool = 4 * B * S
+    k, v = torch.randn(pool, H, D, generator=g), torch.randn(pool, H, D, generator=g)
+    q = torch.randn(B, H, D, generator=g) / D**0.5
+    slots = torch.randperm(pool, generator=g)[:B * S].view(B, S).contiguous()  # scattered, as in a paged cache
+    lengths = torch.randint(1, S + 1, (B,), generator=g)
+    lengths[0] = S
+    got = kernels.paged_decode_attention(q, k, v, slots, lengths)
+    for b in range(B):
+        n = int(lengths[b])
+        kb, vb = k[slots[b, :n]].double(), v[slots[b, :n]].double()  # (n, H, D)
+        w = torch.softmax(torch.einsum("hd,shd->hs", q[b].double(), kb), dim=-1)
+        want = torch.einsum("hs,shd->hd", w, vb)
+        assert torch.allclose(got[b].double(), want, atol=1e-5), (b, n)
+
+
+@needs_kernels
+def test_paged_decode_attention_refuses_bad_input():
+    q, k = torch.randn(2, 2, 8), torch.randn(10, 2, 8)
+    slots, lengths = torch.zeros(2, 4, dtype=torch.long), torch.tensor([1, 4])
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 4\]"):
+        kernels.paged_decode_attention(q, k, k, slots, torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match=r"slots must lie in \[0, 10\)"):
+        kernels.paged_decode_attention(q, k, k, slots + 10, lengths)
+    with pytest.raises(TypeError, match="float32"):
+        kernels.paged_decode_attention(q.double(), k, k, slots, lengths)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        kernels.paged_decode_attention(q, torch.randn(10, 3, 8), torch.randn(10, 3, 8), slots, lengths)

@@ -202,13 +202,16 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step; the outputs of the requests it advanced (finished ones are then forgotten)."""
         rows = self.scheduler.schedule()
-        ready: list[tuple[Sequence, torch.Tensor]] = []
+        seqs: list[Sequence] = []
+        parts: list[torch.Tensor] = []
         for group in _groups(rows):
-            ready += self._forward(group)
+            done, logits = self._forward(group)
+            seqs += done
+            parts.append(logits)
         touched: dict[str, _Request] = {}
-        if ready:
-            seqs = [s for s, _ in ready]
-            logits = check_finite(torch.stack([lg for _, lg in ready]).float(), "this step")
+        if seqs:
+            logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+            logits = check_finite(logits.float(), "this step")
             rows_ = [Row(s.params, s.prompt_ids, s.output_ids, s.generator, self.model.config.eos_token_id)
                      for s in seqs]
             for seq, picked in zip(seqs, sample(logits, rows_), strict=True):
@@ -220,8 +223,8 @@ class LLMEngine:
                 del self.requests[r.request_id]
         return outputs
 
-    def _forward(self, group: list[tuple[Sequence, int]]) -> list[tuple[Sequence, torch.Tensor]]:
-        """One forward pass over ``group``; the logits of the rows that have run all their tokens."""
+    def _forward(self, group: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """One forward pass over ``group``; the rows that have run all their tokens, and their logits."""
         T = max(n for _, n in group)
         dev = self.cache.k.device
         ids = torch.zeros(len(group), T, dtype=torch.long)
@@ -235,8 +238,10 @@ class LLMEngine:
             self.cache.publish(seq.id)  # its full blocks are computed now: later prompts may share them
             seq.computed += n
             if seq.pending == 0:
-                ready.append((seq, logits[b]))
-        return ready
+                ready.append(b)
+        if len(ready) < len(group):
+            logits = logits[torch.tensor(ready, dtype=torch.long, device=logits.device)]
+        return [group[b][0] for b in ready], logits
 
     def _append(self, seq: Sequence, token: int, picked) -> None:
         p = seq.params

@@ -1,4 +1,5 @@
-"""Hand-written CPU matmul kernels for decoding (``linear_avx2.c``), compiled on first use and cached.
+"""Hand-written CPU kernels for decoding, compiled on first use and cached: matmuls (``linear_avx2.c``) and
+attention over a paged cache (``paged_attention.c``).
 
 ``available()`` says whether they can run here: an x86-64 CPU with AVX2 + FMA, a C compiler (``$CC``, else
 ``cc``/``gcc``/``clang``) and OpenMP. The build takes about a second and is cached under
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("linear_avx2.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("linear_avx2.c", "paged_attention.c")]
 # -march=native: built on the machine that runs it, tuned for its core (faster than plain -mavx2 -mfma on a
 # Zen 3 core); the cache key includes the CPU so a shared home directory never serves another CPU's build.
 FLAGS = ["-O3", "-march=native", "-funroll-loops", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
@@ -68,15 +69,15 @@ def _cpu_signature() -> str:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()
+    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES) + version.encode() + " ".join(FLAGS).encode()
                          + _cpu_signature().encode()).hexdigest()[:16]
-    out = cache_dir() / f"linear_avx2-{key}.so"
+    out = cache_dir() / f"optlm-kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_out)], capture_output=True, text=True)
+        proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp_out)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-800:]}")
         os.replace(tmp_out, out)  # atomic: a concurrent build or a crash never leaves a half-written library
@@ -109,6 +110,8 @@ def _load() -> ctypes.CDLL | None:
                 lib.optlm_linear_bf16.restype = I
                 lib.optlm_linear_i4.argtypes = [P, P, P, P, P, P, L, L, L, L, I]
                 lib.optlm_linear_i4.restype = I
+                lib.optlm_paged_qk.argtypes = [P, P, P, P, P, L, L, L, L, I]
+                lib.optlm_paged_pv.argtypes = [P, P, P, P, P, L, L, L, L, I]
                 _lib = lib
         if _error is not None:
             warnings.warn(f"optlm's AVX2 kernels are not used ({_error}); falling back to PyTorch's kernels, "
@@ -241,5 +244,38 @@ def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor, group_s
     return y
 
 
+def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, slots: Tensor, lengths: Tensor) -> Tensor:
+    """Attention of one query per sequence over its cached keys/values, read in place from a paged cache.
+
+    ``q`` (B, H, D) float32 (already scaled as the model wants); ``k``, ``v`` (slots, H, D) float32, one layer
+    of the cache; ``slots`` (B, S) int64, sequence b's s-th token's slot (s < ``lengths[b]``; the rest is
+    ignored); ``lengths`` (B,) int64, each at least 1. Returns (B, H, D) float32.
+    """
+    lib = _lib_or_raise()
+    B, H, D = q.shape
+    S = slots.shape[1]
+    for t in (q, k, v, slots, lengths):
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError("paged attention inputs must be contiguous CPU tensors")
+    if q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32:
+        raise TypeError("paged attention runs on float32 queries, keys and values")
+    if k.shape[1:] != (H, D) or v.shape != k.shape or slots.dtype != torch.int64 or lengths.shape != (B,):
+        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"slots {tuple(slots.shape)}, lengths {tuple(lengths.shape)}")
+    lengths = lengths.to(torch.int64)
+    if int(lengths.min()) < 1 or int(lengths.max()) > S:
+        raise ValueError(f"lengths must lie in [1, {S}]")
+    if int(slots.min()) < 0 or int(slots.max()) >= k.shape[0]:
+        raise ValueError(f"slots must lie in [0, {k.shape[0]})")
+    threads = torch.get_num_threads()
+    scores = torch.empty(B, H, S)
+    lib.optlm_paged_qk(_ptr(q), _ptr(k), _ptr(slots), _ptr(lengths), _ptr(scores), B, H, D, S, threads)
+    past_end = torch.arange(S) >= lengths[:, None]  # (B, S) slots beyond each sequence's length
+    probs = torch.softmax(scores.masked_fill_(past_end[:, None, :], float("-inf")), dim=-1).contiguous()
+    out = torch.empty(B, H, D)
+    lib.optlm_paged_pv(_ptr(probs), _ptr(v), _ptr(slots), _ptr(lengths), _ptr(out), B, H, D, S, threads)
+    return out
+
+
 __all__ = ["available", "enabled", "unavailable_reason", "cache_dir", "rowwise", "linear_f32", "linear_bf16",
-           "linear_int8", "linear_int4", "pack_int4", "unpack_int4"]
+           "linear_int8", "linear_int4", "pack_int4", "unpack_int4", "paged_decode_attention"]
