@@ -150,14 +150,15 @@ class PagedKVCache:
             need += 1  # the shared, partly filled last block is copied before it is written
         return need
 
-    def add(self, seq, prompt: list[int]) -> int:
+    def add(self, seq, prompt: list[int], reuse: bool = True) -> int:
         """Register ``seq`` with its prompt's token ids; returns how many leading tokens are already cached
-        (whole blocks shared with an earlier prompt). At least the last prompt token is always left to run."""
+        (whole blocks shared with an earlier prompt; none with ``reuse=False``). At least the last prompt token
+        is always left to run."""
         if seq in self.seqs:
             raise ValueError(f"sequence {seq!r} is already in the cache")
         s = self.seqs[seq] = _Seq()
         bs, key = self.block_size, 0
-        for i in range((len(prompt) - 1) // bs):
+        for i in range((len(prompt) - 1) // bs if reuse else 0):
             key = hash((key, tuple(prompt[i * bs:(i + 1) * bs])))
             block = self.pool.by_key.get(key)
             if block is None:

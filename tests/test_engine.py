@@ -393,3 +393,21 @@ def test_the_paged_attention_kernel_decodes_as_the_gathering_path(pair, greedy_c
     for a, b in zip(with_kernel, gathered, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-4)
+
+
+def test_prompt_logprobs_score_every_prompt_token_even_when_chunked_or_cached(pair):
+    ref, ours = pair
+    prompts = _prompts(6, seed=12)
+    llm = LLM(ours, block_size=8, max_num_batched_tokens=40)  # long prompts are prefilled in chunks
+    llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)  # their blocks are now cached
+    outs = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=3), use_tqdm=False)
+    with torch.no_grad():
+        for p, o in zip(prompts, outs, strict=True):
+            logp = torch.log_softmax(ref(torch.tensor([p])).logits[0].float(), -1)  # (P, V)
+            got = o.prompt_logprobs
+            assert len(got) == len(p) and got[0] is None
+            for pos in range(1, len(p)):
+                entry, want = got[pos], logp[pos - 1]
+                assert entry[p[pos]].logprob == pytest.approx(float(want[p[pos]]), abs=1e-5)
+                assert entry[p[pos]].rank == int((want > want[p[pos]]).sum()) + 1
+                assert set(entry) == set(torch.topk(want, 3).indices.tolist()) | {p[pos]}

@@ -51,6 +51,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass(eq=False)
@@ -153,6 +154,8 @@ class LLMEngine:
             seqs.append(Sequence(request_id, i, ids, params, gen, seqs[0] if seqs else None))
             if params.logprobs is not None:
                 seqs[-1].logprobs, seqs[-1].cumulative_logprob = [], 0.0
+            if params.prompt_logprobs is not None and i == 0:
+                seqs[-1].prompt_logprobs = [None]  # the first token has no context to be scored in
         self.requests[request_id] = _Request(request_id, text, ids, params, seqs)
         for seq in seqs:
             if self.tokenizer is not None:
@@ -232,9 +235,11 @@ class LLMEngine:
             ids[b, :n] = torch.tensor(seq.tokens[seq.computed:seq.computed + n])
         frame = self.cache.frame([(seq.id, n) for seq, n in group])
         last = torch.tensor([n - 1 for _, n in group], device=dev)
-        logits, _ = self.model.step(ids.to(dev), frame, last)
+        logits, hidden = self.model.step(ids.to(dev), frame, last)
         ready = []
         for b, (seq, n) in enumerate(group):
+            if seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt_ids):
+                self._score_prompt(seq, hidden[b, :n], ids[b, :n])
             self.cache.publish(seq.id)  # its full blocks are computed now: later prompts may share them
             seq.computed += n
             if seq.pending == 0:
@@ -242,6 +247,25 @@ class LLMEngine:
         if len(ready) < len(group):
             logits = logits[torch.tensor(ready, dtype=torch.long, device=logits.device)]
         return [group[b][0] for b in ready], logits
+
+    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor, ids: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens that follow this chunk's positions (prompt_logprobs)."""
+        start = seq.computed  # position of the chunk's first token
+        head = self.model.get_output_embeddings()
+        logp = torch.log_softmax(head(hidden).float(), dim=-1)  # (n, V): position t predicts t + 1
+        k = seq.params.prompt_logprobs
+        for t in range(logp.shape[0]):
+            pos = start + t + 1
+            if pos >= len(seq.prompt_ids) or pos < len(seq.prompt_logprobs):
+                continue  # past the prompt, or already scored before a preemption
+            token = seq.prompt_ids[pos]
+            lp = logp[t]
+            entry = {token: Logprob(float(lp[token]), int((lp > lp[token]).sum()) + 1)}
+            if k:
+                values, idx = torch.topk(lp, k)
+                for r, (value, i) in enumerate(zip(values.tolist(), idx.tolist(), strict=True)):
+                    entry.setdefault(i, Logprob(value, r + 1))
+            seq.prompt_logprobs.append(entry)
 
     def _append(self, seq: Sequence, token: int, picked) -> None:
         p = seq.params
@@ -289,4 +313,6 @@ class LLMEngine:
             outs.append(CompletionOutput(seq.index, text, list(seq.output_ids), seq.cumulative_logprob,
                                          None if seq.logprobs is None else list(seq.logprobs), seq.finish_reason,
                                          seq.stop_reason))
-        return RequestOutput(request.request_id, request.prompt, list(request.prompt_ids), outs, request.finished)
+        lead = request.seqs[0].prompt_logprobs
+        return RequestOutput(request.request_id, request.prompt, list(request.prompt_ids), outs, request.finished,
+                             None if lead is None else list(lead))

@@ -35,9 +35,10 @@ class SamplingParams:
     at EOS (unless ``ignore_eos``), at any ``stop_token_ids`` or at a ``stop`` string (cut from the text unless
     ``include_stop_str_in_output``); neither EOS nor stops count before ``min_tokens``. ``logprobs=k`` returns
     the log-probability of each generated token and of the ``k`` most likely alternatives, taken from the
-    model's distribution before any processing. ``seed`` makes a sampled request repeatable, whatever else is
-    running beside it. With ``n > 1`` the request returns ``n`` completions; completion ``i`` of a seeded request
-    uses seed ``seed + i``.
+    model's distribution before any processing; ``prompt_logprobs=k`` does the same for every prompt token after
+    the first (scoring a text; such a prompt is computed in full, never taken from the prefix cache). ``seed``
+    makes a sampled request repeatable, whatever else is running beside it. With ``n > 1`` the request returns
+    ``n`` completions; completion ``i`` of a seeded request uses seed ``seed + i``.
     """
 
     n: int = 1
@@ -55,6 +56,7 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -88,8 +90,10 @@ class SamplingParams:
             bad("min_tokens", "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", f"at most max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+                bad(name, f"an integer in [0, {MAX_LOGPROBS}] or None")
         stop = self.stop
         if isinstance(stop, str):
             stop = [stop]

@@ -51,6 +51,7 @@ class Sequence:
     text: str = ""  # decoded output so far (cut at a stop string once finished)
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # [None, then one per prompt token]
 
     @property
     def tokens(self) -> list[int]:
@@ -112,7 +113,8 @@ class Scheduler:
             if lead is not None and not lead.finished and lead.computed < len(lead.prompt_ids):
                 continue  # n > 1: wait for the first completion's prompt, then share its cached blocks
             if seq.id not in self.cache.seqs:
-                seq.computed = self.cache.add(seq.id, seq.tokens)  # whole blocks already cached are reused
+                # Whole blocks already cached are reused, unless the prompt's own logprobs are wanted.
+                seq.computed = self.cache.add(seq.id, seq.tokens, reuse=seq.prompt_logprobs is None)
             n = min(seq.pending, budget)
             # Keep a block in hand for each running sequence, so admitting does not force a preemption next step.
             if self.cache.blocks_needed(seq.id, n) + len(self.running) > self.cache.pool.num_free:
