@@ -336,6 +336,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import run
+
+    return run(args)
+
+
+def _add_serve_command(sub: argparse._SubParsersAction) -> None:
+    from .serve import add_arguments
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming, metrics)",
+                       description="Serve a model over OpenAI's API (/v1/completions, /v1/chat/completions, "
+                                   "/v1/models) plus /health, /metrics, /tokenize, /detokenize and /version, "
+                                   "with continuous batching. Without --model: the bundled model, offline.")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_serve)
+
+
 def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     from .benchmark import add_arguments
 
@@ -367,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
     _add_generation_commands(sub)
     _add_training_commands(sub)
+    _add_serve_command(sub)
     _add_bench_command(sub)
     return parser
 

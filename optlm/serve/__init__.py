@@ -1,0 +1,94 @@
+"""``optlm serve``: the OpenAI-compatible server (FastAPI on uvicorn) over the continuous-batching engine."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $OPTLM_API_KEY, else no key)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion limit (default: the model's)")
+    p.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="GiB for the paged KV cache (default: what --max-num-seqs full sequences need, at most 2)")
+    p.add_argument("--max-waiting", type=int, default=512, help="requests queued before new ones get 503")
+    p.add_argument("--max-n", type=int, default=16, help="largest n per request")
+    p.add_argument("--max-prompts", type=int, default=64, help="most prompts in one completions request")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds requests in flight get to finish on Ctrl-C / SIGTERM")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cpu)")
+    p.add_argument("--quantize", choices=("int8", "int4", "int8-dynamic"), default=None,
+                   help="weight quantization (see optlm generate --help)")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+
+
+def _server_class(uvicorn):
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that Ctrl-C / SIGTERM end it normally: it stops accepting, lets requests in
+        flight finish (up to the shutdown timeout), and the process exits 0 (uvicorn re-raises the signal)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return Server
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .app import Limits, build_app
+    except ImportError as e:
+        raise ImportError(f"optlm serve needs FastAPI, uvicorn and prometheus_client ({e}); "
+                          "pip install 'optlm[serve]'") from None
+    from ..engine.async_engine import AsyncEngine
+    from ..engine.engine import LLMEngine
+    from ..lm import load
+
+    for name in ("port", "max_num_seqs", "max_waiting", "max_n", "max_prompts"):
+        value = getattr(args, name)
+        if value < (0 if name == "port" else 1) or (name == "port" and value > 65535):
+            raise ValueError(f"--{name.replace('_', '-')} {value} is out of range")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("OPTLM_API_KEY") or None
+    lm = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, revision=args.revision)
+    memory = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
+    engine = AsyncEngine(LLMEngine(lm.model, lm.tokenizer, max_num_seqs=args.max_num_seqs,
+                                   max_model_len=args.max_model_len, kv_cache_memory=memory),
+                         max_waiting=args.max_waiting)
+    name = args.served_model_name or (args.model if args.model is not None else "opt-gutenberg")
+    limits = Limits(max_n=args.max_n, max_prompts=args.max_prompts, max_body_bytes=int(args.max_body_mb * 2**20))
+
+    def announce() -> None:
+        print(f"optlm serve: {name} on http://{args.host}:{args.port} (OpenAI API under /v1; Ctrl-C stops)",
+              file=sys.stderr, flush=True)
+
+    app = build_app(engine, lm.tokenizer, name, api_key=api_key, limits=limits, on_start=announce)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    server = _server_class(uvicorn)(config)
+    try:
+        server.run()
+    finally:
+        engine.shutdown(timeout=args.shutdown_timeout)
+    return 0

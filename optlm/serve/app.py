@@ -1,0 +1,454 @@
+"""The OpenAI-compatible HTTP API over the engine: routes only (bodies in ``schemas``, errors in ``errors``).
+
+``build_app(engine, tokenizer, ...)`` makes the FastAPI app; ``optlm serve`` runs it on uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..chat import ChatTemplate
+from ..engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from ..engine.engine import RequestOutput
+from ..engine.params import SamplingParams
+from ..engine.sampler import Logprob
+from .errors import APIError, api_error_handler, bad_value, http_handler, unexpected_handler, validation_handler
+from .metrics import Metrics
+from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+OPEN_PATHS = ("/health", "/metrics", "/version")
+
+
+@dataclass
+class Limits:
+    """Bounds on one request, so no single client can take the server down."""
+
+    max_n: int = 16
+    max_prompts: int = 64
+    max_body_bytes: int = 4 * 2**20
+
+
+def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: str | None = None,
+              limits: Limits | None = None, template: ChatTemplate | None = None,
+              on_start: Callable[[], None] | None = None) -> FastAPI:
+    limits = limits or Limits()
+    template = template or ChatTemplate()
+    metrics = Metrics()
+    context = engine.engine.max_model_len
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if on_start is not None:
+            on_start()
+        yield
+
+    app = FastAPI(title="optlm", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_handler)
+    app.add_exception_handler(StarletteHTTPException, http_handler)
+    app.add_exception_handler(Exception, unexpected_handler)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
+            metrics.errors.labels("body_too_large").inc()
+            return APIError(413, f"the request body is over {limits.max_body_bytes} bytes").response()
+        if api_key is not None and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.startswith("Bearer ") else ""
+            if not hmac.compare_digest(token.encode(), api_key.encode()):
+                metrics.errors.labels("unauthorized").inc()
+                return APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'").response()
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = rid
+        return response
+
+    # ---- plain routes -------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.alive:
+            return JSONResponse({"status": "error", "error": repr(engine.error)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(engine.stats()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "optlm", "max_model_len": context}]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        _check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+        text = body.prompt if body.prompt is not None else _render(body.messages)
+        ids = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": context, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        _check_model(body.model)
+        _check_ids(body.tokens, "tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    # ---- completions --------------------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Response:
+        _check_model(body.model)
+        prompts = _prompts(body.prompt)
+        echo_only = body.echo and body.max_tokens == 0  # score the prompt only (what lm-eval's loglikelihood asks)
+        scored = body.echo and body.logprobs is not None
+        params = _params(body, max_tokens=1 if echo_only else body.max_tokens, logprobs=body.logprobs,
+                         prompt_logprobs=body.logprobs if scored else None)
+        created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+        streams = await _submit(prompts, params)
+        if body.stream:
+            return _sse(_completion_chunks(streams, body, params, cid, created, echo_only))
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for i, out in enumerate(await _finals(streams)):
+            prompt_tokens += len(out.prompt_token_ids)
+            for c in out.outputs:
+                text, ids, lps = ("", [], []) if echo_only else (c.text, c.token_ids, c.logprobs or [])
+                completion_tokens += len(ids)
+                lp = None if body.logprobs is None else _completion_logprobs(out, ids, lps, body.echo)
+                choices.append({"index": i * params.n + c.index,
+                                "text": (_prompt_text(out) if body.echo else "") + text, "logprobs": lp,
+                                "finish_reason": "length" if echo_only else c.finish_reason,
+                                "stop_reason": None if echo_only else c.stop_reason})
+        return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                             "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)})
+
+    async def _completion_chunks(streams, body, params, cid, created, echo_only) -> AsyncIterator[dict]:
+        sent: dict[tuple[int, int], list[int]] = {}  # (prompt, completion) -> [chars, tokens, prompt echoed]
+        prompt_tokens = completion_tokens = 0
+        async for i, out in _merge(streams):
+            for c in out.outputs:
+                s = sent.setdefault((i, c.index), [0, 0, 0])
+                text, ids = ("", []) if echo_only else (c.text[s[0]:], c.token_ids[s[1]:])
+                prefix = _prompt_text(out) if body.echo and not s[2] else ""
+                finish = ("length" if echo_only else c.finish_reason) if c.finish_reason else None
+                if not text and not ids and not prefix and finish is None:
+                    continue
+                lp = None
+                if body.logprobs is not None:
+                    lps = (c.logprobs or [])[s[1]:s[1] + len(ids)]
+                    lp = _completion_logprobs(out, ids, lps, bool(prefix),
+                                              offset=(len(_prompt_text(out)) if body.echo else 0) + s[0])
+                s[0], s[1], s[2] = s[0] + len(text), s[1] + len(ids), 1
+                if finish:
+                    completion_tokens += 0 if echo_only else len(c.token_ids)
+                yield {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                       "choices": [{"index": i * params.n + c.index, "text": prefix + text, "logprobs": lp,
+                                    "finish_reason": finish,
+                                    "stop_reason": c.stop_reason if finish and not echo_only else None}]}
+            if out.finished:
+                prompt_tokens += len(out.prompt_token_ids)
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield {"id": cid, "object": "text_completion", "created": created, "model": model_name, "choices": [],
+                   "usage": _usage(prompt_tokens, completion_tokens)}
+
+    # ---- chat ---------------------------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest) -> Response:
+        _check_model(body.model)
+        prompt = _render(body.messages)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        stop = body.stop if body.stop is not None else []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        params = _params(body, max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                         stop=template.stop_strings + stop)
+        created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await _submit([prompt], params)
+        if body.stream:
+            return _sse(_chat_chunks(streams, body, cid, created))
+        out = (await _finals(streams))[0]
+        choices = []
+        for c in out.outputs:
+            lp = ({"content": _chat_logprobs(c.token_ids, c.logprobs or [], body.top_logprobs or 0)}
+                  if body.logprobs else None)
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text.strip()},
+                            "logprobs": lp, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        completion = sum(len(c.token_ids) for c in out.outputs)
+        return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+                             "choices": choices, "usage": _usage(len(out.prompt_token_ids), completion)})
+
+    async def _chat_chunks(streams, body, cid, created) -> AsyncIterator[dict]:
+        sent: dict[int, list[int]] = {}
+        last = None
+        async for _, out in _merge(streams):
+            last = out
+            for c in out.outputs:
+                s = sent.setdefault(c.index, [0, 0, 0])  # chars, tokens, role sent
+                text = c.text[s[0]:]
+                if s[0] == 0:
+                    text = text.lstrip()  # the template leaves a space after "AI:"
+                    if not text and c.finish_reason is None:
+                        continue
+                ids = c.token_ids[s[1]:]
+                delta: dict[str, Any] = {} if s[2] else {"role": "assistant"}
+                if text:
+                    delta["content"] = text
+                if not delta and c.finish_reason is None:
+                    continue
+                lp = ({"content": _chat_logprobs(ids, (c.logprobs or [])[s[1]:s[1] + len(ids)],
+                                                 body.top_logprobs or 0)} if body.logprobs else None)
+                s[0], s[1], s[2] = len(c.text), len(c.token_ids), 1
+                yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                       "choices": [{"index": c.index, "delta": delta, "logprobs": lp,
+                                    "finish_reason": c.finish_reason}]}
+        if body.stream_options is not None and body.stream_options.include_usage and last is not None:
+            completion = sum(len(c.token_ids) for c in last.outputs)
+            yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                   "choices": [], "usage": _usage(len(last.prompt_token_ids), completion)}
+
+    # ---- helpers (closures over the app's settings) -------------------------------------------------------
+
+    async def _submit(prompts: list, params: SamplingParams) -> list:
+        """Hand every prompt to the engine, or none: a refusal aborts those already accepted."""
+        streams = []
+        try:
+            for p in prompts:
+                streams.append(await engine.submit(p, params))
+        except BaseException as e:
+            for s in streams:
+                s.abort()
+            raise _refusal(e, metrics, context) from None
+        return [_tracked(s, metrics) for s in streams]
+
+    def _check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves `{model_name}`",
+                           param="model", code="model_not_found")
+
+    def _check_ids(ids: list[int], field: str) -> None:
+        vocab = engine.engine.model.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise APIError(400, f"{field} holds token id {bad[0]}, outside the vocabulary [0, {vocab})", param=field)
+
+    def _prompts(prompt: Any) -> list:
+        if isinstance(prompt, str):
+            prompts: list = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [prompt]
+        else:
+            prompts = list(prompt)
+        if not prompts:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if len(prompts) > limits.max_prompts:
+            raise APIError(400, f"prompt holds {len(prompts)} prompts; at most {limits.max_prompts} per request",
+                           param="prompt")
+        for p in prompts:
+            if not p:
+                raise APIError(400, "prompt is empty; give at least one character or token", param="prompt")
+            if isinstance(p, list):
+                _check_ids(p, "prompt")
+            n = len(p) if isinstance(p, list) else None
+            if n is not None and n >= context:
+                raise APIError(400, f"This model's maximum context length is {context} tokens; your request has "
+                               f"{n} prompt tokens", param="prompt", code="context_length_exceeded")
+        return prompts
+
+    def _render(messages) -> str:
+        try:
+            return template.render([m.model_dump() for m in messages])
+        except (ValueError, TypeError) as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    def _params(body, max_tokens: int | None, logprobs: int | None, stop: list[str] | None = None,
+                prompt_logprobs: int | None = None) -> SamplingParams:
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        if not 1 <= body.n <= limits.max_n:
+            raise APIError(400, f"n must be an integer in [1, {limits.max_n}], got {body.n}", param="n")
+        if max_tokens is not None and max_tokens < 1:
+            raise APIError(400, f"max_tokens must be at least 1 (0 only with echo), got {max_tokens}",
+                           param="max_tokens")
+        kwargs = {k: getattr(body, k) for k in ("n", "temperature", "top_p", "top_k", "min_p", "seed",
+                                                  "presence_penalty", "frequency_penalty", "repetition_penalty",
+                                                  "stop_token_ids", "min_tokens", "ignore_eos",
+                                                  "include_stop_str_in_output", "skip_special_tokens")
+                  if getattr(body, k) is not None}
+        kwargs["stop"] = stop if stop is not None else body.stop
+        if body.logit_bias is not None:
+            try:
+                kwargs["logit_bias"] = {int(k): v for k, v in body.logit_bias.items()}
+            except ValueError:
+                raise APIError(400, "logit_bias keys must be token ids", param="logit_bias") from None
+        try:
+            params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                    **kwargs)
+            params.check_vocab(engine.engine.model.config.vocab_size)
+        except (ValueError, TypeError) as e:
+            raise bad_value(e) from None
+        return params
+
+    def _prompt_text(out: RequestOutput) -> str:
+        return out.prompt if out.prompt is not None else tokenizer.decode(out.prompt_token_ids)
+
+    def _token(i: int) -> str:
+        return tokenizer.decode([i])
+
+    def _completion_logprobs(out: RequestOutput, ids: list[int], lps: list, with_prompt: bool,
+                             offset: int = 0) -> dict:
+        tokens, values, tops, offsets = [], [], [], []
+        pos = offset
+        pairs = []
+        if with_prompt:
+            plp = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+            pairs += list(zip(out.prompt_token_ids, plp, strict=False))
+            pos = 0
+        pairs += list(zip(ids, lps, strict=False))
+        for tok, entry in pairs:
+            tokens.append(_token(tok))
+            offsets.append(pos)
+            pos += len(tokenizer.decode([tok], skip_special_tokens=True))  # specials take no room in the text
+            values.append(None if entry is None else entry[tok].logprob)
+            tops.append(None if entry is None else {_token(k): v.logprob for k, v in entry.items()})
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def _chat_logprobs(ids: list[int], lps: list[dict[int, Logprob]], k: int) -> list[dict]:
+        out = []
+        for tok, entry in zip(ids, lps, strict=False):
+            piece = _token(tok)
+            top = sorted(((t, v) for t, v in entry.items() if v.rank <= k), key=lambda tv: tv[1].rank)
+            out.append({"token": piece, "logprob": entry[tok].logprob, "bytes": list(piece.encode()),
+                        "top_logprobs": [{"token": _token(t), "logprob": v.logprob,
+                                          "bytes": list(_token(t).encode())} for t, v in top]})
+        return out
+
+    return app
+
+
+# ---- streaming plumbing ---------------------------------------------------------------------------------
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _tracked(stream, metrics: Metrics) -> AsyncIterator[RequestOutput]:
+    """Outputs of one accepted request, timed into the metrics; an engine failure becomes an API error."""
+    start = time.perf_counter()
+    first = previous = None
+    try:
+        async for out in stream:
+            now = time.perf_counter()
+            if first is None and any(c.token_ids for c in out.outputs):
+                first = now
+                metrics.ttft.observe(now - start)
+            elif previous is not None:
+                metrics.itl.observe(now - previous)
+            previous = now
+            if out.finished:
+                metrics.e2e.observe(now - start)
+                metrics.prompt_tokens.inc(len(out.prompt_token_ids))
+                for c in out.outputs:
+                    metrics.generation_tokens.inc(len(c.token_ids))
+                    metrics.requests.labels(c.finish_reason or "unknown").inc()
+            yield out
+    except EngineDeadError as e:
+        metrics.errors.labels("engine_dead").inc()
+        raise APIError(503, str(e)) from None
+    finally:
+        stream.abort()
+
+
+def _refusal(e: BaseException, metrics: Metrics, context: int) -> BaseException:
+    """The API error for a request the engine did not accept."""
+    if isinstance(e, QueueFullError):
+        metrics.errors.labels("queue_full").inc()
+        return APIError(503, f"the server is busy ({e}); retry later", headers={"Retry-After": "1"})
+    if isinstance(e, EngineDeadError):
+        metrics.errors.labels("engine_dead").inc()
+        return APIError(503, str(e))
+    if isinstance(e, (ValueError, TypeError)):
+        metrics.errors.labels("bad_request").inc()
+        message = str(e)
+        if "context" in message and "the prompt has" in message:
+            n = message.split("the prompt has ", 1)[1].split(" ", 1)[0]
+            return APIError(400, f"This model's maximum context length is {context} tokens; your request has {n} "
+                                 f"prompt tokens ({message})", param="prompt", code="context_length_exceeded")
+        return bad_value(e)
+    return e
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as they come, tagged with the request's position. Leaving early
+    (a disconnected client) cancels every request."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    open_ = len(tasks)
+    try:
+        while open_:
+            i, item = await queue.get()
+            if item is None:
+                open_ -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _finals(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    finals: dict[int, RequestOutput] = {}
+    async for i, out in _merge(streams):
+        if out.finished:
+            finals[i] = out
+    return [finals[i] for i in range(len(streams))]
+
+
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events ending with ``data: [DONE]``; an error after the stream began is sent as an event."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,0 +1,278 @@
+"""The OpenAI-compatible server, started for real as ``optlm serve`` in a subprocess on a free port.
+
+Invariants: the official ``openai`` client works against it unchanged (completions and chat, plain and streamed,
+``n``, logprobs, echo, stop) and greedy text equals ``LLM.generate`` on the same prompt; concurrent streams get
+what they would get alone; a client that goes away frees its cache blocks; every malformed or hostile request
+is a 4xx with OpenAI's error body, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from helpers_generate import text_checkpoint
+
+from optlm import LLM, SamplingParams
+
+KEY = "test-key-123"
+CONTEXT = 128
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = text_checkpoint(tmp_path_factory.mktemp("serve_model"), max_position_embeddings=CONTEXT)
+    port = _free_port()
+    env = {**os.environ, "OPTLM_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "optlm.cli", "serve", "--model", str(model), "--port", str(port),
+                             "--served-model-name", "tiny", "--max-num-seqs", "8", "--max-n", "4",
+                             "--max-prompts", "8", "--max-body-mb", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the server did not come up")
+    yield {"base": base, "model": model, "proc": proc}
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server['base']}/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def llm(server):
+    return LLM(server["model"])
+
+
+PROMPTS = ["The old house at the end of the lane", "It was", "A ship sailed into the harbour at dawn and"]
+
+
+def test_openai_client_completions_equal_llm_generate(client, llm):
+    r = client.completions.create(model="tiny", prompt=PROMPTS, max_tokens=12, temperature=0)
+    want = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    assert [c.text for c in r.choices] == [o.outputs[0].text for o in want]
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert r.usage.prompt_tokens == sum(len(o.prompt_token_ids) for o in want)
+    assert r.usage.completion_tokens == sum(len(o.outputs[0].token_ids) for o in want)
+    streamed = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want[0].outputs[0].text
+    assert chunks[-1].usage.completion_tokens == len(want[0].outputs[0].token_ids)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want[0].outputs[0].finish_reason
+
+
+def test_n_logprobs_echo_and_stop(client, llm):
+    r = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=6, temperature=1.0, n=2, seed=3,
+                                  logprobs=2)
+    assert len(r.choices) == 2 and r.choices[0].text != r.choices[1].text
+    for c in r.choices:
+        assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == 6
+        assert all(len(top) <= 3 for top in c.logprobs.top_logprobs)
+    echoed = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=0, echo=True, logprobs=0)
+    choice = echoed.choices[0]
+    assert choice.text == PROMPTS[1]
+    ids = llm.get_tokenizer().encode(PROMPTS[1])
+    assert len(choice.logprobs.tokens) == len(ids) and choice.logprobs.token_logprobs[0] is None
+    scored = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0].prompt_logprobs
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx([e[t].logprob for e, t in zip(scored[1:], ids[1:],
+                                                                                              strict=True)])
+    full = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0].outputs[0]
+    stop = full.text[8:11]
+    r = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=[stop])
+    assert r.choices[0].text == full.text[:full.text.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_chat_plain_and_streamed(client):
+    messages = [{"role": "system", "content": "A talk."}, {"role": "user", "content": "Hello there"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    text = r.choices[0].message.content
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason in ("stop", "length")
+    assert all(len(t.top_logprobs) == 2 for t in r.choices[0].logprobs.content)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[0].choices[0].delta.role == "assistant"
+
+
+def test_concurrent_streams_get_what_they_get_alone(server, llm):
+    prompts = [f"{PROMPTS[i % 3]} {i}" for i in range(16)]
+    lengths = [4 + i % 9 for i in range(16)]
+    want = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m) for m in lengths], use_tqdm=False)
+
+    async def one(http: httpx.AsyncClient, prompt: str, m: int) -> str:
+        text = ""
+        async with http.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": m, "temperature": 0,
+                                                                 "stream": True}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text
+
+    async def main() -> list[str]:
+        async with httpx.AsyncClient(base_url=server["base"], headers={"Authorization": f"Bearer {KEY}"},
+                                     timeout=60) as http:
+            return await asyncio.gather(*(one(http, p, m) for p, m in zip(prompts, lengths, strict=True)))
+
+    assert asyncio.run(main()) == [o.outputs[0].text for o in want]
+
+
+def _metric(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics").text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_abandoned_streams_free_their_cache_blocks(server, client):
+    base, headers = server["base"], {"Authorization": f"Bearer {KEY}"}
+    for i in range(20):
+        with httpx.stream("POST", f"{base}/v1/completions", headers=headers, timeout=30,
+                          json={"prompt": f"{PROMPTS[0]} {i}", "max_tokens": 100, "stream": True,
+                                "ignore_eos": True}) as r:
+            next(r.iter_lines())  # the first chunk, then the client hangs up
+    deadline = time.time() + 5
+    while time.time() < deadline and (_metric(base, "optlm:num_requests_running") > 0
+                                      or _metric(base, "optlm:kv_cache_blocks_in_use") > 0):
+        time.sleep(0.1)
+    assert _metric(base, "optlm:num_requests_running") == 0
+    assert _metric(base, "optlm:kv_cache_blocks_in_use") == 0
+    assert client.completions.create(model="tiny", prompt="Hi", max_tokens=3, timeout=5).choices[0].text is not None
+
+
+LONG_IDS = [5] * (CONTEXT + 10)
+BAD = [  # (path, body, status, param)
+    ("/v1/completions", "{not json", 400, None),
+    ("/v1/completions", "[1, 2]", 400, None),
+    ("/v1/completions", '"a string"', 400, None),
+    ("/v1/completions", {}, 400, "prompt"),
+    ("/v1/completions", {"prompt": 123}, 400, "prompt"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[]]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [60000]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [-1]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1.5]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": LONG_IDS}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "word " * 400}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a"] * 9}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "10"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 1.5}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 500}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 2}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 1000}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "hi", "stop": 5}, 400, "stop"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1000}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "seed": "x"}, 400, "seed"),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [99999999]}, 400, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "echo": "yes"}, 400, "echo"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "top_logprobs"),
+    ("/v1/nothing-here", {}, 404, None),
+    ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD, ids=[f"{i}" for i in range(len(BAD))])
+def test_malformed_requests_get_a_4xx_with_an_error_body(server, path, body, status, param):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(server["base"] + path, content=data, headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+    if param is not None:
+        assert error["param"] == param, error
+
+
+def test_size_limits_keys_and_open_routes(server, client):
+    base = server["base"]
+    r = httpx.post(f"{base}/v1/completions", content=b"x" * (2 * 2**20),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["message"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "hi"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{base}/health").status_code == 200
+    assert "optlm:num_requests_running" in httpx.get(f"{base}/metrics").text
+    assert httpx.get(f"{base}/version").json()["version"]
+    r = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}", "X-Request-Id": "abc"})
+    assert r.json()["data"][0]["id"] == "tiny" and r.headers["x-request-id"] == "abc"
+    assert httpx.get(f"{base}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}).status_code == 405
+    tok = httpx.post(f"{base}/tokenize", json={"prompt": "Hello world"}, headers={"Authorization": f"Bearer {KEY}"})
+    ids = tok.json()["tokens"]
+    back = httpx.post(f"{base}/detokenize", json={"tokens": ids}, headers={"Authorization": f"Bearer {KEY}"})
+    assert back.json()["prompt"].endswith("Hello world")
+    # after all the abuse, it still serves
+    assert client.completions.create(model="tiny", prompt="Hello", max_tokens=2).choices[0].finish_reason
+
+
+def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_0(server):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "optlm.cli", "serve", "--model", str(server["model"]),
+                             "--port", str(port), "--shutdown-timeout", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    lines = []
+    with httpx.stream("POST", f"{base}/v1/completions", timeout=60,
+                      json={"prompt": "Once", "max_tokens": 100, "ignore_eos": True, "stream": True}) as r:
+        stream = r.iter_lines()
+        lines.append(next(stream))
+        proc.send_signal(15)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/health", timeout=2)
+        lines += list(stream)
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert lines[-1] == "data: [DONE]" or lines[-2] == "data: [DONE]"
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert sum(len(e["choices"][0]["text"]) > 0 for e in events) >= 50
+    assert proc.wait(timeout=60) == 0
