@@ -123,8 +123,8 @@ def test_chat_plain_and_streamed(client):
 
 
 def test_concurrent_streams_get_what_they_get_alone(server, llm):
-    prompts = [f"{PROMPTS[i % 3]} {i}" for i in range(16)]
-    lengths = [4 + i % 9 for i in range(16)]
+    prompts = [f"{PROMPTS[i % 3]} {i}" for i in range(64)]
+    lengths = [4 + i % 9 for i in range(64)]
     want = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m) for m in lengths], use_tqdm=False)
 
     async def one(http: httpx.AsyncClient, prompt: str, m: int) -> str:
@@ -152,7 +152,7 @@ def _metric(base: str, name: str) -> float:
 
 def test_abandoned_streams_free_their_cache_blocks(server, client):
     base, headers = server["base"], {"Authorization": f"Bearer {KEY}"}
-    for i in range(20):
+    for i in range(200):
         with httpx.stream("POST", f"{base}/v1/completions", headers=headers, timeout=30,
                           json={"prompt": f"{PROMPTS[0]} {i}", "max_tokens": 100, "stream": True,
                                 "ignore_eos": True}) as r:
