@@ -306,6 +306,7 @@ class PagedFrame(Frame):
         self.slots, key_valid = cache.slot_table(seqs, S)  # (B, S) each
         t = torch.arange(T)
         self.new = (t[None, :] < n[:, None]).to(dev)  # (B, T) real new tokens
+        self.padded = bool((n < T).any())  # False: every (row, column) is a real new token
         q_pos = past[:, None] + t[None, :]  # (B, T)
         self.write_slots = self.slots.gather(1, q_pos.clamp(max=S - 1).to(dev))[self.new]  # (N,)
         positions = q_pos.masked_fill(~self.new.cpu(), -1).to(dev)
@@ -329,8 +330,12 @@ class PagedFrame(Frame):
 
     def _store(self, layer: int, k: Tensor, v: Tensor) -> None:
         c = self.cache
-        new_k = k.transpose(1, 2)[self.new]  # (N, nh, hs): the real new tokens, in row order
-        new_v = v.transpose(1, 2)[self.new]
+        if self.padded:
+            new_k = k.transpose(1, 2)[self.new]  # (N, nh, hs): the real new tokens, in row order
+            new_v = v.transpose(1, 2)[self.new]
+        else:  # no padding (decoding rows): a reshape, not a boolean gather
+            new_k = k.transpose(1, 2).reshape(-1, *k.shape[1:2], k.shape[3])
+            new_v = v.transpose(1, 2).reshape(-1, *v.shape[1:2], v.shape[3])
         c.k[layer].index_copy_(0, self.write_slots, new_k.to(c.k.dtype))
         c.v[layer].index_copy_(0, self.write_slots, new_v.to(c.v.dtype))
 
@@ -339,8 +344,9 @@ class PagedFrame(Frame):
             return None
         self._store(layer, k, v)
         c = self.cache
+        # check=False: the slots and lengths come from the cache's own tables
         out = kernels.paged_decode_attention(q[:, :, 0].float().contiguous(), c.k[layer], c.v[layer], self.slots,
-                                             self.lengths)
+                                             self.lengths, check=False)
         return out[:, :, None]  # (B, nh, 1, hs)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

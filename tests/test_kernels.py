@@ -217,7 +217,7 @@ def test_paged_decode_attention_matches_float64_softmax_attention(B, H, D, S):
 def test_paged_decode_attention_refuses_bad_input():
     q, k = torch.randn(2, 2, 8), torch.randn(10, 2, 8)
     slots, lengths = torch.zeros(2, 4, dtype=torch.long), torch.tensor([1, 4])
-    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 4\]"):
+    with pytest.raises(ValueError, match=r"lengths must be int64 and lie in \[1, 4\]"):
         kernels.paged_decode_attention(q, k, k, slots, torch.tensor([0, 4]))
     with pytest.raises(ValueError, match=r"slots must lie in \[0, 10\)"):
         kernels.paged_decode_attention(q, k, k, slots + 10, lengths)

@@ -244,14 +244,33 @@ def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor, group_s
     return y
 
 
-def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, slots: Tensor, lengths: Tensor) -> Tensor:
+def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, slots: Tensor, lengths: Tensor, *,
+                           check: bool = True) -> Tensor:
     """Attention of one query per sequence over its cached keys/values, read in place from a paged cache.
 
     ``q`` (B, H, D) float32 (already scaled as the model wants); ``k``, ``v`` (slots, H, D) float32, one layer
     of the cache; ``slots`` (B, S) int64, sequence b's s-th token's slot (s < ``lengths[b]``; the rest is
-    ignored); ``lengths`` (B,) int64, each at least 1. Returns (B, H, D) float32.
+    ignored); ``lengths`` (B,) int64, each at least 1. Returns (B, H, D) float32. ``check=False`` skips
+    validating the arguments (a caller that builds them itself, once per layer per step).
     """
     lib = _lib_or_raise()
+    B, H, D = q.shape
+    S = slots.shape[1]
+    if check:
+        _check_paged(q, k, v, slots, lengths)
+    threads = torch.get_num_threads()
+    scores = torch.empty(B, H, S)
+    lib.optlm_paged_qk(_ptr(q), _ptr(k), _ptr(slots), _ptr(lengths), _ptr(scores), B, H, D, S, threads)
+    if int(lengths.min()) < S:  # mask the slots past each shorter sequence's end
+        past_end = torch.arange(S) >= lengths[:, None]  # (B, S)
+        scores.masked_fill_(past_end[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.empty(B, H, D)
+    lib.optlm_paged_pv(_ptr(probs), _ptr(v), _ptr(slots), _ptr(lengths), _ptr(out), B, H, D, S, threads)
+    return out
+
+
+def _check_paged(q: Tensor, k: Tensor, v: Tensor, slots: Tensor, lengths: Tensor) -> None:
     B, H, D = q.shape
     S = slots.shape[1]
     for t in (q, k, v, slots, lengths):
@@ -262,19 +281,10 @@ def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, slots: Tensor, lengt
     if k.shape[1:] != (H, D) or v.shape != k.shape or slots.dtype != torch.int64 or lengths.shape != (B,):
         raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
                          f"slots {tuple(slots.shape)}, lengths {tuple(lengths.shape)}")
-    lengths = lengths.to(torch.int64)
-    if int(lengths.min()) < 1 or int(lengths.max()) > S:
-        raise ValueError(f"lengths must lie in [1, {S}]")
+    if lengths.dtype != torch.int64 or int(lengths.min()) < 1 or int(lengths.max()) > S:
+        raise ValueError(f"lengths must be int64 and lie in [1, {S}]")
     if int(slots.min()) < 0 or int(slots.max()) >= k.shape[0]:
         raise ValueError(f"slots must lie in [0, {k.shape[0]})")
-    threads = torch.get_num_threads()
-    scores = torch.empty(B, H, S)
-    lib.optlm_paged_qk(_ptr(q), _ptr(k), _ptr(slots), _ptr(lengths), _ptr(scores), B, H, D, S, threads)
-    past_end = torch.arange(S) >= lengths[:, None]  # (B, S) slots beyond each sequence's length
-    probs = torch.softmax(scores.masked_fill_(past_end[:, None, :], float("-inf")), dim=-1).contiguous()
-    out = torch.empty(B, H, D)
-    lib.optlm_paged_pv(_ptr(probs), _ptr(v), _ptr(slots), _ptr(lengths), _ptr(out), B, H, D, S, threads)
-    return out
 
 
 __all__ = ["available", "enabled", "unavailable_reason", "cache_dir", "rowwise", "linear_f32", "linear_bf16",
