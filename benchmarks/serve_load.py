@@ -4,10 +4,11 @@ concurrent streams.
     optlm serve --model DIR --port 8000 &            # or any OpenAI-compatible server on the same checkpoint
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --concurrency 1,8,32,64
 
-Each stream sends greedy completion requests (prompts of 32–512 random token ids, ``--new`` tokens, EOS ignored)
-one after another until ``--requests`` per level are done. Reported per level: generated tok/s over the wall
-time, TTFT and inter-token latency p50 / p99, errors. Prompts are token ids, so the server's tokenizer does not
-matter; a server that only takes text gets ``--text`` prompts instead.
+Each stream sends greedy completion requests (prompts of 32–512 random token ids, ``--new`` tokens, EOS ignored
+unless ``--no-ignore-eos``) one after another until ``--requests`` per level are done. Reported per level:
+generated tokens (streamed text chunks) per second of wall time, TTFT and inter-token latency p50 / p99, errors.
+Prompts are token ids, so the server's tokenizer does not matter; ``--text`` sends "word word …" instead, for
+servers that take only text.
 """
 
 from __future__ import annotations
@@ -53,21 +54,23 @@ async def one(http: httpx.AsyncClient, body: dict, stats: dict) -> None:
                 else:
                     stats["itl"].append(now - last)
                 last = now
-                tokens += 1  # one text chunk per generated token (byte pieces may merge a few)
+                tokens += 1  # one text chunk per generated token (pieces of one character may merge)
     except httpx.HTTPError:
         stats["errors"] += 1
         return
-    stats["tokens"] += body["max_tokens"] if tokens else 0
+    stats["tokens"] += tokens
 
 
 async def level(url: str, model: str | None, concurrency: int, requests: int, new: int, text: bool,
-                seed: int) -> dict:
+                seed: int, ignore_eos: bool) -> dict:
     rng = random.Random(seed)
     bodies = []
     for _ in range(requests):
         n = rng.randrange(32, 513)
         prompt = " ".join("word" for _ in range(n)) if text else [rng.randrange(4, 50000) for _ in range(n)]
-        body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True, "ignore_eos": True}
+        body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True}
+        if ignore_eos:
+            body["ignore_eos"] = True
         if model:
             body["model"] = model
         bodies.append(body)
@@ -100,12 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--text", action="store_true", help="send text prompts instead of token ids")
     parser.add_argument("--label", default="server", help="name of the server in the table")
+    parser.add_argument("--no-ignore-eos", action="store_true",
+                        help="do not send ignore_eos (servers that refuse unknown fields)")
     args = parser.parse_args(argv)
     print("| server | streams | generated tok/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for c in (int(x) for x in args.concurrency.split(",")):
         n = args.requests or max(4, 2 * c)
-        r = asyncio.run(level(args.url, args.model, c, n, args.new, args.text, seed=c))
+        r = asyncio.run(level(args.url, args.model, c, n, args.new, args.text, seed=c,
+                              ignore_eos=not args.no_ignore_eos))
         print(f"| {args.label} | {c} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | "
               f"{1000 * r['itl_p50']:.0f} | {1000 * r['itl_p99']:.0f} | {r['errors']} |", flush=True)
     return 0
