@@ -276,3 +276,34 @@ def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_0(ser
     assert events[-1]["choices"][0]["finish_reason"] == "length"
     assert sum(len(e["choices"][0]["text"]) > 0 for e in events) >= 50
     assert proc.wait(timeout=60) == 0
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_recovers(server):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "optlm.cli", "serve", "--model", str(server["model"]),
+                             "--port", str(port), "--max-num-seqs", "1", "--max-waiting", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+
+        async def main() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+                body = {"prompt": "Once", "max_tokens": 60, "ignore_eos": True}
+                return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(8)))
+
+        responses = asyncio.run(main())
+        busy = [r for r in responses if r.status_code == 503]
+        assert busy and all(r.headers["retry-after"] and r.json()["error"]["message"] for r in busy)
+        assert any(r.status_code == 200 for r in responses)
+        assert all(r.status_code in (200, 503) for r in responses)
+        again = httpx.post(f"{base}/v1/completions", json={"prompt": "Once", "max_tokens": 2}, timeout=60)
+        assert again.status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -126,6 +126,10 @@ class AsyncEngine:
             self._streams.pop(cmd[1], None)
             return
         _, rid, prompt, params, loop, outputs, accepted = cmd
+        if len(self.engine.scheduler.waiting) >= self.max_waiting:  # counted here, where requests are queued
+            loop.call_soon_threadsafe(_settle, accepted, QueueFullError(
+                f"{self.max_waiting} requests are already waiting"))
+            return
         try:
             self.engine.add_request(rid, prompt, params)
         except Exception as e:  # noqa: BLE001 (handed to the submitting coroutine, which raises it)
