@@ -33,15 +33,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model = text_checkpoint(tmp_path_factory.mktemp("serve_model"), max_position_embeddings=CONTEXT)
+def _start(model, *options: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """``optlm serve --model MODEL OPTIONS`` on a free port, once /health answers: (process, base url)."""
     port = _free_port()
-    env = {**os.environ, "OPTLM_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "optlm.cli", "serve", "--model", str(model), "--port", str(port),
-                             "--served-model-name", "tiny", "--max-num-seqs", "8", "--max-n", "4",
-                             "--max-prompts", "8", "--max-body-mb", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *options], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -49,12 +45,18 @@ def server(tmp_path_factory):
             pytest.fail(f"the server exited: {proc.stderr.read()}")
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
+                return proc, base
         except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("the server did not come up")
+            time.sleep(0.1)
+    proc.kill()
+    pytest.fail("the server did not come up")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = text_checkpoint(tmp_path_factory.mktemp("serve_model"), max_position_embeddings=CONTEXT)
+    proc, base = _start(model, "--served-model-name", "tiny", "--max-num-seqs", "8", "--max-n", "4",
+                        "--max-prompts", "8", "--max-body-mb", "1", env={**os.environ, "OPTLM_API_KEY": KEY})
     yield {"base": base, "model": model, "proc": proc}
     proc.terminate()
     proc.wait(timeout=60)
@@ -250,17 +252,7 @@ def test_size_limits_keys_and_open_routes(server, client):
 
 
 def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_0(server):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "optlm.cli", "serve", "--model", str(server["model"]),
-                             "--port", str(port), "--shutdown-timeout", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    proc, base = _start(server["model"], "--shutdown-timeout", "60")
     lines = []
     with httpx.stream("POST", f"{base}/v1/completions", timeout=60,
                       json={"prompt": "Once", "max_tokens": 100, "ignore_eos": True, "stream": True}) as r:
@@ -279,19 +271,8 @@ def test_sigterm_lets_requests_in_flight_finish_refuses_new_ones_and_exits_0(ser
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_recovers(server):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "optlm.cli", "serve", "--model", str(server["model"]),
-                             "--port", str(port), "--max-num-seqs", "1", "--max-waiting", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = _start(server["model"], "--max-num-seqs", "1", "--max-waiting", "1")
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-
         async def main() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=base, timeout=60) as http:
                 body = {"prompt": "Once", "max_tokens": 60, "ignore_eos": True}
