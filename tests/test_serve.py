@@ -288,3 +288,50 @@ def test_a_full_queue_answers_503_with_retry_after_and_recovers(server):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_the_port_answers_503_while_the_model_loads_and_reports_a_failed_load(server):
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from optlm.engine.async_engine import AsyncEngine
+    from optlm.serve.app import build_app
+
+    gate, failures = threading.Event(), []
+
+    def load():
+        gate.wait(60)
+        llm = LLM(server["model"])
+        return AsyncEngine(llm.llm_engine), llm.get_tokenizer()
+
+    app = build_app(None, None, "tiny", load=load)
+    with TestClient(app) as http:
+        assert http.get("/health").status_code == 503 and http.get("/health").json()["status"] == "loading"
+        r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["retry-after"] and "loading" in r.json()["error"]["message"]
+        gate.set()
+        deadline = time.time() + 60
+        while http.get("/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+        app.state.backend.engine.shutdown(timeout=10)
+
+    def broken():
+        raise FileNotFoundError("no checkpoint at /nowhere")
+
+    app = build_app(None, None, "tiny", load=broken, on_load_error=failures.append)
+    with TestClient(app) as http:
+        deadline = time.time() + 10
+        while not failures and time.time() < deadline:
+            time.sleep(0.05)
+        health = http.get("/health")
+        assert health.status_code == 503 and "no checkpoint" in health.json()["error"]
+    assert isinstance(failures[0], FileNotFoundError)
+
+
+def test_a_model_that_cannot_load_ends_the_server_with_one_error_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "optlm.cli", "serve", "--model", str(tmp_path / "missing"),
+                           "--port", str(_free_port())], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "optlm serve: error:" in proc.stderr and "missing" in proc.stderr and "Traceback" not in proc.stderr

@@ -71,24 +71,38 @@ def run(args: argparse.Namespace) -> int:
         if value < (0 if name == "port" else 1) or (name == "port" and value > 65535):
             raise ValueError(f"--{name.replace('_', '-')} {value} is out of range")
     api_key = args.api_key if args.api_key is not None else os.environ.get("OPTLM_API_KEY") or None
-    lm = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, revision=args.revision)
     memory = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
-    engine = AsyncEngine(LLMEngine(lm.model, lm.tokenizer, max_num_seqs=args.max_num_seqs,
-                                   max_model_len=args.max_model_len, kv_cache_memory=memory),
-                         max_waiting=args.max_waiting)
     name = args.served_model_name or (args.model if args.model is not None else "opt-gutenberg")
     limits = Limits(max_n=args.max_n, max_prompts=args.max_prompts, max_body_bytes=int(args.max_body_mb * 2**20))
 
-    def announce() -> None:
-        print(f"optlm serve: {name} on http://{args.host}:{args.port} (OpenAI API under /v1; Ctrl-C stops)",
-              file=sys.stderr, flush=True)
+    def load_backend() -> tuple[AsyncEngine, object]:
+        lm = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, revision=args.revision)
+        engine = LLMEngine(lm.model, lm.tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                           kv_cache_memory=memory)
+        print(f"optlm serve: {name} loaded; ready", file=sys.stderr, flush=True)
+        return AsyncEngine(engine, max_waiting=args.max_waiting), lm.tokenizer
 
-    app = build_app(engine, lm.tokenizer, name, api_key=api_key, limits=limits, on_start=announce)
+    def announce() -> None:
+        print(f"optlm serve: {name} on http://{args.host}:{args.port} (OpenAI API under /v1; /health is 503 "
+              "until the model is loaded; Ctrl-C stops)", file=sys.stderr, flush=True)
+
+    failed: list[BaseException] = []
+
+    def load_failed(error: BaseException) -> None:
+        print(f"optlm serve: error: {error}", file=sys.stderr, flush=True)
+        failed.append(error)
+        server.should_exit = True
+
+    # The port opens at once and the model loads behind it: /health answers 503 until it is ready.
+    app = build_app(None, None, name, api_key=api_key, limits=limits, on_start=announce, load=load_backend,
+                    on_load_error=load_failed)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.shutdown_timeout)
     server = _server_class(uvicorn)(config)
     try:
         server.run()
     finally:
-        engine.shutdown(timeout=args.shutdown_timeout)
-    return 0
+        engine = app.state.backend.engine
+        if engine is not None:
+            engine.shutdown(timeout=args.shutdown_timeout)
+    return 1 if failed else 0

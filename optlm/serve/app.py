@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -42,18 +43,55 @@ class Limits:
     max_body_bytes: int = 4 * 2**20
 
 
-def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: str | None = None,
+class Backend:
+    """The engine and tokenizer the routes use, once the model is loaded (``engine`` is None until then)."""
+
+    def __init__(self) -> None:
+        self.engine: AsyncEngine | None = None
+        self.tokenizer: Any = None
+        self.failed: BaseException | None = None
+
+    def set(self, engine: AsyncEngine, tokenizer: Any) -> None:
+        self.tokenizer, self.engine = tokenizer, engine
+
+    @property
+    def context(self) -> int:
+        return self.engine.engine.max_model_len
+
+    @property
+    def vocab(self) -> int:
+        return self.engine.engine.model.config.vocab_size
+
+
+def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_key: str | None = None,
               limits: Limits | None = None, template: ChatTemplate | None = None,
-              on_start: Callable[[], None] | None = None) -> FastAPI:
+              on_start: Callable[[], None] | None = None,
+              load: Callable[[], tuple[AsyncEngine, Any]] | None = None,
+              on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """The app over ``engine`` and ``tokenizer``, or, with ``load``, over what ``load()`` returns: then the
+    server listens at once, loads the model in a thread, and answers 503 (``/health`` included) until it is
+    ready; a failed load is reported to ``on_load_error``."""
     limits = limits or Limits()
     template = template or ChatTemplate()
     metrics = Metrics()
-    context = engine.engine.max_model_len
+    b = Backend()
+    if engine is not None:
+        b.set(engine, tokenizer)
+
+    def load_in_background() -> None:
+        try:
+            b.set(*load())
+        except BaseException as e:  # noqa: BLE001 (reported through /health and on_load_error)
+            b.failed = e
+            if on_load_error is not None:
+                on_load_error(e)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if on_start is not None:
             on_start()
+        if load is not None and b.engine is None:
+            threading.Thread(target=load_in_background, name="optlm-load", daemon=True).start()
         yield
 
     app = FastAPI(title="optlm", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
@@ -62,7 +100,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: str
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(StarletteHTTPException, http_handler)
     app.add_exception_handler(Exception, unexpected_handler)
-    app.state.engine, app.state.metrics = engine, metrics
+    app.state.backend, app.state.metrics = b, metrics
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -71,6 +109,9 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: str
         if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
             metrics.errors.labels("body_too_large").inc()
             return APIError(413, f"the request body is over {limits.max_body_bytes} bytes").response()
+        if b.engine is None and request.url.path not in OPEN_PATHS:
+            return APIError(503, "the model is still loading; retry shortly",
+                            headers={"Retry-After": "2"}).response()
         if api_key is not None and request.url.path not in OPEN_PATHS:
             given = request.headers.get("authorization", "")
             token = given[7:] if given.startswith("Bearer ") else ""
@@ -85,13 +126,19 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: str
 
     @app.get("/health")
     async def health() -> Response:
-        if not engine.alive:
-            return JSONResponse({"status": "error", "error": repr(engine.error)}, status_code=503)
+        if b.engine is None:
+            failed = b.failed
+            body = {"status": "loading"} if failed is None else {"status": "error", "error": repr(failed)}
+            return JSONResponse(body, status_code=503)
+        if not b.engine.alive:
+            return JSONResponse({"status": "error", "error": repr(b.engine.error)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(engine.stats()), media_type="text/plain; version=0.0.4")
+        stats = b.engine.stats() if b.engine is not None else {"running": 0, "waiting": 0, "blocks": 0,
+                                                                   "blocks_total": 0}
+        return Response(metrics.render(stats), media_type="text/plain; version=0.0.4")
 
     @app.get("/version")
     async def version() -> dict:
@@ -100,7 +147,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: str
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "optlm", "max_model_len": context}]}
+                                            "owned_by": "optlm", "max_model_len": b.context}]}
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
@@ -108,14 +155,14 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: str
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either prompt or messages", param="prompt")
         text = body.prompt if body.prompt is not None else _render(body.messages)
-        ids = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
-        return {"count": len(ids), "max_model_len": context, "tokens": ids}
+        ids = b.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": b.context, "tokens": ids}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
         _check_model(body.model)
         _check_ids(body.tokens, "tokens")
-        return {"prompt": tokenizer.decode(body.tokens)}
+        return {"prompt": b.tokenizer.decode(body.tokens)}
 
     # ---- completions --------------------------------------------------------------------------------------
 
@@ -238,11 +285,11 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: str
         streams = []
         try:
             for p in prompts:
-                streams.append(await engine.submit(p, params))
+                streams.append(await b.engine.submit(p, params))
         except BaseException as e:
             for s in streams:
                 s.abort()
-            raise _refusal(e, metrics, context) from None
+            raise _refusal(e, metrics, b.context) from None
         return [_tracked(s, metrics) for s in streams]
 
     def _check_model(name: str | None) -> None:
@@ -251,7 +298,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: str
                            param="model", code="model_not_found")
 
     def _check_ids(ids: list[int], field: str) -> None:
-        vocab = engine.engine.model.config.vocab_size
+        vocab = b.vocab
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             raise APIError(400, f"{field} holds token id {bad[0]}, outside the vocabulary [0, {vocab})", param=field)
@@ -274,8 +321,8 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: str
             if isinstance(p, list):
                 _check_ids(p, "prompt")
             n = len(p) if isinstance(p, list) else None
-            if n is not None and n >= context:
-                raise APIError(400, f"This model's maximum context length is {context} tokens; your request has "
+            if n is not None and n >= b.context:
+                raise APIError(400, f"This model's maximum context length is {b.context} tokens; your request has "
                                f"{n} prompt tokens", param="prompt", code="context_length_exceeded")
         return prompts
 
@@ -308,16 +355,16 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: str
         try:
             params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                     **kwargs)
-            params.check_vocab(engine.engine.model.config.vocab_size)
+            params.check_vocab(b.vocab)
         except (ValueError, TypeError) as e:
             raise bad_value(e) from None
         return params
 
     def _prompt_text(out: RequestOutput) -> str:
-        return out.prompt if out.prompt is not None else tokenizer.decode(out.prompt_token_ids)
+        return out.prompt if out.prompt is not None else b.tokenizer.decode(out.prompt_token_ids)
 
     def _token(i: int) -> str:
-        return tokenizer.decode([i])
+        return b.tokenizer.decode([i])
 
     def _completion_logprobs(out: RequestOutput, ids: list[int], lps: list, with_prompt: bool,
                              offset: int = 0) -> dict:
@@ -332,7 +379,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: str
         for tok, entry in pairs:
             tokens.append(_token(tok))
             offsets.append(pos)
-            pos += len(tokenizer.decode([tok], skip_special_tokens=True))  # specials take no room in the text
+            pos += len(b.tokenizer.decode([tok], skip_special_tokens=True))  # specials take no room in the text
             values.append(None if entry is None else entry[tok].logprob)
             tops.append(None if entry is None else {_token(k): v.logprob for k, v in entry.items()})
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
