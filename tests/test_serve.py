@@ -234,6 +234,14 @@ def test_size_limits_keys_and_open_routes(server, client):
     r = httpx.post(f"{base}/v1/completions", content=b"x" * (2 * 2**20),
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=30)
     assert r.status_code == 413 and r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit holds while the body streams in
+        for _ in range(64):
+            yield b" " * 65536
+
+    r = httpx.post(f"{base}/v1/completions", content=chunks(),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "over" in r.json()["error"]["message"]
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "hi"}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,6 +32,30 @@ from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 OPEN_PATHS = ("/health", "/metrics", "/version")
+
+
+class _BodyLimit:
+    """Refuse bodies over ``limit`` bytes while they arrive, also when no Content-Length announces them
+    (chunked uploads): reading stops at the limit with a 413."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, f"the request body is over {self.limit} bytes")
+            return message
+
+        return await self.app(scope, counted, send)
 
 
 @dataclass
@@ -100,6 +124,7 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(StarletteHTTPException, http_handler)
     app.add_exception_handler(Exception, unexpected_handler)
+    app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
     app.state.backend, app.state.metrics = b, metrics
 
     @app.middleware("http")
