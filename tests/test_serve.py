@@ -19,6 +19,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from helpers_generate import text_checkpoint
 
 from optlm import LLM, SamplingParams
@@ -343,3 +344,31 @@ def test_a_model_that_cannot_load_ends_the_server_with_one_error_line(tmp_path):
                            "--port", str(_free_port())], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "optlm serve: error:" in proc.stderr and "missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_lm_eval_local_completions_loglikelihoods_equal_optlms_own_sums(server):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    import optlm
+
+    lm = LocalCompletionsAPI(base_url=f"{server['base']}/v1/completions", model="tiny",
+                             header={"Authorization": f"Bearer {KEY}"}, tokenizer_backend="huggingface", tokenizer=str(server["model"]), tokenized_requests=True,
+                             num_concurrent=2, max_length=CONTEXT)
+    model = optlm.OPTForCausalLM.from_pretrained(server["model"])
+
+    def total(ids: list[int]) -> float:  # optlm's own: the sum of log p over tokens 1.. of ids
+        result = optlm.perplexity(model, torch.tensor(ids))
+        return -result.nll * result.tokens
+
+    texts = ["It was the best of times, it was the worst of times, it was the age of wisdom.",
+             "The captain looked at me and said nothing for a long while."]
+    rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)])
+    prefix = lm.prefix_token_id  # the token lm-eval puts before a text scored from its start
+    for text, got in zip(texts, rolling, strict=True):
+        assert got == pytest.approx(total([prefix, *lm.tok_encode(text)]), abs=1e-3)
+    pairs = [("The old house at the end", " of the lane"), ("It was a dark and", " stormy night")]
+    scored = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    for (context, continuation), (got, _) in zip(pairs, scored, strict=True):
+        whole, ctx = lm.tok_encode(context + continuation), lm.tok_encode(context)
+        assert got == pytest.approx(total(whole) - total(ctx), abs=1e-3)
