@@ -353,8 +353,9 @@ def test_lm_eval_local_completions_loglikelihoods_equal_optlms_own_sums(server):
     import optlm
 
     lm = LocalCompletionsAPI(base_url=f"{server['base']}/v1/completions", model="tiny",
-                             header={"Authorization": f"Bearer {KEY}"}, tokenizer_backend="huggingface", tokenizer=str(server["model"]), tokenized_requests=True,
-                             num_concurrent=2, max_length=CONTEXT)
+                             header={"Authorization": f"Bearer {KEY}"}, tokenizer_backend="huggingface",
+                             tokenizer=str(server["model"]), tokenized_requests=True, num_concurrent=2,
+                             max_length=CONTEXT)
     model = optlm.OPTForCausalLM.from_pretrained(server["model"])
 
     def total(ids: list[int]) -> float:  # optlm's own: the sum of log p over tokens 1.. of ids
