@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--text", action="store_true", help="send text prompts instead of token ids")
     parser.add_argument("--label", default="server", help="name of the server in the table")
+    parser.add_argument("--seed", type=int, default=None, help="prompt seed (default: the stream count)")
     parser.add_argument("--no-ignore-eos", action="store_true",
                         help="do not send ignore_eos (servers that refuse unknown fields)")
     args = parser.parse_args(argv)
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for c in (int(x) for x in args.concurrency.split(",")):
         n = args.requests or max(4, 2 * c)
-        r = asyncio.run(level(args.url, args.model, c, n, args.new, args.text, seed=c,
+        seed = c if args.seed is None else args.seed
+        r = asyncio.run(level(args.url, args.model, c, n, args.new, args.text, seed=seed,
                               ignore_eos=not args.no_ignore_eos))
         print(f"| {args.label} | {c} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | "
               f"{1000 * r['itl_p50']:.0f} | {1000 * r['itl_p99']:.0f} | {r['errors']} |", flush=True)
