@@ -251,6 +251,9 @@ def test_size_limits_keys_and_open_routes(server, client):
     assert httpx.get(f"{base}/version").json()["version"]
     r = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}", "X-Request-Id": "abc"})
     assert r.json()["data"][0]["id"] == "tiny" and r.headers["x-request-id"] == "abc"
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     assert httpx.get(f"{base}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}).status_code == 405
     tok = httpx.post(f"{base}/tokenize", json={"prompt": "Hello world"}, headers={"Authorization": f"Bearer {KEY}"})
     ids = tok.json()["tokens"]
@@ -373,3 +376,36 @@ def test_lm_eval_local_completions_loglikelihoods_equal_optlms_own_sums(server):
     for (context, continuation), (got, _) in zip(pairs, scored, strict=True):
         whole, ctx = lm.tok_encode(context + continuation), lm.tok_encode(context)
         assert got == pytest.approx(total(whole) - total(ctx), abs=1e-3)
+
+
+def test_an_engine_that_dies_mid_stream_sends_an_error_event_and_health_turns_503(server):
+    from fastapi.testclient import TestClient
+
+    from optlm.engine.async_engine import AsyncEngine
+    from optlm.serve.app import build_app
+
+    llm = LLM(server["model"])
+    engine = llm.llm_engine
+    real_step, calls = engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("simulated device failure")
+        return real_step()
+
+    engine.step = failing_step
+    app = build_app(AsyncEngine(engine), llm.get_tokenizer(), "tiny")
+    with TestClient(app) as http:
+        with http.stream("POST", "/v1/completions", json={"prompt": "Once", "max_tokens": 50, "ignore_eos": True,
+                                                          "stream": True}) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        error = json.loads(lines[-2][6:])["error"]
+        assert "simulated device failure" in error["message"] and error["type"] == "service_unavailable"
+        assert any("choices" in json.loads(line[6:]) for line in lines[:-2])  # some text came first
+        health = http.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        refused = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["message"]

@@ -169,10 +169,18 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
     async def version() -> dict:
         return {"version": __version__}
 
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "optlm",
+                "max_model_len": b.context}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "optlm", "max_model_len": b.context}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        _check_model(model_id)
+        return model_card()
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
