@@ -316,17 +316,26 @@ class PagedFrame(Frame):
         self.lengths = lengths
         self.kernel = (T == 1 and dev.type == "cpu" and cache.k.dtype == torch.float32 and not self.own
                        and kernels.enabled())
-        if T == 1 and bool((lengths == S).all()):
-            allowed = None  # one query per row and every row's keys all real: attend to everything
-        elif self.own and bool((n == T).all()):
-            allowed = None  # plain causal attention over equal-length prompts
-        else:
-            s = torch.arange(S)
-            causal = s[None, None, :] <= q_pos.clamp(max=S - 1)[:, :, None]  # (B, T, S)
-            # Padding queries attend to the row's real keys (any non-empty set, so softmax stays finite).
-            allowed = (causal | ~self.new.cpu()[:, :, None]) & key_valid.cpu()[:, None, :]
-            allowed = allowed[:, None].to(dev)  # (B, 1, T, S)
-        super().__init__(positions, allowed, None)
+        self.positions, self.valid = positions, None
+        self._mask_inputs = (n, lengths, q_pos, key_valid)
+        self._allowed: Tensor | None | bool = False  # built on first use: the kernel path never needs it
+
+    @property
+    def allowed(self) -> Tensor | None:
+        if self._allowed is False:
+            n, lengths, q_pos, key_valid = self._mask_inputs
+            T, S = q_pos.shape[1], self.slots.shape[1]
+            if T == 1 and bool((lengths == S).all()):
+                self._allowed = None  # one query per row and every row's keys all real: attend to everything
+            elif self.own and bool((n == T).all()):
+                self._allowed = None  # plain causal attention over equal-length prompts
+            else:
+                s = torch.arange(S)
+                causal = s[None, None, :] <= q_pos.clamp(max=S - 1)[:, :, None]  # (B, T, S)
+                # Padding queries attend to the row's real keys (any non-empty set, so softmax stays finite).
+                mask = (causal | ~self.new.cpu()[:, :, None]) & key_valid.cpu()[:, None, :]
+                self._allowed = mask[:, None].to(self.cache.k.device)  # (B, 1, T, S)
+        return self._allowed
 
     def _store(self, layer: int, k: Tensor, v: Tensor) -> None:
         c = self.cache

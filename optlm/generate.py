@@ -121,9 +121,6 @@ class GenerationConfig:
         def fail(name: str, kind: str) -> None:
             raise TypeError(f"{name} must be {kind}, got {getattr(self, name)!r}")
 
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
         for name in ("max_new_tokens", "min_new_tokens", "no_repeat_ngram_size", "num_beams", "num_return_sequences"):
             if not is_int(getattr(self, name)):
                 fail(name, "an integer")
@@ -131,7 +128,7 @@ class GenerationConfig:
             v = getattr(self, name)
             if v is None and name == "penalty_alpha":
                 continue
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            if not is_finite_number(v):
                 fail(name, "a finite number")
         if self.top_k is not None and not is_int(self.top_k):
             fail("top_k", "an integer or None")
@@ -147,6 +144,16 @@ class GenerationConfig:
         if stops is not None and not isinstance(stops, str) and not (
                 isinstance(stops, (list, tuple)) and all(isinstance(t, str) and t for t in stops)):
             fail("stop_strings", "a string or a list of non-empty strings")
+
+
+def is_int(v: Any) -> bool:
+    """An int that is not a bool (True is an int to Python, never a count to us)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_finite_number(v: Any) -> bool:
+    """An int or float, not a bool, not NaN or infinite."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def stop_list(stop_strings: str | Sequence[str] | None) -> list[str]:
@@ -353,15 +360,24 @@ def _prepare(model, input_ids: Tensor | Sequence, attention_mask: Tensor | None,
     return ids, mask
 
 
+class ContextLengthError(ValueError):
+    """A request longer than the context: ``prompt_tokens`` (+ the new tokens asked for) over ``limit``."""
+
+    def __init__(self, message: str, prompt_tokens: int, limit: int):
+        super().__init__(message)
+        self.prompt_tokens, self.limit = prompt_tokens, limit
+
+
 def check_fits(prompt: int, new: int | None, limit: int, name: str = "max_tokens") -> None:
-    """The one up-front check that a request fits the context: a ValueError naming both lengths otherwise.
-    ``new=None`` asks for whatever room the prompt leaves (at least one token)."""
+    """The one up-front check that a request fits the context: a :class:`ContextLengthError` (a ValueError)
+    naming both lengths otherwise. ``new=None`` asks for whatever room the prompt leaves (at least one token)."""
     if prompt >= limit:
-        raise ValueError(f"the prompt has {prompt} tokens and the context holds {limit} (prompt + completion); "
-                         "shorten the prompt")
+        raise ContextLengthError(f"the prompt has {prompt} tokens and the context holds {limit} (prompt + "
+                                 "completion); shorten the prompt", prompt, limit)
     if new is not None and prompt + new > limit:
-        raise ValueError(f"the prompt has {prompt} tokens and {name} is {new}: {prompt + new} tokens, more than "
-                         f"the context's {limit}; lower {name} to {limit - prompt} or shorten the prompt")
+        raise ContextLengthError(f"the prompt has {prompt} tokens and {name} is {new}: {prompt + new} tokens, more "
+                                 f"than the context's {limit}; lower {name} to {limit - prompt} or shorten the prompt",
+                                 prompt, limit)
 
 
 # ---- greedy, sampling and contrastive search -------------------------------------------------------------

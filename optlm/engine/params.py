@@ -6,21 +6,13 @@ made: a bad value is a ValueError naming the field and what it accepts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..generate import MIN_TEMPERATURE
+from ..generate import is_finite_number as _is_number
+from ..generate import is_int as _is_int
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass

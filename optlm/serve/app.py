@@ -27,6 +27,7 @@ from ..engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from ..engine.engine import RequestOutput
 from ..engine.params import SamplingParams
 from ..engine.sampler import Logprob
+from ..generate import ContextLengthError
 from .errors import APIError, api_error_handler, bad_value, http_handler, unexpected_handler, validation_handler
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -227,12 +228,15 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
 
     async def _completion_chunks(streams, body, params, cid, created, echo_only) -> AsyncIterator[dict]:
         sent: dict[tuple[int, int], list[int]] = {}  # (prompt, completion) -> [chars, tokens, prompt echoed]
+        echoed: dict[int, str] = {}  # prompt -> its text, decoded once
         prompt_tokens = completion_tokens = 0
         async for i, out in _merge(streams):
+            if body.echo and i not in echoed:
+                echoed[i] = _prompt_text(out)
             for c in out.outputs:
                 s = sent.setdefault((i, c.index), [0, 0, 0])
                 text, ids = ("", []) if echo_only else (c.text[s[0]:], c.token_ids[s[1]:])
-                prefix = _prompt_text(out) if body.echo and not s[2] else ""
+                prefix = echoed[i] if body.echo and not s[2] else ""
                 finish = ("length" if echo_only else c.finish_reason) if c.finish_reason else None
                 if not text and not ids and not prefix and finish is None:
                     continue
@@ -240,7 +244,7 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
                 if body.logprobs is not None:
                     lps = (c.logprobs or [])[s[1]:s[1] + len(ids)]
                     lp = _completion_logprobs(out, ids, lps, bool(prefix),
-                                              offset=(len(_prompt_text(out)) if body.echo else 0) + s[0])
+                                              offset=len(echoed.get(i, "")) + s[0])
                 s[0], s[1], s[2] = s[0] + len(text), s[1] + len(ids), 1
                 if finish:
                     completion_tokens += 0 if echo_only else len(c.token_ids)
@@ -322,7 +326,7 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
         except BaseException as e:
             for s in streams:
                 s.abort()
-            raise _refusal(e, metrics, b.context) from None
+            raise _refusal(e, metrics) from None
         return [_tracked(s, metrics) for s in streams]
 
     def _check_model(name: str | None) -> None:
@@ -348,15 +352,9 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
         if len(prompts) > limits.max_prompts:
             raise APIError(400, f"prompt holds {len(prompts)} prompts; at most {limits.max_prompts} per request",
                            param="prompt")
-        for p in prompts:
+        for p in prompts:  # the engine checks token ids and lengths when it takes them (see _refusal)
             if not p:
                 raise APIError(400, "prompt is empty; give at least one character or token", param="prompt")
-            if isinstance(p, list):
-                _check_ids(p, "prompt")
-            n = len(p) if isinstance(p, list) else None
-            if n is not None and n >= b.context:
-                raise APIError(400, f"This model's maximum context length is {b.context} tokens; your request has "
-                               f"{n} prompt tokens", param="prompt", code="context_length_exceeded")
         return prompts
 
     def _render(messages) -> str:
@@ -463,7 +461,7 @@ async def _tracked(stream, metrics: Metrics) -> AsyncIterator[RequestOutput]:
         stream.abort()
 
 
-def _refusal(e: BaseException, metrics: Metrics, context: int) -> BaseException:
+def _refusal(e: BaseException, metrics: Metrics) -> BaseException:
     """The API error for a request the engine did not accept."""
     if isinstance(e, QueueFullError):
         metrics.errors.labels("queue_full").inc()
@@ -473,11 +471,10 @@ def _refusal(e: BaseException, metrics: Metrics, context: int) -> BaseException:
         return APIError(503, str(e))
     if isinstance(e, (ValueError, TypeError)):
         metrics.errors.labels("bad_request").inc()
-        message = str(e)
-        if "context" in message and "the prompt has" in message:
-            n = message.split("the prompt has ", 1)[1].split(" ", 1)[0]
-            return APIError(400, f"This model's maximum context length is {context} tokens; your request has {n} "
-                                 f"prompt tokens ({message})", param="prompt", code="context_length_exceeded")
+        if isinstance(e, ContextLengthError):
+            return APIError(400, f"This model's maximum context length is {e.limit} tokens; your request has "
+                                 f"{e.prompt_tokens} prompt tokens ({e})", param="prompt",
+                            code="context_length_exceeded")
         return bad_value(e)
     return e
 
