@@ -99,6 +99,10 @@ class OPTPreTrainedModel(nn.Module):
     # holds the base model in the classes with a head, and keys to drop on load.
     base_model_prefix = "model"
     _ignore_checkpoint_keys: tuple[str, ...] = (r"\.version$",)  # fairseq bookkeeping buffers, not weights
+    # What adapters need from a family (optlm.adapters): peft's default LoRA targets for OPT, and the sublayers
+    # of each decoder layer whose outputs bottleneck adapters follow.
+    default_lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    bottleneck_points = {"attention": "self_attn", "mlp": "fc2"}
 
     def __init__(self, config: OPTConfig):
         super().__init__()
@@ -331,7 +335,10 @@ class OPTForCausalLM(OPTPreTrainedModel):
     def tie_weights(self) -> None:
         # A quantized head is tied the other way round: the embedding reads the head's int8 rows.
         if self.config.tie_word_embeddings and isinstance(self.model.decoder.embed_tokens, nn.Embedding):
-            self.lm_head.weight = self.model.decoder.embed_tokens.weight
+            head = self.lm_head
+            while hasattr(head, "base_layer"):  # a layer wrapped by an adapter (peft's convention)
+                head = head.base_layer
+            head.weight = self.model.decoder.embed_tokens.weight
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head

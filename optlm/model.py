@@ -52,7 +52,12 @@ class Frame:
     query t may attend key s; None means plain causal attention over the new tokens (``T == S``) or, for one
     query per row (``T == 1``), all keys. ``valid`` ``(B, S)``: real keys, for flash-attention's variable-length
     path; None = all real. This base frame has no cache: the keys are the new tokens' own.
+
+    ``adapter`` ``(B,)`` long or None: the adapter each row runs with, an index into the model's adapter table
+    (``optlm.adapters.adapter_index``; -1 = none). The model does not read it: adapter layers do.
     """
+
+    adapter: Tensor | None = None
 
     def __init__(self, positions: Tensor, allowed: Tensor | None = None, valid: Tensor | None = None):
         self.positions, self.allowed, self.valid = positions, allowed, valid
