@@ -406,14 +406,15 @@ def add_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> lis
         alpha = _pattern_value(config.alpha_pattern, key, config.lora_alpha)
         module.add(name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
                    config.lora_bias)
-    for head in to_save:
-        try:
-            module = model.get_submodule(head)
-        except AttributeError:
-            raise AdapterError(f"modules_to_save names {head!r}, which {type(model).__name__} does not have") from None
+    heads = [key for key, _ in model.named_modules()
+             if key and not key.startswith(inside) and any(key == h or key.endswith(f".{h}") for h in to_save)]
+    if to_save and not heads:
+        raise AdapterError(f"modules_to_save {to_save} names no module of {type(model).__name__}")
+    for key in heads:  # as in peft, names the model does not have (a task's other usual head names) are skipped
+        module = model.get_submodule(key)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module, state)
-            _set_module(model, head, module)
+            _set_module(model, key, module)
         module.add(name)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
