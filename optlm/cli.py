@@ -47,6 +47,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except json.JSONDecodeError:
             overrides[key] = value
     fields = {k: v for k, v in vars(args).items() if k in TrainArgs.__dataclass_fields__}
+    if args.lora is not None and args.adapter is not None:
+        raise ValueError("give one of --lora and --adapter")
+    spec = args.lora if args.lora is not None else args.adapter
+    if spec is not None:
+        from .adapters.spec import parse_spec
+
+        fields["adapter"] = parse_spec(spec, "lora").to_dict()
     try:
         result = train(TrainArgs(**{**fields, "config_overrides": overrides, "progress": not args.quiet}))
     except TrainingError as e:
@@ -83,6 +90,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 _UNWRAP_HELP = "join hard-wrapped lines of .txt files into paragraphs (e.g. Project Gutenberg books)"
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    """Fold a LoRA adapter into its base model and save the result as a plain checkpoint."""
+    import shutil
+    from pathlib import Path
+
+    from .adapters import PeftModel, read_config
+    from .checkpoint import resolve
+    from .hf import OPTForCausalLM
+
+    adapter_dir, config = read_config(args.adapter)
+    if config.peft_type != "LORA":
+        raise ValueError(f"{args.adapter} is a {config.peft_type.lower()} adapter, which is non-linear and cannot "
+                         "be merged; use it with --adapter instead")
+    base = args.model or config.base_model_name_or_path
+    if base is None:
+        raise ValueError(f"{args.adapter}/adapter_config.json names no base model; pass --model")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"{out} is not empty; pass --overwrite to replace its files, or choose another --out")
+    model = OPTForCausalLM.from_pretrained(base, dtype=args.dtype)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out)
+    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer.json").is_file() else resolve(base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                 "merges.txt", "generation_config.json"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copyfile(tokenizer_dir / name, out / name)
+    print(f"merged the LoRA adapter {args.adapter} into {base}: {out}")
+    return 0
 
 
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:
@@ -125,6 +163,15 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep (0 = all)")
     p.add_argument("--log-every", type=int, default=10, help="write metrics every N steps")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 …")
+    p.add_argument("--lora", metavar="SPEC", default=None,
+                   help="train a LoRA adapter instead of the whole model, e.g. r=8,alpha=16,dropout=0.05,"
+                        "targets=q_proj,v_proj (keys: r, alpha, dropout, targets, bias, rslora, modules_to_save, "
+                        "init); checkpoints are adapter directories in peft's format")
+    p.add_argument("--adapter", metavar="SPEC", default=None,
+                   help="train another adapter kind: bottleneck,reduction=16,variant=houlsby|pfeiffer,act=relu "
+                        "(or lora,… as --lora)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="with --lora/--adapter: quantize the frozen base (QLoRA-style; CPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -139,6 +186,14 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unwrap", action="store_true", help=_UNWRAP_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train_tokenizer)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model (a plain HF checkpoint)")
+    p.add_argument("--adapter", required=True, help="the adapter directory (or hub id), peft's format")
+    p.add_argument("--model", default=None, help="the base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--out", required=True, help="directory for the merged checkpoint and its tokenizer")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("eval", help="sliding-window perplexity over a text file")
     p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled model, "
@@ -180,7 +235,7 @@ def _generation_params(args: argparse.Namespace) -> dict:
 def _load_lm(args: argparse.Namespace):
     from .lm import load
 
-    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, adapter=args.adapter)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -299,6 +354,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                                                                      if k != "do_sample") + ")")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cpu)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA or bottleneck adapter directory (peft's format) to apply; without --model its "
+                        "base_model_name_or_path is the base")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                    help="int8 or int4: weight-only (int8: fastest batch-1 decoding on AVX2 CPUs); "
                         "int8-dynamic: activations too (fastest prompts and batches)")

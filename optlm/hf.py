@@ -107,6 +107,7 @@ class OPTPreTrainedModel(nn.Module):
     def __init__(self, config: OPTConfig):
         super().__init__()
         self.config = config
+        self.name_or_path: str | None = None
 
     # ---- construction ---------------------------------------------------------------------------------
 
@@ -232,6 +233,7 @@ class OPTPreTrainedModel(nn.Module):
             model.to(device)
         if quantize is not None:
             quantize_model(model, quantize)
+        model.name_or_path = str(path_or_hub_id)  # as transformers records it (adapters save it as their base)
         return model.eval()
 
     def _materialize(self, new_keys: list[str], dtype: torch.dtype) -> None:

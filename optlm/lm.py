@@ -161,18 +161,29 @@ class LM:
 
 def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
          device: torch.device | str | None = None, quantize: str | None = None, revision: str | None = None,
-         tokenizer: Any = None) -> LM:
-    """Load a checkpoint directory or hub id (None: the bundled default model) with its tokenizer.
+         tokenizer: Any = None, adapter: str | os.PathLike | None = None) -> LM:
+    """Load a checkpoint directory or hub id (None: the bundled default model, or the adapter's base model)
+    with its tokenizer.
 
     ``dtype=None`` keeps the checkpoint's dtype, except that float16 on CPU becomes float32 (CPU half
     precision is slow and partly unsupported). ``quantize`` ("int8" / "int4" / "int8-dynamic") converts the
     linear layers with :func:`optlm.quantize.quantize`.
     ``tokenizer`` (a path or a Tokenizer) overrides the checkpoint's.
+    ``adapter``: a LoRA or bottleneck adapter directory (or hub id) in peft's format. A LoRA is merged into the
+    floating-point weights before any quantization (same outputs, the base model's speed); a bottleneck
+    adapter stays a pair of small layers.
     """
     from .tokenizer import Tokenizer
 
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ValueError(f"unknown quantize mode {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+    adapter_config = None
+    if adapter is not None:
+        from .adapters import read_config
+
+        _, adapter_config = read_config(adapter, revision)
+        if path_or_hub_id is None:
+            path_or_hub_id = adapter_config.base_model_name_or_path
     if path_or_hub_id is None:
         from .bundled import BUNDLED_MODEL_NAME, bundled_model_path
 
@@ -182,8 +193,13 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
     model = OPTForCausalLM.from_pretrained(path, dtype=dtype, device=device, revision=revision)
     if dtype is None and model.dtype == torch.float16 and model.device.type == "cpu":
         model = model.float()
+    lora = adapter_config is not None and adapter_config.peft_type == "LORA"
+    if lora:
+        model = _with_adapter(model, adapter, revision)
     if quantize is not None:
         model = _quantize(model, quantize)
+    if adapter is not None and not lora:
+        model = _with_adapter(model, adapter, revision)
     from .fast import optimize
 
     model = optimize(model)  # fused q/k/v and faster CPU linears; outputs unchanged (tests/test_fast.py)
@@ -191,6 +207,15 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
         source = tokenizer if tokenizer is not None else path
         tokenizer = Tokenizer.from_pretrained(source, revision=revision if tokenizer is None else None)
     return LM(model, tokenizer, name)
+
+
+def _with_adapter(model: OPTForCausalLM, adapter: str | os.PathLike, revision: str | None) -> OPTForCausalLM:
+    from .adapters import PeftModel
+
+    peft = PeftModel.from_pretrained(model, adapter, revision=revision)
+    if peft.peft_config["default"].peft_type == "LORA":
+        return peft.merge_and_unload()
+    return model
 
 
 def _quantize(model: OPTForCausalLM, mode: str) -> OPTForCausalLM:

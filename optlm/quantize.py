@@ -106,24 +106,30 @@ class Int8Linear(nn.Module):
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return _frozen_forward(self, x)
+        return self._forward(x, self.bias)
+
+    def _forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         if self._packed is not None:
             # reduce_range=True: 7-bit activations, so fbgemm's u8 x s8 pair sums cannot saturate int16.
             y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self._packed, True)
-            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # bias already added
+            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # the packed bias is already added
+            return y if bias is not None or self.bias is None else y - self.bias.to(y.dtype)
         w = self.weight
         if x.is_cpu and kernels.enabled() and w.is_contiguous():
             # optlm's AVX2 kernel: int8 weights times int16-quantized rows of x (~1e-5 relative), fp32 sums.
             s = self._scales_c
             if s is None or s.dtype != torch.float32:
                 s = self._scales_c = self.scales.float().contiguous()
-            b = None if self.bias is None else self.bias.float()
+            b = None if bias is None else bias.float()
             return kernels.rowwise(x, self.out_features, lambda x2: kernels.linear_int8(x2, w, s, b, check=False))
         cdt = _compute_dtype(x)
         if self._scales_c is None or self._scales_c.dtype != cdt or self._scales_c.device != x.device:
             self._scales_c = self.scales.to(cdt)
         y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(cdt), w, self._scales_c)
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -149,6 +155,7 @@ class Int4Linear(nn.Module):
                              torch.zeros(in_features // group_size, out_features, 2, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._sz_c: Tensor | None = None
+        self._codes: Tensor | None = None  # unpacked codes, made by dequantize() for training adapters above
         self._groups: tuple | None = None  # (scales_and_zeros it came from, scales (N, G), mins (N, G)) in fp32
 
     @classmethod
@@ -213,7 +220,22 @@ class Int4Linear(nn.Module):
             start += m.out_features
         return fused
 
+    def dequantize(self) -> Tensor:
+        """The float weight ``(N, K)`` (for the backward pass through a frozen layer). The 4-bit codes are read
+        back once and kept unpacked (one byte per weight) while the layer trains adapters above it."""
+        if self._codes is None:
+            self._codes = self.codes()
+        sz = self.scales_and_zeros.float()  # (G, N, 2)
+        scales = sz[..., 0].T.repeat_interleave(self.group_size, dim=1)  # (N, K)
+        mins = (sz[..., 1] - 8 * sz[..., 0]).T.repeat_interleave(self.group_size, dim=1)  # (N, K)
+        return self._codes.float() * scales + mins
+
     def forward(self, x: Tensor) -> Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return _frozen_forward(self, x)
+        return self._forward(x, self.bias)
+
+    def _forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         if self.packing == "optlm":
             # optlm's AVX2 kernel: exact integer sums of q times int16-quantized x per group, then scale and min.
             sz = self.scales_and_zeros
@@ -221,7 +243,7 @@ class Int4Linear(nn.Module):
                 scales = sz[..., 0].float()
                 self._groups = (sz, scales.T.contiguous(), (sz[..., 1].float() - 8 * scales).T.contiguous())
             _, scales, mins = self._groups
-            w, gs, b = self.weight, self.group_size, None if self.bias is None else self.bias.float()
+            w, gs, b = self.weight, self.group_size, None if bias is None else bias.float()
             return kernels.rowwise(x, self.out_features,
                                    lambda x2: kernels.linear_int4(x2, w, scales, mins, gs, b, check=False))
         cdt = _compute_dtype(x)
@@ -230,11 +252,32 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(cdt)
         y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self._sz_c)
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, group_size={self.group_size}, packing={self.packing}")
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """x @ W.T through a quantized layer's kernel; the backward gives x its gradient dy @ W with W dequantized
+    for that moment only. The quantized weight itself never trains (QLoRA: adapters above it do)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: nn.Module) -> Tensor:
+        ctx.layer = layer
+        return layer._forward(x.detach(), None)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None]:
+        w = ctx.layer.dequantize()  # (N, K)
+        dx = dy.reshape(-1, w.shape[0]).to(w.dtype) @ w  # (rows, K)
+        return dx.view(*dy.shape[:-1], w.shape[1]).to(dy.dtype), None
+
+
+def _frozen_forward(layer: nn.Module, x: Tensor) -> Tensor:
+    y = _FrozenMatmul.apply(x, layer)
+    return y if layer.bias is None else y + layer.bias.to(y.dtype)  # a trainable bias (bias="all") gets its grad
 
 
 class Int8Embedding(nn.Module):
@@ -288,6 +331,9 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, lm_head
         raise ValueError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "int4" and group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if any(hasattr(m, "base_layer") or hasattr(m, "per_adapter") for m in model.modules()):
+        raise ValueError("this model has adapters; quantize the base model first, then add adapters (or merge "
+                         "a LoRA with merge_and_unload() and quantize the merged model)")
     if any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()):
         raise ValueError("this model is already quantized; load it again in floating point to quantize differently")
     if any(p.device.type != "cpu" for p in model.parameters()):

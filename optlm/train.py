@@ -1,4 +1,4 @@
-"""Causal-LM pre-training and full fine-tuning of `OPTForCausalLM` from text/JSONL files.
+"""Causal-LM pre-training, full fine-tuning and adapter fine-tuning of `OPTForCausalLM` from text/JSONL files.
 
 One loop: AdamW (no decay on biases and LayerNorm weights), linear warm-up then cosine decay, gradient
 clipping and accumulation, bf16 autocast where the device has it, optional gradient checkpointing,
@@ -12,6 +12,11 @@ An output directory holds::
     data/                    token caches (memmaps) of the training and validation files
     checkpoint-00000100/     config.json, model.safetensors, tokenizer files   (HF layout)
                              optimizer.safetensors, rng.safetensors, trainer_state.json (resume state)
+
+With an adapter (``adapter``: LoRA or bottleneck, see optlm.adapters) only the adapter trains, and only its
+parameters have optimizer state; the base may be quantized (``quantize``: frozen int8/int4 weights under
+float adapters, the QLoRA recipe). Checkpoints are then adapter directories (``adapter_config.json`` +
+``adapter_model.safetensors`` in peft's format, plus the tokenizer and the resume state).
 
 Resume state holds no pickles: tensors in safetensors, everything else in JSON. The data order is a
 pure function of the seed and the step, so with the model, optimizer and RNG restored a resumed run
@@ -87,6 +92,8 @@ class TrainArgs:
     seed: int = 0
     dtype: str = "auto"               # autocast: "auto" (bf16 where fast), "bf16", "fp32"
     gradient_checkpointing: bool = False
+    adapter: dict[str, Any] | None = None  # an adapter config (LoraConfig / BottleneckConfig .to_dict()) to train
+    quantize: str | None = None       # with an adapter: quantize the frozen base ("int8" / "int4")
     # ---- below: may change between a run and its resume ----
     max_steps: int = 1000
     decay_steps: int | None = None    # wsd: steps of the final decay (default a fifth of max_steps)
@@ -104,7 +111,7 @@ class TrainArgs:
     _RESUMABLE = ("max_steps", "decay_steps", "stop_after", "eval_every", "eval_batches", "save_every", "keep_last",
                   "log_every", "device", "progress", "resume", "overwrite")
 
-    _ADDED_LATER = {"unwrap": False, "schedule": "cosine"}
+    _ADDED_LATER = {"unwrap": False, "schedule": "cosine", "adapter": None, "quantize": None}
 
     def identity(self) -> dict[str, Any]:
         """The fields that make two runs the same run (absolute paths, so a changed cwd still matches)."""
@@ -227,7 +234,14 @@ def save_checkpoint(out_dir: Path, step: int, model: OPTForCausalLM, tokenizer: 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(tmp)
+    from .adapters.state import state_of
+
+    if state_of(model) is not None:
+        from .adapters import save_adapter
+
+        save_adapter(model, "default", tmp, base_model_name_or_path=model.name_or_path)
+    else:
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     _test_save_sleep(step)
     tensors, opt_meta = _optimizer_tensors(opt)
@@ -329,7 +343,8 @@ def checkpoint_problem(ckpt: Path) -> str | None:
             return f"trainer_state.json lacks {', '.join(missing)}"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
         return f"trainer_state.json is unreadable: {e}"
-    for name in ("optimizer.safetensors", "rng.safetensors", "model.safetensors"):
+    weights = "adapter_model.safetensors" if (ckpt / "adapter_config.json").is_file() else "model.safetensors"
+    for name in ("optimizer.safetensors", "rng.safetensors", weights):
         try:
             with safe_open(str(ckpt / name), framework="pt"):
                 pass
@@ -419,6 +434,8 @@ def _build(args: TrainArgs, resume_from: Path | None) -> tuple[OPTForCausalLM, T
                          f"the fields are: {', '.join(sorted(known))}")
     if args.dropout is not None:
         overrides["dropout"] = args.dropout
+    if args.adapter is not None:
+        return _with_adapter(args, tokenizer, overrides, resume_from), tokenizer
     if resume_from is not None:  # its config.json already carries the overrides
         model = OPTForCausalLM.from_pretrained(resume_from, dtype=torch.float32)
     elif args.model is not None:
@@ -433,6 +450,11 @@ def _build(args: TrainArgs, resume_from: Path | None) -> tuple[OPTForCausalLM, T
         config = OPTConfig.from_dict({**config.to_dict(), **overrides})
         torch.manual_seed(args.seed)
         model = OPTForCausalLM(config)
+    _check_fit(args, model, tokenizer)
+    return model, tokenizer
+
+
+def _check_fit(args: TrainArgs, model: OPTForCausalLM, tokenizer: Tokenizer) -> None:
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                          f"{model.config.vocab_size}; use the model's own tokenizer")
@@ -441,7 +463,32 @@ def _build(args: TrainArgs, resume_from: Path | None) -> tuple[OPTForCausalLM, T
                          f"({model.config.max_position_embeddings}); use at most that")
     if args.block_size < 2:
         raise ValueError(f"--block-size must be at least 2, got {args.block_size}")
-    return model, tokenizer
+
+
+def _with_adapter(args: TrainArgs, tokenizer: Tokenizer, overrides: dict[str, Any],
+                  resume_from: Path | None) -> OPTForCausalLM:
+    """The frozen base (quantized if asked) with a fresh adapter, or the checkpoint's adapter on resume."""
+    from .adapters import add_lora, load_adapter
+    from .adapters.bottleneck import add_bottleneck
+    from .adapters.peft_format import CONFIGS
+    from .adapters.peft_model import mark_trainable
+    from .adapters.state import state_of
+
+    model = OPTForCausalLM.from_pretrained(args.model, dtype=torch.float32, **overrides)
+    _check_fit(args, model, tokenizer)
+    if args.quantize is not None:
+        from .quantize import quantize
+
+        quantize(model, args.quantize)
+    if resume_from is not None:
+        load_adapter(model, resume_from, "default")
+    else:
+        config = CONFIGS[args.adapter["peft_type"]].from_dict(args.adapter)
+        torch.manual_seed(args.seed)  # the adapter's initial weights
+        (add_lora if config.peft_type == "LORA" else add_bottleneck)(model, config, "default")
+    mark_trainable(model, "default")
+    state_of(model).active = ["default"]
+    return model
 
 
 def _datasets(args: TrainArgs, tokenizer: Tokenizer, out: Path) -> tuple[BlockDataset, BlockDataset]:
@@ -509,6 +556,18 @@ def check_args(args: TrainArgs) -> None:
         check_file(path)
     if args.schedule not in SCHEDULES:
         raise ValueError(f"unknown --schedule {args.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if args.adapter is not None and args.model is None:
+        raise ValueError("an adapter trains on top of an existing model: give --model (a checkpoint directory or "
+                         "hub id), not --config")
+    if args.quantize is not None:
+        if args.quantize not in ("int8", "int4"):
+            raise ValueError(f"--quantize {args.quantize!r}: training on a quantized base supports int8 and int4")
+        if args.adapter is None:
+            raise ValueError("a quantized base is frozen: add an adapter to train (--lora … or --adapter …), or "
+                             "fine-tune in floating point without --quantize")
+        if parse_device(args.device).type != "cpu":
+            raise ValueError("--quantize uses optlm's CPU int8/int4 kernels; train on --device cpu, or without "
+                             "--quantize on a GPU")
 
 
 def train(args: TrainArgs) -> TrainResult:

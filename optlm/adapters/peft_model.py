@@ -37,7 +37,7 @@ def mark_trainable(model: nn.Module, name: str) -> None:
 
 
 def _float_name(model: nn.Module) -> str | None:
-    path = getattr(getattr(model, "config", None), "name_or_path", None)
+    path = getattr(model, "name_or_path", None)
     return str(path) if path else None
 
 
