@@ -234,3 +234,126 @@ def test_cli_prints_warnings_as_one_plain_line(setup, tmp_path):
     warning = [line for line in run.stderr.splitlines() if "warning:" in line]
     assert warning == [warning[0]] and warning[0].startswith("optlm train: warning: --warmup-steps 50")
     assert "warnings.warn" not in run.stderr and ".py:" not in run.stderr
+
+
+# ---- adapters: only the adapter trains, checkpoints are adapter directories -------------------------------
+
+FIXTURE_TEXT = Path(__file__).resolve().parent / "fixtures" / "text" / "shakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def base_model(setup, tmp_path_factory):
+    """A small random base model with the tiny tokenizer, saved as a checkpoint directory."""
+    from optlm.config import OPTConfig
+    from optlm.tokenizer import Tokenizer
+
+    out = tmp_path_factory.mktemp("base")
+    tok = Tokenizer.from_pretrained(setup["tokenizer"])
+    config = OPTConfig.from_dict({**json.loads(setup["config"].read_text()), "vocab_size": -(-len(tok) // 8) * 8})
+    torch.manual_seed(0)
+    OPTForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def adapter_args(setup, base_model, out: Path, adapter: str, **kw) -> TrainArgs:
+    from optlm.adapters.spec import parse_spec
+
+    return args_for(setup, out, config=None, model=str(base_model), tokenizer=None,
+                    adapter=parse_spec(adapter).to_dict(), lr=1e-2, **kw)
+
+
+def test_lora_run_trains_only_the_adapter_and_resumes_exactly(setup, base_model, tmp_path):
+    from safetensors.torch import load_file
+
+    spec = "r=4,alpha=8,dropout=0.1,targets=q_proj,v_proj,fc1"
+    whole = train(adapter_args(setup, base_model, tmp_path / "whole", spec, max_steps=20))
+    train_loss, _ = losses(tmp_path / "whole")
+    assert sum(train_loss[s] for s in (18, 19, 20)) < sum(train_loss[s] for s in (1, 2, 3)) - 0.3
+    ckpt = whole.checkpoint
+    assert (ckpt / "adapter_config.json").is_file() and not (ckpt / "model.safetensors").exists()
+    adapter = load_file(ckpt / "adapter_model.safetensors")
+    assert adapter and all(".lora_" in k for k in adapter)
+    n_adapter = sum(t.numel() for t in adapter.values())
+    optimizer = load_file(ckpt / "optimizer.safetensors")  # exp_avg and exp_avg_sq of adapter weights only
+    assert sum(t.numel() for k, t in optimizer.items() if not k.endswith(".step")) == 2 * n_adapter
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["base_model_name_or_path"] == str(base_model)
+    # Stopped at step 10 and resumed: the same losses and the same adapter as the uninterrupted run.
+    train(adapter_args(setup, base_model, tmp_path / "split", spec, max_steps=20, stop_after=10))
+    train(adapter_args(setup, base_model, tmp_path / "split", spec, max_steps=20, resume=True))
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    again = load_file(tmp_path / "split" / ckpt.name / "adapter_model.safetensors")
+    assert all(torch.equal(again[k], adapter[k]) for k in adapter)
+    # The base stayed as it was.
+    base = OPTForCausalLM.from_pretrained(base_model).state_dict()
+    merged = OPTForCausalLM.from_pretrained(base_model)
+    from optlm.peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(merged, ckpt)
+    frozen = {k.replace(".base_layer", ""): v for k, v in peft_model.base_model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(frozen[k], base[k]) for k in base)
+
+
+def test_trained_lora_loads_in_peft_with_the_same_logits(setup, base_model, tmp_path):
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from optlm.peft import PeftModel
+
+    result = train(adapter_args(setup, base_model, tmp_path / "run", "r=4,alpha=8,targets=q_proj,v_proj,out_proj,fc2",
+                                max_steps=8))
+    ids = torch.randint(4, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    ours = PeftModel.from_pretrained(OPTForCausalLM.from_pretrained(base_model), result.checkpoint).eval()
+    ref = peft.PeftModel.from_pretrained(transformers.OPTForCausalLM.from_pretrained(base_model), result.checkpoint)
+    with torch.no_grad():
+        want = ref.eval()(input_ids=ids).logits
+        base = transformers.OPTForCausalLM.from_pretrained(base_model)(input_ids=ids).logits
+        assert (want - base).abs().max() > 1e-3  # training moved the adapter away from the identity
+        torch.testing.assert_close(ours(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bottleneck_run_and_cli_spec(setup, base_model, tmp_path):
+    argv = ["train", "--model", str(base_model), "--data", str(setup["data"]), "--out", str(tmp_path / "bn"),
+            "--adapter", "bottleneck,reduction=4,variant=houlsby,act=gelu", "--block-size", "32", "--batch-size", "4",
+            "--max-steps", "12", "--warmup-steps", "2", "--lr", "1e-2", "--eval-every", "6", "--eval-batches", "2",
+            "--save-every", "6", "--log-every", "1", "--quiet"]
+    assert main(argv) == 0
+    train_loss, _ = losses(tmp_path / "bn")
+    assert train_loss[12] < train_loss[1]
+    config = json.loads((tmp_path / "bn" / "checkpoint-00000012" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "BOTTLENECK" and config["variant"] == "houlsby" and config["reduction_factor"] == 4
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_lora_on_a_quantized_base_learns_real_text_and_reloads(tmp_path, mode):
+    """The QLoRA recipe: frozen quantized base (the bundled model), fp32 LoRA, 50 steps on Shakespeare."""
+    from optlm.adapters.spec import parse_spec
+    from optlm.bundled import bundled_model_path
+    from optlm.lm import load
+
+    result = train(TrainArgs(data=[str(FIXTURE_TEXT)], out_dir=str(tmp_path / "q"), model=str(bundled_model_path()),
+                             adapter=parse_spec("r=8,alpha=16,targets=q_proj,v_proj,fc1").to_dict(),
+                             quantize=mode, block_size=64, batch_size=4, max_steps=50, warmup_steps=5, lr=3e-3,
+                             eval_every=25, eval_batches=4, save_every=50, log_every=1, progress=False))
+    train_loss, val_loss = losses(tmp_path / "q")
+    first = sum(train_loss[s] for s in range(1, 6)) / 5
+    last = sum(train_loss[s] for s in range(46, 51)) / 5
+    assert last < first - 0.3, (first, last)
+    assert val_loss[50] < val_loss[25]
+    lm = load(adapter=result.checkpoint, quantize=mode)  # the base comes from the adapter's config
+    assert lm.generate("ROMEO:", max_new_tokens=5, do_sample=False)[0]
+
+
+def test_adapter_argument_errors(setup, base_model, tmp_path, capsys):
+    with pytest.raises(ValueError, match="--model"):
+        train(args_for(setup, tmp_path / "a", adapter={"peft_type": "LORA"}))
+    with pytest.raises(ValueError, match="quantized base is frozen"):
+        train(args_for(setup, tmp_path / "b", config=None, model=str(base_model), tokenizer=None, quantize="int8"))
+    code = main(["train", "--model", str(base_model), "--data", str(setup["data"]), "--out", str(tmp_path / "c"),
+                 "--lora", "r=4,rank=3"])
+    assert code == 1 and "unknown key 'rank'" in capsys.readouterr().err
+    code = main(["train", "--model", str(base_model), "--data", str(setup["data"]), "--out", str(tmp_path / "d"),
+                 "--lora", "targets=query_key_value", "--max-steps", "1", "--warmup-steps", "0", "--block-size", "32",
+                 "--quiet"])
+    assert code == 1 and "matched no linear layer" in capsys.readouterr().err
