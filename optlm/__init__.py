@@ -1,7 +1,7 @@
 """optlm: Meta's OPT language models in lean PyTorch, numerically matching the reference implementation."""
 
 from .config import OPTConfig
-from .engine import LLM, CompletionOutput, LLMEngine, RequestOutput, SamplingParams
+from .engine import LLM, CompletionOutput, LLMEngine, LoRARequest, RequestOutput, SamplingParams
 from .evaluate import evaluate_file, perplexity
 from .hf import (
     OPTForCausalLM,
@@ -23,6 +23,7 @@ __all__ = [
     "LLM",
     "CompletionOutput",
     "LLMEngine",
+    "LoRARequest",
     "RequestOutput",
     "SamplingParams",
     "KVCache",

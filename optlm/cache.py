@@ -37,6 +37,7 @@ class _Seq:
     blocks: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # token ids whose keys/values are (or are about to be) cached
     keys: list[int] = field(default_factory=list)  # prefix key of each full block, in order
+    salt: object = 0  # starts the key chain: what else decides the keys/values (the adapter a sequence runs with)
 
 
 class BlockPool:
@@ -150,14 +151,15 @@ class PagedKVCache:
             need += 1  # the shared, partly filled last block is copied before it is written
         return need
 
-    def add(self, seq, prompt: list[int], reuse: bool = True) -> int:
+    def add(self, seq, prompt: list[int], reuse: bool = True, salt: object = 0) -> int:
         """Register ``seq`` with its prompt's token ids; returns how many leading tokens are already cached
         (whole blocks shared with an earlier prompt; none with ``reuse=False``). At least the last prompt token
-        is always left to run."""
+        is always left to run. Blocks are shared only between sequences with the same ``salt`` (hashable): the
+        same tokens run through a different adapter have different keys and values."""
         if seq in self.seqs:
             raise ValueError(f"sequence {seq!r} is already in the cache")
-        s = self.seqs[seq] = _Seq()
-        bs, key = self.block_size, 0
+        s = self.seqs[seq] = _Seq(salt=salt)
+        bs, key = self.block_size, salt
         for i in range((len(prompt) - 1) // bs if reuse else 0):
             key = hash((key, tuple(prompt[i * bs:(i + 1) * bs])))
             block = self.pool.by_key.get(key)
@@ -177,7 +179,7 @@ class PagedKVCache:
         p = self.seqs[parent]
         for b in p.blocks:
             self.pool.retain(b)
-        self.seqs[child] = _Seq(list(p.blocks), list(p.tokens), list(p.keys))
+        self.seqs[child] = _Seq(list(p.blocks), list(p.tokens), list(p.keys), p.salt)
 
     def free(self, seq) -> None:
         """Give back ``seq``'s blocks (finished or cancelled); unknown ids are ignored."""
@@ -207,7 +209,7 @@ class PagedKVCache:
         block reserved but not yet computed must not be shared."""
         s, bs = self.seqs[seq], self.block_size
         for i in range(len(s.keys), len(s.tokens) // bs):
-            s.keys.append(hash((s.keys[-1] if s.keys else 0, tuple(s.tokens[i * bs:(i + 1) * bs]))))
+            s.keys.append(hash((s.keys[-1] if s.keys else s.salt, tuple(s.tokens[i * bs:(i + 1) * bs]))))
             self.pool.publish(s.blocks[i], s.keys[-1])
 
     def truncate(self, seq, length: int) -> None:

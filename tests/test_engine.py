@@ -411,3 +411,122 @@ def test_prompt_logprobs_score_every_prompt_token_even_when_chunked_or_cached(pa
                 assert entry[p[pos]].logprob == pytest.approx(float(want[p[pos]]), abs=1e-5)
                 assert entry[p[pos]].rank == int((want > want[p[pos]]).sum()) + 1
                 assert set(entry) == set(torch.topk(want, 3).indices.tolist()) | {p[pos]}
+
+
+# ---- adapters per request ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adapters(pair, tmp_path_factory):
+    """Three peft LoRAs with random B (saved by peft on the transformers model) and one optlm bottleneck."""
+    peft = pytest.importorskip("peft")
+    from optlm.peft import BottleneckConfig, get_peft_model
+
+    ref, _ = pair
+    root = tmp_path_factory.mktemp("adapters")
+    specs = {"qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+             "wide": dict(r=8, lora_alpha=8, target_modules="all-linear", use_rslora=True),
+             "head": dict(r=2, lora_alpha=4, target_modules=["fc1", "lm_head"])}
+    dirs = {}
+    for i, (name, spec) in enumerate(specs.items()):
+        torch.manual_seed(100 + i)
+        model = peft.get_peft_model(copy.deepcopy(ref), peft.LoraConfig(init_lora_weights=False, **spec))
+        model.save_pretrained(root / name)
+        dirs[name] = root / name
+    torch.manual_seed(7)
+    bn = get_peft_model(optlm.OPTForCausalLM.from_pretrained(pair[1].name_or_path),
+                        BottleneckConfig(variant="houlsby", reduction_factor=4))
+    with torch.no_grad():
+        for n, p in bn.named_parameters():
+            if ".up." in n:
+                p.normal_(std=0.3)
+    bn.save_pretrained(root / "bn")
+    dirs["bn"] = root / "bn"
+    return dirs
+
+
+def _alone(pair, adapter_dir, prompt, max_tokens):
+    """Greedy tokens of one prompt alone: peft on transformers for a LoRA, optlm's generate for a bottleneck."""
+    import peft
+
+    ref, _ = pair
+    from optlm.peft import PeftModel
+
+    with torch.no_grad():
+        if adapter_dir is None:
+            model, kw = ref, {"pad_token_id": 1, "eos_token_id": 2}
+        elif adapter_dir.name == "bn":
+            model, kw = PeftModel.from_pretrained(optlm.OPTForCausalLM.from_pretrained(pair[1].name_or_path),
+                                                  adapter_dir), {}
+        else:
+            model = peft.PeftModel.from_pretrained(copy.deepcopy(ref), adapter_dir)
+            kw = {"pad_token_id": 1, "eos_token_id": 2}
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+def test_a_batch_mixing_adapters_equals_each_prompt_alone_with_its_adapter(pair, adapters):
+    from optlm import LoRARequest
+
+    _, ours = pair
+    names = [None, "qv", "wide", "head", "bn"]
+    base_prompts = _prompts(8, seed=3)
+    # The same prompts under every adapter: equal tokens, different keys/values (never shared across adapters).
+    jobs = [(p, names[i % len(names)]) for i, p in enumerate(base_prompts)] + [(base_prompts[2], n) for n in names]
+    llm = LLM(copy.deepcopy(ours), block_size=8, max_num_batched_tokens=64, enable_lora=True, max_loras=4)
+    requests = [None if n is None else LoRARequest(n, names.index(n), str(adapters[n])) for _, n in jobs]
+    outs = llm.generate([p for p, _ in jobs], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                        lora_request=requests, use_tqdm=False)
+    for (prompt, name), out in zip(jobs, outs, strict=True):
+        want = _alone(pair, None if name is None else adapters[name], prompt, 6)
+        assert out.outputs[0].token_ids == want, name
+    # Distinct adapters changed the tokens of the shared prompt (so the equality above means something).
+    shared = {n: o.outputs[0].token_ids for (p, n), o in zip(jobs, outs, strict=True) if p is base_prompts[2]}
+    assert len({tuple(v) for v in shared.values()}) > 2
+    engine = llm.llm_engine
+    assert engine.cache.blocks_in_use == 0 and all(n == 0 for n in engine.adapters.users.values())
+
+
+def test_prompt_logprobs_through_an_adapter_on_the_head(pair, adapters):
+    import peft
+
+    from optlm import LoRARequest
+
+    ref, ours = pair
+    prompt = _prompts(3, seed=4)[2][:40]
+    llm = LLM(copy.deepcopy(ours), block_size=8, enable_lora=True)
+    out = llm.generate([prompt, prompt], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                       lora_request=[LoRARequest("head", 1, str(adapters["head"])), None], use_tqdm=False)
+    with torch.no_grad():
+        adapted = peft.PeftModel.from_pretrained(copy.deepcopy(ref), adapters["head"])
+        for model, o in ((adapted, out[0]), (ref, out[1])):
+            logp = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+            for pos in range(1, len(prompt)):
+                assert o.prompt_logprobs[pos][prompt[pos]].logprob == pytest.approx(
+                    float(logp[pos - 1, prompt[pos]]), abs=1e-5)
+
+
+def test_adapter_requests_are_checked_and_slots_are_reused(pair, adapters, tmp_path):
+    from optlm import LoRARequest
+    from optlm.adapters import AdapterError
+
+    _, ours = pair
+    prompt = [5, 6, 7, 8]
+    plain = _engine(copy.deepcopy(ours))
+    with pytest.raises(ValueError, match="enable_lora=True"):
+        plain.add_request("a", prompt, SamplingParams(max_tokens=2), LoRARequest("qv", 1, str(adapters["qv"])))
+    engine = _engine(copy.deepcopy(ours), enable_lora=True, max_loras=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        engine.add_request("x", prompt, SamplingParams(max_tokens=2), LoRARequest("e", 9, str(tmp_path / "empty")))
+    engine.add_request("a", prompt, SamplingParams(max_tokens=3), LoRARequest("qv", 1, str(adapters["qv"])))
+    with pytest.raises(AdapterError, match="adapter slots are in use"):  # one slot, held by request a
+        engine.add_request("b", prompt, SamplingParams(max_tokens=3), LoRARequest("wide", 2, str(adapters["wide"])))
+    with pytest.raises(AdapterError, match="already loaded"):
+        engine.add_request("c", prompt, SamplingParams(max_tokens=3), LoRARequest("qv", 5, str(adapters["wide"])))
+    done = _run(engine, {})
+    assert list(done) == ["a"] and engine.list_loras() == ["qv"]
+    # Request a finished: its adapter is evicted for the next one.
+    engine.add_request("b", prompt, SamplingParams(max_tokens=3), LoRARequest("wide", 2, str(adapters["wide"])))
+    assert engine.list_loras() == ["wide"]
+    assert _run(engine, {})["b"].finished
+    assert engine.cache.blocks_in_use == 0 and engine.adapters.users == {"wide": 0}

@@ -2,7 +2,8 @@
 
 from .engine import CompletionOutput, LLMEngine, RequestOutput
 from .llm import LLM
+from .lora import LoRARequest
 from .params import SamplingParams
 from .sampler import Logprob
 
-__all__ = ["LLM", "CompletionOutput", "LLMEngine", "Logprob", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "LLMEngine", "LoRARequest", "Logprob", "RequestOutput", "SamplingParams"]

@@ -1,9 +1,10 @@
 """The engine: requests in, a step at a time, per-request outputs out (vLLM's ``LLMEngine`` surface).
 
-``add_request`` checks a request and queues it; ``step`` runs one forward pass of prompt chunks and one of
-decoding rows over the paged cache, samples every row that reached the end of its tokens, and returns the
-requests that changed, each with its text so far; ``abort_request`` cancels one at any time and gives its cache
-blocks back at once. The engine calls the model only through its core ``step(ids, frame, last)``.
+``add_request`` checks a request (and its adapter, ``lora_request``) and queues it; ``step`` runs one
+forward pass of prompt chunks and one of decoding rows over the paged cache, samples every row that reached
+the end of its tokens, and returns the requests that changed, each with its text so far; ``abort_request``
+cancels one at any time and gives its cache blocks back at once. The engine calls the model only through its
+core ``step(ids, frame, last)``; with adapters the frame also carries each row's adapter.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 
 import torch
 
+from ..adapters.state import adapter_index, state_of
 from ..cache import PagedKVCache
 from ..generate import cache_dtype, check_finite, check_fits, stop_prefix_length
 from ..tokenizer import StreamDecoder
+from .lora import AdapterTable, LoRARequest
 from .params import SamplingParams
 from .sampler import Logprob, Row, sample
 from .scheduler import Scheduler, Sequence, Status
@@ -86,12 +89,13 @@ class LLMEngine:
 
     ``max_num_seqs`` sequences run at once; ``max_num_batched_tokens`` bounds the tokens of one step (prompts
     longer than that are prefilled in chunks); ``kv_cache_memory`` (bytes) sizes the cache; ``max_model_len``
-    caps prompt + completion (default: the model's context).
+    caps prompt + completion (default: the model's context). ``enable_lora`` lets requests name an adapter
+    (``lora_request``), ``max_loras`` of them loaded at once.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, max_num_seqs: int = 64,
                  max_model_len: int | None = None, kv_cache_memory: int | None = None, block_size: int = 16,
-                 max_num_batched_tokens: int = 512):
+                 max_num_batched_tokens: int = 512, enable_lora: bool = False, max_loras: int = 8):
         config = model.config
         limit = config.max_position_embeddings
         for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size),
@@ -119,14 +123,16 @@ class LLMEngine:
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
         self.requests: dict[str, _Request] = {}
         self._detok: dict[int, StreamDecoder] = {}
+        self.adapters = AdapterTable(model, max_loras) if enable_lora else None
 
     # ---- requests --------------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | Seq[int] | dict, params: SamplingParams | None = None,
-                    ) -> None:
+                    lora_request: LoRARequest | None = None) -> None:
         """Check and queue a request: ``prompt`` is text, a list of token ids, or ``{"prompt": ...}`` /
-        ``{"prompt_token_ids": [...]}``. Raises ValueError (naming the problem) for a request that can never
-        run; the requests already queued are not affected."""
+        ``{"prompt_token_ids": [...]}``; ``lora_request`` the adapter it runs with (loaded on first use).
+        Raises ValueError (naming the problem) for a request that can never run; the requests already queued
+        are not affected."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = SamplingParams() if params is None else params
@@ -145,13 +151,14 @@ class LLMEngine:
         if need > capacity:
             raise ValueError(f"the request needs cache room for {need} tokens (prompt {P} + completion) and the "
                              f"whole cache holds {capacity}; raise kv_cache_memory or lower max_tokens")
+        adapter = self._adapter(lora_request, params.n)
         seqs = []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             gen = torch.Generator(device=self.cache.k.device)
             # Unseeded requests draw their seed from torch's global generator (torch.manual_seed repeats them).
             gen.manual_seed(int(torch.randint(0, 2**63 - 1, ())) if seed is None else seed)
-            seqs.append(Sequence(request_id, i, ids, params, gen, seqs[0] if seqs else None))
+            seqs.append(Sequence(request_id, i, ids, params, gen, seqs[0] if seqs else None, adapter=adapter))
             if params.logprobs is not None:
                 seqs[-1].logprobs, seqs[-1].cumulative_logprob = [], 0.0
             if params.prompt_logprobs is not None and i == 0:
@@ -161,6 +168,38 @@ class LLMEngine:
             if self.tokenizer is not None:
                 self._detok[seq.id] = StreamDecoder(self.tokenizer, params.skip_special_tokens)
             self.scheduler.add(seq)
+
+    def _adapter(self, lora_request: LoRARequest | None, n: int) -> str | None:
+        """The adapter name the request's sequences run with (loaded now if new), or None for the base model."""
+        if lora_request is None:
+            return None
+        if not isinstance(lora_request, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        if self.adapters is None:
+            raise ValueError("this engine serves the base model only; create it with enable_lora=True to run "
+                             "requests with adapters")
+        name = self.adapters.acquire(lora_request)
+        for _ in range(n - 1):
+            self.adapters.acquire(lora_request)  # one use per sequence, released as each finishes
+        return name
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load an adapter now (kept until evicted or removed); True when it is loaded."""
+        if self.adapters is None:
+            raise ValueError("create the engine with enable_lora=True to load adapters")
+        name = self.adapters.acquire(lora_request)
+        self.adapters.release(name)
+        return True
+
+    def remove_lora(self, lora_name: str) -> bool:
+        """Unload an adapter no unfinished request uses."""
+        if self.adapters is None:
+            raise ValueError("this engine has no adapters")
+        self.adapters.unload(lora_name)
+        return True
+
+    def list_loras(self) -> list[str]:
+        return [] if self.adapters is None else self.adapters.names()
 
     def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -234,6 +273,8 @@ class LLMEngine:
         for b, (seq, n) in enumerate(group):
             ids[b, :n] = torch.tensor(seq.tokens[seq.computed:seq.computed + n])
         frame = self.cache.frame([(seq.id, n) for seq, n in group])
+        if self.adapters is not None:
+            frame.adapter = self._rows([seq.adapter for seq, _ in group])
         last = torch.tensor([n - 1 for _, n in group], device=dev)
         logits, hidden = self.model.step(ids.to(dev), frame, last)
         ready = []
@@ -252,7 +293,10 @@ class LLMEngine:
         """Log-probabilities of the prompt tokens that follow this chunk's positions (prompt_logprobs)."""
         start = seq.computed  # position of the chunk's first token
         head = self.model.get_output_embeddings()
-        logp = torch.log_softmax(head(hidden).float(), dim=-1)  # (n, V): position t predicts t + 1
+        if self.adapters is not None:  # an adapted head: this one row runs with the sequence's adapter
+            state_of(self.model).set_rows(self._rows([seq.adapter]))
+            hidden = hidden[None]
+        logp = torch.log_softmax(head(hidden).float(), dim=-1).reshape(-1, self.model.config.vocab_size)
         k = seq.params.prompt_logprobs
         for t in range(logp.shape[0]):
             pos = start + t + 1
@@ -297,7 +341,15 @@ class LLMEngine:
             return self._finish(seq, "length")
         return None
 
+    def _rows(self, adapters: list[str | None]) -> torch.Tensor | None:
+        """``Frame.adapter`` for rows running ``adapters`` (None when every row runs the base model)."""
+        if state_of(self.model) is None:
+            return None  # no adapter loaded yet
+        return adapter_index(self.model, adapters, self.cache.k.device)
+
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None, flush: bool = True) -> None:
+        if self.adapters is not None:
+            self.adapters.release(seq.adapter)
         detok = self._detok.pop(seq.id, None)
         if detok is not None and flush:
             seq.text += detok.flush()

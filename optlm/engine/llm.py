@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import LLMEngine, RequestOutput
+from .lora import LoRARequest
 from .params import SamplingParams
 
 
@@ -24,14 +25,15 @@ class LLM:
     (then pass ``tokenizer`` — a Tokenizer or a path — for text prompts and outputs). ``dtype``, ``device``,
     ``quantize`` and ``revision`` are :func:`optlm.load`'s. ``max_num_seqs``, ``max_model_len``,
     ``kv_cache_memory`` (bytes), ``block_size`` and ``max_num_batched_tokens`` size the engine
-    (:class:`LLMEngine`).
+    (:class:`LLMEngine`). ``enable_lora=True`` lets each prompt run with its own adapter
+    (``generate(..., lora_request=LoRARequest(name, id, path))``), ``max_loras`` of them loaded at once.
     """
 
     def __init__(self, model: str | os.PathLike | torch.nn.Module | None = None, tokenizer: Any = None, *,
                  dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
                  quantize: str | None = None, revision: str | None = None, max_num_seqs: int = 64,
                  max_model_len: int | None = None, kv_cache_memory: int | None = None, block_size: int = 16,
-                 max_num_batched_tokens: int = 512):
+                 max_num_batched_tokens: int = 512, enable_lora: bool = False, max_loras: int = 8):
         if isinstance(model, torch.nn.Module):
             if isinstance(tokenizer, (str, os.PathLike)):
                 from ..tokenizer import Tokenizer
@@ -44,7 +46,8 @@ class LLM:
             model, tokenizer = lm.model, lm.tokenizer
         self.llm_engine = LLMEngine(model, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                     kv_cache_memory=kv_cache_memory, block_size=block_size,
-                                    max_num_batched_tokens=max_num_batched_tokens)
+                                    max_num_batched_tokens=max_num_batched_tokens, enable_lora=enable_lora,
+                                    max_loras=max_loras)
         self._counter = 0
 
     def get_tokenizer(self) -> Any:
@@ -52,10 +55,12 @@ class LLM:
 
     def generate(self, prompts: str | Seq[str] | Seq[int] | Seq[Seq[int]] | Seq[dict],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+                 ) -> list[RequestOutput]:
         """Completions of every prompt (text, a list of token ids, a list of either, or ``{"prompt_token_ids":
-        [...]}`` dicts), with one ``SamplingParams`` for all or one per prompt; finished ``RequestOutput``s in
-        prompt order. A bad prompt or setting raises ValueError naming the prompt before anything runs."""
+        [...]}`` dicts), with one ``SamplingParams`` for all or one per prompt, and one adapter for all or one
+        per prompt (None: the base model); finished ``RequestOutput``s in prompt order. A bad prompt or setting
+        raises ValueError naming the prompt before anything runs."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
                                                 and all(isinstance(i, int) for i in prompts)):
             prompts = [prompts]  # one prompt (text or token ids)
@@ -69,14 +74,21 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts; give one, or one per "
                                  "prompt")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            adapters = [lora_request] * len(prompts)
+        else:
+            adapters = list(lora_request)
+            if len(adapters) != len(prompts):
+                raise ValueError(f"{len(adapters)} lora requests for {len(prompts)} prompts; give one, or one per "
+                                 "prompt")
         engine = self.llm_engine
         ids = []
         try:
-            for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            for i, (prompt, p, adapter) in enumerate(zip(prompts, params, adapters, strict=True)):
                 rid = f"{self._counter}"
                 self._counter += 1
                 try:
-                    engine.add_request(rid, prompt, p)
+                    engine.add_request(rid, prompt, p, adapter)
                 except (ValueError, TypeError) as e:
                     raise type(e)(f"prompt {i}: {e}") from None
                 ids.append(rid)

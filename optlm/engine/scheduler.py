@@ -52,6 +52,7 @@ class Sequence:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # [None, then one per prompt token]
+    adapter: str | None = None  # the adapter it runs with (None: the base model)
 
     @property
     def tokens(self) -> list[int]:
@@ -114,7 +115,8 @@ class Scheduler:
                 continue  # n > 1: wait for the first completion's prompt, then share its cached blocks
             if seq.id not in self.cache.seqs:
                 # Whole blocks already cached are reused, unless the prompt's own logprobs are wanted.
-                seq.computed = self.cache.add(seq.id, seq.tokens, reuse=seq.prompt_logprobs is None)
+                seq.computed = self.cache.add(seq.id, seq.tokens, reuse=seq.prompt_logprobs is None,
+                                              salt=("adapter", seq.adapter) if seq.adapter else 0)
             n = min(seq.pending, budget)
             # Keep a block in hand for each running sequence, so admitting does not force a preemption next step.
             if self.cache.blocks_needed(seq.id, n) + len(self.running) > self.cache.pool.num_free:
