@@ -409,3 +409,101 @@ def test_an_engine_that_dies_mid_stream_sends_an_error_event_and_health_turns_50
         assert health.status_code == 503 and health.json()["status"] == "error"
         refused = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
         assert refused.status_code == 503 and refused.json()["error"]["message"]
+
+
+# ---- adapters: served by name, mixed in one batch, loaded at run time only under --lora-root ----------------
+
+def _make_lora(model_dir, out, seed: int, **kwargs):
+    from optlm.hf import OPTForCausalLM
+    from optlm.peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    get_peft_model(OPTForCausalLM.from_pretrained(model_dir),
+                   LoraConfig(init_lora_weights=False, **kwargs)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_server(server, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_root")
+    model = server["model"]
+    a = _make_lora(model, root / "a", 1, r=4, target_modules=["q_proj", "v_proj"])
+    b = _make_lora(model, root / "b", 2, r=8, target_modules=["fc1", "fc2"])
+    _make_lora(model, root / "later", 3, r=2, target_modules=["out_proj"])
+    proc, base = _start(model, "--served-model-name", "tiny", "--lora-modules", f"a={a}", f"b={b}",
+                        "--max-loras", "2", "--allow-runtime-lora", "--lora-root", str(root))
+    yield {"base": base, "root": root, "model": model, "dirs": {"a": a, "b": b, "later": root / "later"}}
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def test_a_requests_model_field_picks_the_adapter_and_mixed_streams_get_what_they_get_alone(lora_server):
+    from optlm import LoRARequest
+
+    client = openai.OpenAI(base_url=f"{lora_server['base']}/v1", api_key="none", max_retries=0)
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {"tiny", "a", "b"} and models["a"].model_extra["parent"] == "tiny"
+    llm = LLM(lora_server["model"], enable_lora=True)
+    names = [None, "a", "b"]
+    requests = {n: None if n is None else LoRARequest(n, i, str(lora_server["dirs"][n])) for i, n in enumerate(names)}
+    jobs = [(f"{PROMPTS[i % 3]} {i}", names[i % 3]) for i in range(24)]
+    want = llm.generate([p for p, _ in jobs], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False,
+                        lora_request=[requests[n] for _, n in jobs])
+    assert len({want[0].outputs[0].text, want[1].outputs[0].text, want[2].outputs[0].text}) == 3
+
+    async def one(http: httpx.AsyncClient, prompt: str, name: str | None) -> str:
+        r = await http.post("/v1/completions", json={"model": name or "tiny", "prompt": prompt, "max_tokens": 8,
+                                                      "temperature": 0})
+        assert r.status_code == 200 and r.json()["model"] == (name or "tiny")
+        return r.json()["choices"][0]["text"]
+
+    async def main() -> list[str]:
+        async with httpx.AsyncClient(base_url=lora_server["base"], timeout=60) as http:
+            return await asyncio.gather(*(one(http, p, n) for p, n in jobs))
+
+    assert asyncio.run(main()) == [o.outputs[0].text for o in want]
+    chat = client.chat.completions.create(model="b", messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
+    assert chat.model == "b"
+    with pytest.raises(openai.NotFoundError, match="`c` does not exist"):
+        client.completions.create(model="c", prompt="x", max_tokens=1)
+
+
+def test_runtime_loading_is_confined_to_the_lora_root_and_shape_errors_name_the_tensor(lora_server, server,
+                                                                                       tmp_path):
+    base = lora_server["base"]
+    post = lambda path, body: httpx.post(f"{base}{path}", json=body, timeout=60)  # noqa: E731
+    r = post("/v1/load_lora_adapter", {"lora_name": "later", "lora_path": "later"})
+    assert r.status_code == 200, r.text
+    got = post("/v1/completions", {"model": "later", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+    assert got.status_code == 200 and got.json()["model"] == "later"
+    outside = _make_lora(lora_server["model"], tmp_path / "outside", 4, r=2)
+    for path in (str(outside), "../outside", "a/../../outside"):
+        r = post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path})
+        assert r.status_code == 400 and "--lora-root" in r.json()["error"]["message"]
+    broken = lora_server["root"] / "broken"
+    _make_lora(lora_server["model"], broken, 5, r=4, target_modules=["q_proj"])
+    config = json.loads((broken / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))
+    r = post("/v1/load_lora_adapter", {"lora_name": "broken", "lora_path": "broken"})
+    assert r.status_code == 400 and "q_proj.lora_A.weight has shape (4," in r.json()["error"]["message"]
+    assert post("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "a"}).status_code == 400  # name taken
+    assert post("/v1/unload_lora_adapter", {"lora_name": "later"}).status_code == 200
+    gone = post("/v1/completions", {"model": "later", "prompt": "x", "max_tokens": 1})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    assert post("/v1/unload_lora_adapter", {"lora_name": "later"}).status_code == 404
+    assert httpx.get(f"{base}/health").status_code == 200
+    # Without --allow-runtime-lora the endpoints do not exist.
+    plain = httpx.post(f"{server['base']}/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "a"},
+                       headers={"Authorization": f"Bearer {KEY}"})
+    assert plain.status_code == 404
+
+
+def test_bad_lora_flags_stop_the_server_with_one_error_line(server, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for options, message in [(["--lora-modules", f"x={tmp_path / 'empty'}"], "no adapter_config.json"),
+                             (["--lora-modules", "x"], "NAME=DIR"),
+                             (["--allow-runtime-lora"], "--lora-root")]:
+        proc = subprocess.run([sys.executable, "-m", "optlm.cli", "serve", "--model", str(server["model"]),
+                               "--port", str(_free_port()), *options], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, options
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

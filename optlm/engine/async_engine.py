@@ -1,6 +1,6 @@
 """The engine for asyncio code (the server): one thread steps the engine, coroutines submit and stream.
 
-The engine is not thread-safe, so only its thread touches it: coroutines hand it commands (add, abort) through a
+The engine is not thread-safe, so only its thread touches it: coroutines hand it commands (add, abort, call) through a
 queue and get each request's outputs through an asyncio queue of their own. A coroutine that stops listening
 (a client that disconnected, a cancelled task) aborts its request, which frees its cache blocks at once. If a
 step raises, the engine is marked dead, every open request gets the error, and new ones are refused.
@@ -12,10 +12,11 @@ import asyncio
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .engine import LLMEngine, RequestOutput
+from .lora import LoRARequest
 from .params import SamplingParams
 
 
@@ -54,9 +55,10 @@ class AsyncEngine:
         return {"running": len(s.running), "waiting": len(s.waiting), "blocks": self.engine.cache.blocks_in_use,
                 "blocks_total": self.engine.cache.num_blocks}
 
-    async def submit(self, prompt: Any, params: SamplingParams, request_id: str | None = None) -> RequestStream:
-        """Hand a request to the engine and wait until it is accepted: the stream of its outputs, or the
-        engine's ValueError/TypeError for a request it refuses (nothing runs then)."""
+    async def submit(self, prompt: Any, params: SamplingParams, request_id: str | None = None,
+                     lora_request: LoRARequest | None = None) -> RequestStream:
+        """Hand a request (with its adapter, if any) to the engine and wait until it is accepted: the stream of
+        its outputs, or the engine's ValueError/TypeError for a request it refuses (nothing runs then)."""
         if not self.alive:
             raise EngineDeadError(f"the engine has stopped: {self.error!r}")
         if len(self.engine.scheduler.waiting) >= self.max_waiting:
@@ -65,13 +67,26 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         accepted = loop.create_future()
-        self._commands.put(("add", rid, prompt, params, loop, outputs, accepted))
-        while not accepted.done():  # the engine's thread answers at its next step
-            await asyncio.wait({accepted}, timeout=1.0)
-            if not accepted.done() and not self._thread.is_alive():
-                _settle(accepted, EngineDeadError(f"the engine has stopped: {self.error!r}"))
-        accepted.result()
+        self._commands.put(("add", rid, (prompt, params, lora_request), loop, outputs, accepted))
+        await self._answer(accepted)
         return RequestStream(self, rid, outputs)
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine's thread between two steps (loading or unloading an adapter) and
+        return its result, or raise its error."""
+        if not self.alive:
+            raise EngineDeadError(f"the engine has stopped: {self.error!r}")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._commands.put(("call", fn, loop, done))
+        return await self._answer(done)
+
+    async def _answer(self, future: asyncio.Future) -> Any:
+        while not future.done():  # the engine's thread answers at its next step
+            await asyncio.wait({future}, timeout=1.0)
+            if not future.done() and not self._thread.is_alive():
+                _settle(future, EngineDeadError(f"the engine has stopped: {self.error!r}"))
+        return future.result()
 
     async def generate(self, prompt: Any, params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -125,13 +140,22 @@ class AsyncEngine:
             self.engine.abort_request(cmd[1])
             self._streams.pop(cmd[1], None)
             return
-        _, rid, prompt, params, loop, outputs, accepted = cmd
+        if cmd[0] == "call":
+            _, fn, loop, done = cmd
+            try:
+                result = fn(self.engine)
+            except Exception as e:  # noqa: BLE001 (handed to the calling coroutine, which raises it)
+                loop.call_soon_threadsafe(_settle, done, e)
+            else:
+                loop.call_soon_threadsafe(_settle, done, None, result)
+            return
+        _, rid, (prompt, params, lora_request), loop, outputs, accepted = cmd
         if len(self.engine.scheduler.waiting) >= self.max_waiting:  # counted here, where requests are queued
             loop.call_soon_threadsafe(_settle, accepted, QueueFullError(
                 f"{self.max_waiting} requests are already waiting"))
             return
         try:
-            self.engine.add_request(rid, prompt, params)
+            self.engine.add_request(rid, prompt, params, lora_request)
         except Exception as e:  # noqa: BLE001 (handed to the submitting coroutine, which raises it)
             loop.call_soon_threadsafe(_settle, accepted, e)
             return
@@ -154,7 +178,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                cmd[4].call_soon_threadsafe(_settle, cmd[6], error)
+                cmd[3].call_soon_threadsafe(_settle, cmd[5], error)
+            elif cmd[0] == "call":
+                cmd[2].call_soon_threadsafe(_settle, cmd[3], error)
 
 
 class RequestStream:
@@ -183,10 +209,10 @@ class RequestStream:
             self.abort()
 
 
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future, error: BaseException | None, result: Any = None) -> None:
     if future.done():
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(result)
     else:
         future.set_exception(error)

@@ -46,7 +46,6 @@ class AdapterTable:
         self.max_loras = max_loras
         self.loaded: OrderedDict[str, LoRARequest] = OrderedDict()  # least recently used first
         self.users: dict[str, int] = {}
-        self.pinned: set[str] = set()  # loaded at start-up (served by name): never evicted
 
     def acquire(self, request: LoRARequest) -> str:
         """Make ``request``'s adapter ready (loading it if needed) and count one more user; its name."""
@@ -76,7 +75,7 @@ class AdapterTable:
         if len(self.loaded) < self.max_loras:
             return
         for name in self.loaded:  # least recently used first
-            if self.users.get(name, 0) == 0 and name not in self.pinned:
+            if self.users.get(name, 0) == 0:
                 self.unload(name)
                 return
         raise AdapterError(f"all {self.max_loras} adapter slots are in use by running requests; retry later or "
@@ -90,7 +89,6 @@ class AdapterTable:
         remove_adapter(self.model, name)
         del self.loaded[name]
         self.users.pop(name, None)
-        self.pinned.discard(name)
 
     def check(self, path: str | os.PathLike) -> None:
         """Fail early (before a request is queued) on a directory that is not an adapter."""

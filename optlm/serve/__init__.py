@@ -32,6 +32,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=("int8", "int4", "int8-dynamic"), default=None,
                    help="weight quantization (see optlm generate --help)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=DIR",
+                   help="adapters to serve (LoRA or bottleneck, peft's format): a request's model field picks one "
+                        "by NAME; they run beside the base model in the same batches")
+    p.add_argument("--max-loras", type=int, default=8, help="adapters loaded at once (unused ones are evicted)")
+    p.add_argument("--allow-runtime-lora", action="store_true",
+                   help="add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (loading only from --lora-root)")
+    p.add_argument("--lora-root", default=None,
+                   help="the directory runtime-loaded adapters must be under (needed by --allow-runtime-lora)")
+
+
+def _lora_modules(items: list[str]):
+    """``NAME=DIR`` (or vLLM's JSON form ``{"name": ..., "path": ...}``) → adapters by name."""
+    import json
+
+    from ..engine.lora import LoRARequest
+
+    loras = {}
+    for i, item in enumerate(items, start=1):
+        if item.lstrip().startswith("{"):
+            try:
+                spec = json.loads(item)
+                name, path = spec["name"], spec["path"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"--lora-modules {item!r}: JSON needs \"name\" and \"path\" ({e})") from None
+        else:
+            name, eq, path = item.partition("=")
+            if not eq or not name or not path:
+                raise ValueError(f"--lora-modules {item!r}: use NAME=DIR")
+        if name in loras:
+            raise ValueError(f"--lora-modules names {name!r} twice")
+        loras[name] = LoRARequest(name, i, path)
+    return loras
 
 
 def _server_class(uvicorn):
@@ -71,14 +103,27 @@ def run(args: argparse.Namespace) -> int:
         if value < (0 if name == "port" else 1) or (name == "port" and value > 65535):
             raise ValueError(f"--{name.replace('_', '-')} {value} is out of range")
     api_key = args.api_key if args.api_key is not None else os.environ.get("OPTLM_API_KEY") or None
+    loras = _lora_modules(args.lora_modules)
+    if args.allow_runtime_lora and args.lora_root is None:
+        raise ValueError("--allow-runtime-lora needs --lora-root: the directory adapters may be loaded from")
+    if args.lora_root is not None and not os.path.isdir(args.lora_root):
+        raise ValueError(f"--lora-root {args.lora_root} is not a directory")
+    enable_lora = bool(loras) or args.allow_runtime_lora
     memory = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
     name = args.served_model_name or (args.model if args.model is not None else "opt-gutenberg")
+    if name in loras:
+        raise ValueError(f"--lora-modules uses the name {name!r}, which is the base model's; rename the adapter")
     limits = Limits(max_n=args.max_n, max_prompts=args.max_prompts, max_body_bytes=int(args.max_body_mb * 2**20))
 
     def load_backend() -> tuple[AsyncEngine, object]:
         lm = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, revision=args.revision)
         engine = LLMEngine(lm.model, lm.tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                           kv_cache_memory=memory)
+                           kv_cache_memory=memory, enable_lora=enable_lora, max_loras=args.max_loras)
+        for request in loras.values():  # load each once now: a bad adapter stops the server before it is ready
+            try:
+                engine.add_lora(request)
+            except ValueError as e:
+                raise ValueError(f"--lora-modules {request.lora_name}={request.lora_path}: {e}") from None
         print(f"optlm serve: {name} loaded; ready", file=sys.stderr, flush=True)
         return AsyncEngine(engine, max_waiting=args.max_waiting), lm.tokenizer
 
@@ -95,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
 
     # The port opens at once and the model loads behind it: /health answers 503 until it is ready.
     app = build_app(None, None, name, api_key=api_key, limits=limits, on_start=announce, load=load_backend,
-                    on_load_error=load_failed)
+                    on_load_error=load_failed, loras=loras, allow_runtime_lora=args.allow_runtime_lora,
+                    lora_root=args.lora_root)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.shutdown_timeout)
     server = _server_class(uvicorn)(config)

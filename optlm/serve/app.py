@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -25,12 +27,20 @@ from .. import __version__
 from ..chat import ChatTemplate
 from ..engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from ..engine.engine import RequestOutput
+from ..engine.lora import LoRARequest
 from ..engine.params import SamplingParams
 from ..engine.sampler import Logprob
 from ..generate import ContextLengthError
 from .errors import APIError, api_error_handler, bad_value, http_handler, unexpected_handler, validation_handler
 from .metrics import Metrics
-from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadLoRAAdapterRequest,
+    TokenizeRequest,
+    UnloadLoRAAdapterRequest,
+)
 
 OPEN_PATHS = ("/health", "/metrics", "/version")
 
@@ -92,10 +102,17 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
               limits: Limits | None = None, template: ChatTemplate | None = None,
               on_start: Callable[[], None] | None = None,
               load: Callable[[], tuple[AsyncEngine, Any]] | None = None,
-              on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+              on_load_error: Callable[[BaseException], None] | None = None,
+              loras: dict[str, LoRARequest] | None = None, allow_runtime_lora: bool = False,
+              lora_root: str | os.PathLike | None = None) -> FastAPI:
     """The app over ``engine`` and ``tokenizer``, or, with ``load``, over what ``load()`` returns: then the
     server listens at once, loads the model in a thread, and answers 503 (``/health`` included) until it is
-    ready; a failed load is reported to ``on_load_error``."""
+    ready; a failed load is reported to ``on_load_error``.
+
+    ``loras`` are the adapters served by name (a request's ``model`` picks one; the engine needs
+    ``enable_lora``); ``allow_runtime_lora`` adds ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``,
+    which load only directories under ``lora_root``."""
+    loras = dict(loras or {})
     limits = limits or Limits()
     template = template or ChatTemplate()
     metrics = Metrics()
@@ -170,22 +187,68 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
     async def version() -> dict:
         return {"version": __version__}
 
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "optlm",
-                "max_model_len": b.context}
+    def model_card(name: str) -> dict:
+        card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "optlm",
+                "max_model_len": b.context, "root": model_name, "parent": None}
+        if name in loras:  # an adapter: its directory, and the base model it runs on (vLLM's fields)
+            card.update(root=str(loras[name].lora_path), parent=model_name)
+        return card
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in [model_name, *loras]]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
-        _check_model(model_id)
-        return model_card()
+        _model(model_id)
+        return model_card(model_id)
+
+    # ---- adapters loaded and unloaded at run time (only with allow_runtime_lora) ---------------------------
+
+    if allow_runtime_lora:
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+            name = body.lora_name
+            if not name or name == model_name or name in loras:
+                raise APIError(400, f"the name `{name}` is already served; unload it first or pick another",
+                               param="lora_name")
+            path = _under_root(body.lora_path)
+            request = LoRARequest(name, max((r.lora_int_id for r in loras.values()), default=0) + 1, str(path))
+            try:
+                await b.engine.call(lambda engine: engine.add_lora(request))
+            except (ValueError, TypeError) as e:
+                raise APIError(400, f"cannot load adapter `{name}`: {e}", param="lora_path") from None
+            loras[name] = request
+            return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+            name = body.lora_name
+            if name not in loras:
+                raise APIError(404, f"no adapter `{name}` is served", param="lora_name", code="model_not_found")
+            del loras[name]  # new requests for it get 404 from now on
+            try:
+                await b.engine.call(lambda engine: name in engine.list_loras() and engine.remove_lora(name))
+            except ValueError:
+                pass  # still running for requests already accepted: it is evicted once they finish
+            return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
+
+    def _under_root(path: str) -> Path:
+        if lora_root is None:
+            raise APIError(400, "this server loads adapters only from --lora-root, which is not set",
+                           param="lora_path")
+        root = Path(lora_root).resolve()
+        target = (root / path).resolve()  # an absolute path stays absolute; symlinks are followed before the check
+        if not target.is_relative_to(root) or target == root:
+            raise APIError(400, f"lora_path must be a directory under the server's --lora-root; {path!r} is not",
+                           param="lora_path")
+        if not target.is_dir():
+            raise APIError(400, f"lora_path {path!r} is not a directory under --lora-root", param="lora_path")
+        return target
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
-        _check_model(body.model)
+        _model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either prompt or messages", param="prompt")
         text = body.prompt if body.prompt is not None else _render(body.messages)
@@ -194,7 +257,7 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
-        _check_model(body.model)
+        _model(body.model)
         _check_ids(body.tokens, "tokens")
         return {"prompt": b.tokenizer.decode(body.tokens)}
 
@@ -202,14 +265,14 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Response:
-        _check_model(body.model)
+        lora = _model(body.model)
         prompts = _prompts(body.prompt)
         echo_only = body.echo and body.max_tokens == 0  # score the prompt only (what lm-eval's loglikelihood asks)
         scored = body.echo and body.logprobs is not None
         params = _params(body, max_tokens=1 if echo_only else body.max_tokens, logprobs=body.logprobs,
                          prompt_logprobs=body.logprobs if scored else None)
         created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
-        streams = await _submit(prompts, params)
+        streams = await _submit(prompts, params, lora)
         if body.stream:
             return _sse(_completion_chunks(streams, body, params, cid, created, echo_only))
         choices, prompt_tokens, completion_tokens = [], 0, 0
@@ -223,7 +286,8 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
                                 "text": (_prompt_text(out) if body.echo else "") + text, "logprobs": lp,
                                 "finish_reason": "length" if echo_only else c.finish_reason,
                                 "stop_reason": None if echo_only else c.stop_reason})
-        return JSONResponse({"id": cid, "object": "text_completion", "created": created, "model": model_name,
+        return JSONResponse({"id": cid, "object": "text_completion", "created": created,
+                             "model": body.model or model_name,
                              "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)})
 
     async def _completion_chunks(streams, body, params, cid, created, echo_only) -> AsyncIterator[dict]:
@@ -248,21 +312,22 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
                 s[0], s[1], s[2] = s[0] + len(text), s[1] + len(ids), 1
                 if finish:
                     completion_tokens += 0 if echo_only else len(c.token_ids)
-                yield {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                yield {"id": cid, "object": "text_completion", "created": created, "model": body.model or model_name,
                        "choices": [{"index": i * params.n + c.index, "text": prefix + text, "logprobs": lp,
                                     "finish_reason": finish,
                                     "stop_reason": c.stop_reason if finish and not echo_only else None}]}
             if out.finished:
                 prompt_tokens += len(out.prompt_token_ids)
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield {"id": cid, "object": "text_completion", "created": created, "model": model_name, "choices": [],
+            yield {"id": cid, "object": "text_completion", "created": created,
+                   "model": body.model or model_name, "choices": [],
                    "usage": _usage(prompt_tokens, completion_tokens)}
 
     # ---- chat ---------------------------------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest) -> Response:
-        _check_model(body.model)
+        lora = _model(body.model)
         prompt = _render(body.messages)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -272,7 +337,7 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
         params = _params(body, max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                          stop=template.stop_strings + stop)
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await _submit([prompt], params)
+        streams = await _submit([prompt], params, lora)
         if body.stream:
             return _sse(_chat_chunks(streams, body, cid, created))
         out = (await _finals(streams))[0]
@@ -283,7 +348,8 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
             choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text.strip()},
                             "logprobs": lp, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
         completion = sum(len(c.token_ids) for c in out.outputs)
-        return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+        return JSONResponse({"id": cid, "object": "chat.completion", "created": created,
+                             "model": body.model or model_name,
                              "choices": choices, "usage": _usage(len(out.prompt_token_ids), completion)})
 
     async def _chat_chunks(streams, body, cid, created) -> AsyncIterator[dict]:
@@ -307,32 +373,39 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
                 lp = ({"content": _chat_logprobs(ids, (c.logprobs or [])[s[1]:s[1] + len(ids)],
                                                  body.top_logprobs or 0)} if body.logprobs else None)
                 s[0], s[1], s[2] = len(c.text), len(c.token_ids), 1
-                yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                yield {"id": cid, "object": "chat.completion.chunk", "created": created,
+                       "model": body.model or model_name,
                        "choices": [{"index": c.index, "delta": delta, "logprobs": lp,
                                     "finish_reason": c.finish_reason}]}
         if body.stream_options is not None and body.stream_options.include_usage and last is not None:
             completion = sum(len(c.token_ids) for c in last.outputs)
-            yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+            yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model or model_name,
                    "choices": [], "usage": _usage(len(last.prompt_token_ids), completion)}
 
     # ---- helpers (closures over the app's settings) -------------------------------------------------------
 
-    async def _submit(prompts: list, params: SamplingParams) -> list:
+    async def _submit(prompts: list, params: SamplingParams, lora: LoRARequest | None) -> list:
         """Hand every prompt to the engine, or none: a refusal aborts those already accepted."""
         streams = []
         try:
             for p in prompts:
-                streams.append(await b.engine.submit(p, params))
+                streams.append(await b.engine.submit(p, params, lora_request=lora))
         except BaseException as e:
             for s in streams:
                 s.abort()
             raise _refusal(e, metrics) from None
         return [_tracked(s, metrics) for s in streams]
 
-    def _check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves `{model_name}`",
-                           param="model", code="model_not_found")
+    def _model(name: str | None) -> LoRARequest | None:
+        """The adapter a request's ``model`` names (None: the base model); an unknown name is a 404."""
+        if name is None or name == model_name:
+            return None
+        if name in loras:
+            return loras[name]
+        served = ", ".join(f"`{n}`" for n in [model_name, *loras])
+        raise APIError(404, f"The model `{name}` does not exist; this server serves {served}", param="model",
+                       code="model_not_found")
+
 
     def _check_ids(ids: list[int], field: str) -> None:
         vocab = b.vocab

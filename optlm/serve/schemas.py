@@ -80,3 +80,17 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: StrictStr | None = None
     tokens: TokenIds
+
+
+class LoadLoRAAdapterRequest(_Body):
+    """vLLM's body for ``POST /v1/load_lora_adapter``."""
+
+    lora_name: StrictStr
+    lora_path: StrictStr
+
+
+class UnloadLoRAAdapterRequest(_Body):
+    """vLLM's body for ``POST /v1/unload_lora_adapter``."""
+
+    lora_name: StrictStr
+    lora_int_id: StrictInt | None = None
