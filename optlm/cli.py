@@ -100,6 +100,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .adapters import PeftModel, read_config
     from .checkpoint import resolve
     from .hf import OPTForCausalLM
+    from .tokenizer import Tokenizer
 
     adapter_dir, config = read_config(args.adapter)
     if config.peft_type != "LORA":
@@ -114,11 +115,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     model = OPTForCausalLM.from_pretrained(base, dtype=args.dtype)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out)
-    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer.json").is_file() else resolve(base)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                 "merges.txt", "generation_config.json"):
-        if (tokenizer_dir / name).is_file():
-            shutil.copyfile(tokenizer_dir / name, out / name)
+    base_dir = resolve(base)
+    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base_dir
+    Tokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copyfile(base_dir / "generation_config.json", out / "generation_config.json")
     print(f"merged the LoRA adapter {args.adapter} into {base}: {out}")
     return 0
 

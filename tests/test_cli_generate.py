@@ -227,3 +227,76 @@ def test_help_shows_defaults(capsys, command, expected):
     assert exit_info.value.code == 0
     for words in expected:
         assert " ".join(words.split()) in out, words
+
+
+# ---- adapters: --adapter on generate/chat, optlm merge ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir, tmp_path_factory):
+    import torch
+
+    from optlm.hf import OPTForCausalLM
+    from optlm.peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("cli_adapter")
+    get_peft_model(OPTForCausalLM.from_pretrained(model_dir),
+                   LoraConfig(r=4, target_modules=["q_proj", "v_proj", "fc2"], init_lora_weights=False,
+                              base_model_name_or_path=str(model_dir))).save_pretrained(out)
+    return out
+
+
+def test_adapter_flag_generates_what_the_adapted_model_does(capsys, monkeypatch, model_dir, adapter_dir):
+    import torch
+
+    from optlm.hf import OPTForCausalLM
+    from optlm.peft import PeftModel
+    from optlm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(model_dir)
+    ids = torch.tensor([tok.encode("The sea")])
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(OPTForCausalLM.from_pretrained(model_dir), adapter_dir)
+        want = tok.decode(adapted.generate(ids, max_new_tokens=8)[0, ids.shape[1]:].tolist())
+        plain = tok.decode(OPTForCausalLM.from_pretrained(model_dir).generate(ids, max_new_tokens=8)[0, 1:].tolist())
+    args = ["generate", "The sea", "--max-new-tokens", "8", "--temperature", "0", "--no-echo"]
+    rc, out, err = _main(capsys, monkeypatch, *args, "--adapter", str(adapter_dir))  # base from the adapter
+    assert rc == 0, err
+    assert out == want + "\n" and want not in plain
+    rc, out, _ = _main(capsys, monkeypatch, *args, "--model", str(model_dir), "--adapter", str(adapter_dir),
+                       "--quantize", "int8")
+    assert rc == 0 and out.strip()
+    rc, out, _ = _main(capsys, monkeypatch, "chat", "--model", str(model_dir), "--adapter", str(adapter_dir),
+                       "--max-new-tokens", "4", stdin="Hello\n")
+    assert rc == 0 and out.strip()
+
+
+def test_merge_writes_a_checkpoint_transformers_loads_with_peft_logits(capsys, monkeypatch, model_dir, adapter_dir,
+                                                                       tmp_path):
+    import torch
+    import transformers
+
+    peft = pytest.importorskip("peft")
+    rc, out, err = _main(capsys, monkeypatch, "merge", "--adapter", str(adapter_dir), "--out", str(tmp_path / "m"))
+    assert rc == 0, err
+    assert (tmp_path / "m" / "tokenizer.json").is_file() and (tmp_path / "m" / "config.json").is_file()
+    ids = torch.randint(4, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = peft.PeftModel.from_pretrained(transformers.OPTForCausalLM.from_pretrained(model_dir), adapter_dir)
+        unmerged = ref(input_ids=ids).logits
+        want = ref.merge_and_unload()(input_ids=ids).logits  # peft's own merge
+        got = transformers.OPTForCausalLM.from_pretrained(tmp_path / "m")(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got, unmerged, atol=1e-4, rtol=1e-4)  # merging only re-associates float sums
+    rc, _, err = _main(capsys, monkeypatch, "merge", "--adapter", str(adapter_dir), "--out", str(tmp_path / "m"))
+    assert rc == 1 and "--overwrite" in err
+
+
+def test_merging_a_bottleneck_adapter_is_refused(capsys, monkeypatch, model_dir, tmp_path):
+    from optlm.hf import OPTForCausalLM
+    from optlm.peft import BottleneckConfig, get_peft_model
+
+    get_peft_model(OPTForCausalLM.from_pretrained(model_dir), BottleneckConfig()).save_pretrained(tmp_path / "bn")
+    rc, _, err = _main(capsys, monkeypatch, "merge", "--adapter", str(tmp_path / "bn"), "--model", str(model_dir),
+                       "--out", str(tmp_path / "m"))
+    assert rc == 1 and "cannot be merged" in err and "Traceback" not in err
