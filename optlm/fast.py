@@ -19,8 +19,9 @@ class FusedQKV:
     """One ``(3C, C)`` projection standing in for ``q_proj``, ``k_proj`` and ``v_proj``.
 
     The three modules' weights are row views of the fused weight, so nothing is stored twice and in-place
-    updates (``load_state_dict``) reach both. If any of the three is replaced (an adapter wraps it, the model
-    is cast with ``.to(dtype)``), :meth:`matches` turns false and the attention goes back to three matmuls.
+    updates (``load_state_dict``, merging a LoRA) reach both. If any of the three is replaced (the model is
+    cast with ``.to(dtype)``), :meth:`matches` turns false and the attention goes back to three matmuls; a
+    projection an adapter wraps still matches (through its ``base_layer``) and adds its ``delta``.
     """
 
     def __init__(self, linear: nn.Module, attn: nn.Module):
@@ -30,12 +31,23 @@ class FusedQKV:
     def matches(self, attn: nn.Module) -> bool:
         return _identity(attn) == self._key
 
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.linear(x)  # (B, T, 3C)
+    def __call__(self, x: Tensor, attn: nn.Module) -> Tensor:
+        y = self.linear(x)  # (B, T, 3C)
+        # A projection wrapped by an adapter (optlm.adapters) adds its share to the fused base output.
+        extras = [getattr(m, "delta", None) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        if any(extras):
+            parts = list(y.split(y.shape[-1] // 3, dim=-1))
+            for i, extra in enumerate(extras):
+                d = None if extra is None else extra(x)
+                if d is not None:
+                    parts[i] = parts[i] + d.to(y.dtype)
+            y = torch.cat(parts, dim=-1)
+        return y
 
 
 def _identity(attn: nn.Module) -> tuple:
-    mods = (attn.q_proj, attn.k_proj, attn.v_proj)
+    # An adapter's wrapper keeps the projection as ``base_layer`` (peft's convention): the base still matches.
+    mods = [getattr(m, "base_layer", m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
     return tuple(id(m) for m in mods) + tuple(m.weight.data_ptr() for m in mods)
 
 
@@ -74,7 +86,7 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
     for attn in attention_modules(model):
         if attn.fused_qkv is not None and attn.fused_qkv.matches(attn):
             continue
-        mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+        mods = [getattr(m, "base_layer", m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
         kinds = {type(m) for m in mods}
         if len(kinds) != 1:
             continue

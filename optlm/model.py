@@ -115,7 +115,7 @@ class OPTAttention(nn.Module):
         B, T, C = x.shape
         fused = self.fused_qkv
         if fused is not None and not torch.is_grad_enabled() and fused.matches(self):
-            q, k, v = fused(x).split(C, dim=-1)  # 3 x (B, T, C)
+            q, k, v = fused(x, self).split(C, dim=-1)  # 3 x (B, T, C)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # OPT scales q before the matmul (not the scores), as fairseq did; this order matters in fp16.

@@ -192,18 +192,68 @@ class LoraLinear(AdapterLayer):
         return B(A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]
 
     def forward(self, x: Tensor) -> Tensor:
-        state = self.state
-        if self.merged and (state.disabled or state.rows is not None):
-            if state.rows is not None:
-                raise AdapterError("a batch mixing adapters needs them unmerged; call unmerge_adapter() first")
+        if self.merged and self.state.disabled:
             self.unmerge()  # peft's rule: disabling a merged adapter takes it back out of the weights
         y = self.base_layer(x)
+        d = self.delta(x)
+        return y if d is None else y + d.to(y.dtype)
+
+    def delta(self, x: Tensor) -> Tensor | None:
+        """What the adapters add to the base layer's output for ``x`` (None: nothing). A fused projection that
+        computes this layer's base output with others (``optlm.fast.FusedQKV``) adds it to its share."""
+        state = self.state
         if state.rows is not None:
-            return self.per_row(x, y, self._delta)
+            if self.merged:
+                raise AdapterError("a batch mixing adapters needs them unmerged; call unmerge_adapter() first")
+            if not state.rows:
+                return None  # every row runs the base model
+            if self.training:  # dropout per adapter, as each adapter trains
+                return self.per_row(x, x.new_zeros(*x.shape[:-1], self.out_features), self._delta)
+            return self._rows_delta(x)
+        d = None
         for name in self.chosen():
             if name not in self.merged:
-                y = y + self._delta(name, x).to(y.dtype)
-        return y
+                d = self._delta(name, x) if d is None else d + self._delta(name, x)
+        return d
+
+    def _rows_delta(self, x: Tensor) -> Tensor:
+        """Every row's adapter contribution at once (the S-LoRA / Punica gather): each row picks its adapter's
+        A and B from stacks of all this layer's adapters and runs two batched matmuls, so the cost does not
+        grow with the number of adapters in the batch. Base rows pick a zero adapter."""
+        lut, a, b, bias = self._stacks()
+        slot = lut[self.state.row_ids + 1]  # (B,): position in the stacks (the last is all zeros)
+        h = torch.bmm(x.to(a.dtype), a[slot].transpose(1, 2))  # (B, T, r_max)
+        out = torch.bmm(h, b[slot].transpose(1, 2))  # (B, T, out)
+        return out if bias is None else out + bias[slot][:, None]
+
+    def _stacks(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``lut`` (adapter id + 1 → stack slot), A ``(n + 1, r_max, in)``, B * scaling ``(n + 1, out, r_max)``
+        and B's biases * scaling, zero-padded to the largest rank; rebuilt only when the adapters change."""
+        names = self.names()
+        ids = self.state.ids
+        key = tuple((n, ids[n], self.lora_A[n].weight._version, self.lora_B[n].weight._version,
+                     self.lora_A[n].weight.data_ptr(), self.lora_B[n].weight.data_ptr(), self.scaling[n])
+                    for n in names)
+        cached = getattr(self, "_stack_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        w = self.lora_A[names[0]].weight
+        r_max, n = max(self.lora_A[m].out_features for m in names), len(names)
+        a = w.new_zeros(n + 1, r_max, self.in_features)
+        b = w.new_zeros(n + 1, self.out_features, r_max)
+        biased = any(self.lora_B[m].bias is not None for m in names)
+        bias = w.new_zeros(n + 1, self.out_features) if biased else None
+        lut = torch.full((max(ids.values()) + 2,), n, dtype=torch.long, device=w.device)  # unknown → zeros
+        with torch.no_grad():
+            for i, m in enumerate(names):
+                r = self.lora_A[m].out_features
+                a[i, :r] = self.lora_A[m].weight
+                b[i, :, :r] = self.lora_B[m].weight * self.scaling[m]
+                if self.lora_B[m].bias is not None:
+                    bias[i] = self.lora_B[m].bias * self.scaling[m]
+                lut[ids[m] + 1] = i
+        object.__setattr__(self, "_stack_cache", (key, (lut, a, b, bias)))
+        return lut, a, b, bias
 
     # ---- merging ---------------------------------------------------------------------------------------
 

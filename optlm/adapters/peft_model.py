@@ -141,6 +141,7 @@ class PeftModel(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model runs as the base model (merged LoRA weights are taken out first)."""
         state = self._state
+        self.unmerge_adapter()  # peft's rule: merged weights are taken back out first (fused layers never see them)
         before, state.disabled = state.disabled, True
         try:
             yield

@@ -27,6 +27,7 @@ class AdapterState:
         # Set for one forward pass of a mixed batch: (adapter name, row indices) per adapter present; rows not
         # listed run the base model. None: every row uses ``active``.
         self.rows: list[tuple[str, Tensor]] | None = None
+        self.row_ids: Tensor | None = None  # the same, as the frame gave it: (B,) adapter ids, -1 = base
         self.hook = None  # the decoder pre-hook that reads Frame.adapter
         self._next_id = 0
 
@@ -43,6 +44,7 @@ class AdapterState:
 
     def set_rows(self, index: Tensor | None) -> None:
         """``index`` ``(B,)``: each row's adapter id (-1 = base), or None for every row on ``active``."""
+        self.row_ids = index
         if index is None:
             self.rows = None
             return
