@@ -133,5 +133,6 @@ def add_bottleneck(model: nn.Module, config: BottleneckConfig, name: str = "defa
                 handle = layer.get_submodule(points[where]).register_forward_hook(_hook(adapter))
                 object.__setattr__(adapter, "_detach", (layer, slot, handle))
             adapter.add(name, config.reduction_factor, config.non_linearity, like)
+            adapter.train(model.training)
             added.append(f"{prefix}.layers.{i}.{slot}")
     return added

@@ -219,9 +219,10 @@ class LoraLinear(AdapterLayer):
     def _rows_delta(self, x: Tensor) -> Tensor:
         """Every row's adapter contribution at once (the S-LoRA / Punica gather): each row picks its adapter's
         A and B from stacks of all this layer's adapters and runs two batched matmuls, so the cost does not
-        grow with the number of adapters in the batch. Base rows pick a zero adapter."""
+        grow with the number of adapters in the batch. Base rows (and adapters this layer lacks) pick the
+        all-zero slot."""
         lut, a, b, bias = self._stacks()
-        slot = lut[self.state.row_ids + 1]  # (B,): position in the stacks (the last is all zeros)
+        slot = lut[self.state.row_ids + 1]  # (B,): this row's stack slot
         h = torch.bmm(x.to(a.dtype), a[slot].transpose(1, 2))  # (B, T, r_max)
         out = torch.bmm(h, b[slot].transpose(1, 2))  # (B, T, out)
         return out if bias is None else out + bias[slot][:, None]
@@ -466,9 +467,17 @@ def add_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> lis
             module = ModulesToSave(module, state)
             _set_module(model, key, module)
         module.add(name)
+    _match_mode(model)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return chosen
+
+
+def _match_mode(model: nn.Module) -> None:
+    """New adapter modules start in training mode; give them the model's (no dropout in an eval model)."""
+    for m in model.modules():
+        if isinstance(m, AdapterLayer):
+            m.train(model.training)
 
 
 def _example_names(model: nn.Module) -> str:
