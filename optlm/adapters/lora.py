@@ -223,9 +223,12 @@ class LoraLinear(AdapterLayer):
         all-zero slot."""
         lut, a, b, bias = self._stacks()
         slot = lut[self.state.row_ids + 1]  # (B,): this row's stack slot
-        h = torch.bmm(x.to(a.dtype), a[slot].transpose(1, 2))  # (B, T, r_max)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)  # (B, T, in); (B, in) rows (the head) too
+        h = torch.bmm(x3, a[slot].transpose(1, 2))  # (B, T, r_max)
         out = torch.bmm(h, b[slot].transpose(1, 2))  # (B, T, out)
-        return out if bias is None else out + bias[slot][:, None]
+        if bias is not None:
+            out = out + bias[slot][:, None]
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def _stacks(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """``lut`` (adapter id + 1 → stack slot), A ``(n + 1, r_max, in)``, B * scaling ``(n + 1, out, r_max)``
