@@ -39,6 +39,8 @@ def parse_spec(spec: str, kind: str = "lora") -> LoraConfig | BottleneckConfig:
         field, kind_of = keys[key]
         values[field] = _convert(spec, key, value.strip(), kind_of)
         last = key
+    if values.get("target_modules") == ["all-linear"]:
+        values["target_modules"] = "all-linear"  # peft's keyword, not a module name
     if kind == "lora" and values.get("init_lora_weights") in TRUE + FALSE:
         values["init_lora_weights"] = values["init_lora_weights"] in TRUE
     return LoraConfig(**values) if kind == "lora" else BottleneckConfig(**values)
