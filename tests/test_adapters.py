@@ -318,3 +318,19 @@ def test_fused_qkv_keeps_working_under_adapters(base_dir, tmp_path):
         torch.testing.assert_close(fused.step(IDS, frames[0])[0], plain.step(IDS, frames[1])[0], atol=1e-5, rtol=1e-5)
         single = plain(IDS).logits
     assert (single - OPTForCausalLM.from_pretrained(base_dir)(IDS).logits).abs().max() > 1e-3
+
+
+def test_command_line_specs():
+    from optlm.adapters.spec import parse_spec
+
+    lora = parse_spec("r=8,alpha=16,dropout=0.05,targets=q_proj,v_proj,fc1,bias=lora_only,rslora=true")
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.bias, lora.use_rslora) == (8, 16, 0.05, "lora_only", True)
+    assert lora.target_modules == ["q_proj", "v_proj", "fc1"]
+    assert parse_spec("lora,targets=all-linear").target_modules == "all-linear"
+    bn = parse_spec("bottleneck,reduction=8,variant=houlsby,act=gelu")
+    assert (bn.variant, bn.reduction_factor, bn.non_linearity) == ("houlsby", 8, "gelu")
+    for spec, match in [("r=8,rank=4", "unknown key 'rank'"), ("r=eight", "not a valid int"),
+                        ("r=8,q_proj", "not key=value"), ("rslora=maybe", "not a valid bool"),
+                        ("bottleneck,r=4", "unknown key 'r' for a bottleneck")]:
+        with pytest.raises(AdapterError, match=match):
+            parse_spec(spec)
