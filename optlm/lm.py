@@ -184,6 +184,9 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
         _, adapter_config = read_config(adapter, revision)
         if path_or_hub_id is None:
             path_or_hub_id = adapter_config.base_model_name_or_path
+            if path_or_hub_id is None:
+                raise ValueError(f"{adapter}/adapter_config.json names no base model (base_model_name_or_path); "
+                                 "pass the model it was trained on")
     if path_or_hub_id is None:
         from .bundled import BUNDLED_MODEL_NAME, bundled_model_path
 

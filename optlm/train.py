@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import OPTConfig
 from .data import BlockDataset, check_file, split_tokens, tokenize_files
@@ -507,10 +508,32 @@ def _datasets(args: TrainArgs, tokenizer: Tokenizer, out: Path) -> tuple[BlockDa
     return BlockDataset(train_tokens, args.block_size, args.seed), BlockDataset(val_tokens, args.block_size)
 
 
+LOSS_CHUNK = 256  # positions whose logits exist at once in the loss (see lm_loss)
+
+
 def _loss(model: OPTForCausalLM, x: Tensor, y: Tensor, amp: torch.dtype | None) -> Tensor:
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        logits = model(x, use_cache=False).logits  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        hidden = model.get_decoder()(x)  # (B, T, e)
+        return lm_loss(model.get_output_embeddings(), hidden, y)
+
+
+def lm_loss(head: nn.Module, hidden: Tensor, targets: Tensor, rows: int = LOSS_CHUNK) -> Tensor:
+    """Mean next-token cross-entropy of ``head(hidden)`` ``(B, T, e)`` against ``targets`` ``(B, T)``.
+
+    The logits are made ``rows`` positions at a time and made again in the backward pass instead of kept, so
+    the (tokens x vocabulary) logits, their log-softmax and their gradient never exist whole: for a batch of
+    4 x 256 tokens over OPT's 50,272-token vocabulary that is ~600 MiB less at the peak."""
+    h, t = hidden.flatten(0, 1), targets.flatten()  # (N, e), (N,)
+    total = None
+    for start in range(0, h.shape[0], rows):
+        part = checkpoint(_summed_loss, head, h[start:start + rows], t[start:start + rows], use_reentrant=False) \
+            if torch.is_grad_enabled() else _summed_loss(head, h[start:start + rows], t[start:start + rows])
+        total = part if total is None else total + part
+    return total / t.numel()
+
+
+def _summed_loss(head: nn.Module, h: Tensor, t: Tensor) -> Tensor:
+    return F.cross_entropy(head(h).float(), t, reduction="sum")
 
 
 @torch.no_grad()

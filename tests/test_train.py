@@ -357,3 +357,25 @@ def test_adapter_argument_errors(setup, base_model, tmp_path, capsys):
                  "--lora", "targets=query_key_value", "--max-steps", "1", "--warmup-steps", "0", "--block-size", "32",
                  "--quiet"])
     assert code == 1 and "matched no linear layer" in capsys.readouterr().err
+
+
+def test_chunked_loss_equals_the_whole_logits_loss_and_its_gradients():
+    """lm_loss never holds all the logits; its loss and gradients are those of the plain cross-entropy."""
+    import torch.nn.functional as F
+
+    from optlm.config import OPTConfig
+    from optlm.train import lm_loss
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                     num_attention_heads=4, max_position_embeddings=128, dropout=0.0))
+    x, y = torch.randint(0, 1000, (3, 100)), torch.randint(0, 1000, (3, 100))
+    want = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+    want.backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = lm_loss(model.get_output_embeddings(), model.get_decoder()(x), y, rows=64)  # 5 chunks, the last short
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), abs=1e-6)
+    for a, b in zip(want_grads, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(b, a, atol=1e-7, rtol=1e-5)
