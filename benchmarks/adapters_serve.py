@@ -22,7 +22,7 @@ import torch
 from engine import requests  # benchmarks/engine.py
 
 from optlm import LLM, LoRARequest, SamplingParams
-from optlm.benchmark import random_checkpoint
+from optlm.benchmark import publish, random_checkpoint
 from optlm.fast import optimize
 from optlm.hf import OPTForCausalLM
 
@@ -92,11 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"{args.targets}), {args.shape} shape, {args.new} new tokens each:", "",
                        "| round | base model tok/s | with adapters tok/s | adapters / base |", "|---|---|---|---|",
                        *rows, f"| median | | | {statistics.median(ratios):.0%} |"])
-    print(table)
-    if args.markdown:
-        with args.markdown.open("a", encoding="utf-8") as f:
-            f.write("\n" + table + "\n")
-    return 0
+    return publish(table, args.markdown)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from optlm.benchmark import random_checkpoint
+from optlm.benchmark import publish, random_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA_QV = ["--lora", "r=8,alpha=16,dropout=0.05,targets=q_proj,v_proj"]
@@ -86,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"tokens, fp32, {args.steps} steps:", "",
                        "| run | gradient checkpointing | peak memory MiB | of full (same checkpointing) | step s | "
                        "of full | checkpoint weights MiB |", "|---|---|---|---|---|---|---|", *rows])
-    print(table)
-    if args.markdown:
-        with args.markdown.open("a", encoding="utf-8") as f:
-            f.write("\n" + table + "\n")
-    return 0
+    return publish(table, args.markdown)
 
 
 if __name__ == "__main__":

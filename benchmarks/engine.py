@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from optlm import LLM, SamplingParams
-from optlm.benchmark import ct2_model, random_checkpoint
+from optlm.benchmark import ct2_model, publish, random_checkpoint
 
 
 def requests(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -153,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             print(rows[-1], flush=True)
     table = "\n".join(["| precision | engine | generated tok/s | engine is faster by |", "|---|---|---|---|", *rows])
     table += "\n\n" + "\n".join(f"- {n}" for n in notes)
-    print(table)
-    if args.markdown:
-        with args.markdown.open("a", encoding="utf-8") as f:
-            f.write("\n" + table + "\n")
-    return 0
+    return publish(table, args.markdown)
 
 
 if __name__ == "__main__":

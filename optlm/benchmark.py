@@ -50,6 +50,15 @@ class Result:
 
 # ---- checkpoints ---------------------------------------------------------------------------------------
 
+def publish(table: str, markdown: Path | None) -> int:
+    """Print a benchmark script's table and append it to ``markdown`` (when given); the script's exit status."""
+    print(table)
+    if markdown:
+        with Path(markdown).open("a", encoding="utf-8") as f:
+            f.write("\n" + table + "\n")
+    return 0
+
+
 def random_checkpoint(shape: str, directory: Path | None = None) -> Path:
     """A random-weight checkpoint of a published OPT shape, written once (with a synthetic full-size
     vocabulary so CTranslate2's converter has token strings for every id)."""
