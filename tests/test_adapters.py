@@ -334,3 +334,19 @@ def test_command_line_specs():
                         ("bottleneck,r=4", "unknown key 'r' for a bottleneck")]:
         with pytest.raises(AdapterError, match=match):
             parse_spec(spec)
+
+
+def test_a_layer_without_the_newest_adapter_still_runs_its_rows(base_dir, tmp_path):
+    """Adapters loaded after a layer built its stacks (with ids that layer has never seen) run as the base there."""
+    model = OPTForCausalLM.from_pretrained(base_dir).eval()
+    load_adapter(model, _lora_dir(base_dir, tmp_path / "a", 30, r=2, target_modules=["q_proj"]), "a")
+    frame = Frame.causal(2, IDS.shape[1], IDS.device)
+    frame.adapter = adapter_index(model, ["a", None])
+    with torch.no_grad():
+        model.step(IDS[:2], frame)  # q_proj builds its stacks
+        load_adapter(model, _lora_dir(base_dir, tmp_path / "b", 31, r=2, target_modules=["fc1"]), "b")
+        frame = Frame.causal(2, IDS.shape[1], IDS.device)
+        frame.adapter = adapter_index(model, ["b", "a"])
+        got, _ = model.step(IDS[:2], frame)
+        alone = PeftModel.from_pretrained(OPTForCausalLM.from_pretrained(base_dir).eval(), tmp_path / "b")
+        torch.testing.assert_close(got[:1], alone(IDS[:1]).logits[:, -1], atol=1e-5, rtol=1e-5)

@@ -291,7 +291,8 @@ def test_lora_run_trains_only_the_adapter_and_resumes_exactly(setup, base_model,
     from optlm.peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(merged, ckpt)
-    frozen = {k.replace(".base_layer", ""): v for k, v in peft_model.base_model.state_dict().items() if "lora_" not in k}
+    frozen = {k.replace(".base_layer", ""): v for k, v in peft_model.base_model.state_dict().items()
+              if "lora_" not in k}
     assert all(torch.equal(frozen[k], base[k]) for k in base)
 
 

@@ -237,7 +237,7 @@ class LoraLinear(AdapterLayer):
         ids = self.state.ids
         key = tuple((n, ids[n], self.lora_A[n].weight._version, self.lora_B[n].weight._version,
                      self.lora_A[n].weight.data_ptr(), self.lora_B[n].weight.data_ptr(), self.scaling[n])
-                    for n in names)
+                    for n in names) + (max(ids.values()),)  # the lut covers every loaded adapter's id
         cached = getattr(self, "_stack_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1]
