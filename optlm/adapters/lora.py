@@ -405,7 +405,7 @@ def matches(config: LoraConfig, key: str, targets: list[str] | str) -> bool:
     return found
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` where ``name`` is; hooks on the old module (bottleneck adapters) move to the new one."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -455,7 +455,7 @@ def add_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> lis
         module = model.get_submodule(key)
         if not isinstance(module, LoraLinear):
             module = LoraLinear(module, state)
-            _set_module(model, key, module)
+            replace_module(model, key, module)
         r = _pattern_value(config.rank_pattern, key, config.r)
         alpha = _pattern_value(config.alpha_pattern, key, config.lora_alpha)
         module.add(name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
@@ -468,7 +468,7 @@ def add_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> lis
         module = model.get_submodule(key)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module, state)
-            _set_module(model, key, module)
+            replace_module(model, key, module)
         module.add(name)
     _match_mode(model)
     if hasattr(model, "tie_weights"):
@@ -486,7 +486,3 @@ def _match_mode(model: nn.Module) -> None:
 def _example_names(model: nn.Module) -> str:
     names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
     return ", ".join(names) or "(none)"
-
-
-def lora_layers(model: nn.Module) -> list[tuple[str, LoraLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]

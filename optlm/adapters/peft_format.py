@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, resolve
 from .bottleneck import BottleneckConfig, add_bottleneck
-from .lora import LoraConfig, LoraLinear, add_lora
+from .lora import LoraConfig, LoraLinear, ModulesToSave, add_lora, replace_module, resolve_modules_to_save
 from .state import AdapterError, AdapterLayer, ensure_state, state_of
 
 CONFIG_NAME = "adapter_config.json"
@@ -85,8 +84,6 @@ def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike,
         config["base_model_name_or_path"] = base_model_name_or_path
     config["inference_mode"] = True
     if config.get("modules_to_save") is None and state.kinds[name] == "lora":
-        from .lora import resolve_modules_to_save
-
         config["modules_to_save"] = resolve_modules_to_save(model, state.configs[name]) or None
     tensors = {PREFIX + k: t.detach().to("cpu").contiguous() for k, t in adapter_tensors(model, name).items()}
     _atomic(out / SAFE_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
@@ -193,8 +190,6 @@ def _fill(model: nn.Module, expected: dict[str, Tensor], tensors: dict[str, Tens
 
 def remove_adapter(model: nn.Module, name: str) -> None:
     """Delete adapter ``name`` from every layer; layers left with no adapter go back to the plain module."""
-    from .lora import ModulesToSave, _set_module
-
     state = state_of(model)
     if state is None or name not in state.ids:
         raise AdapterError(f"no adapter named {name!r} in this model")
@@ -203,13 +198,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
             layer.remove(name)
             if not layer.names() and isinstance(layer, (LoraLinear, ModulesToSave)):
                 base = layer.base_layer if isinstance(layer, LoraLinear) else layer.original_module
-                _set_module(model, key, base)
+                replace_module(model, key, base)
     state.forget(name)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-
-
-def describe(config: Any) -> str:
-    if isinstance(config, LoraConfig):
-        return f"LoRA r={config.r} alpha={config.lora_alpha}"
-    return f"bottleneck {config.variant} reduction={config.reduction_factor}"

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from .bottleneck import Bottleneck, BottleneckConfig
-from .lora import LoraConfig, LoraLinear, ModulesToSave, _set_module
+from .lora import LoraConfig, LoraLinear, ModulesToSave, replace_module
 from .peft_format import AdapterConfig, adapter_tensors, add_adapter, load_adapter, remove_adapter, save_adapter
 from .state import AdapterError, AdapterLayer, drop_state, state_of
 
@@ -200,10 +200,10 @@ class PeftModel(nn.Module):
             if isinstance(layer, LoraLinear):
                 if merge:
                     layer.merge(active)
-                _set_module(model, key, layer.base_layer)
+                replace_module(model, key, layer.base_layer)
             elif isinstance(layer, ModulesToSave):
                 chosen = [a for a in active if a in layer.names()] if merge else []
-                _set_module(model, key, layer.modules_to_save[chosen[-1]] if chosen else layer.original_module)
+                replace_module(model, key, layer.modules_to_save[chosen[-1]] if chosen else layer.original_module)
         for _, layer in list(self._layers()):
             if isinstance(layer, Bottleneck):
                 layer.detach()

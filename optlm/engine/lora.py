@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..adapters import AdapterError, load_adapter, read_config, remove_adapter
+from ..adapters import AdapterError, load_adapter, remove_adapter
 from ..adapters.state import state_of
 
 
@@ -89,10 +89,6 @@ class AdapterTable:
         remove_adapter(self.model, name)
         del self.loaded[name]
         self.users.pop(name, None)
-
-    def check(self, path: str | os.PathLike) -> None:
-        """Fail early (before a request is queued) on a directory that is not an adapter."""
-        read_config(path)
 
     def names(self) -> list[str]:
         state = state_of(self.model)
