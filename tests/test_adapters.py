@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import peft
 import torch
+import transformers
 from conftest import hf_config, save_hf
 
 from optlm.adapters import AdapterError, BottleneckConfig, adapter_index, load_adapter
@@ -20,8 +22,6 @@ from optlm.hf import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClas
 from optlm.model import Frame
 from optlm.peft import LoraConfig, PeftModel, get_peft_model
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 
 IDS = torch.randint(4, 128, (3, 12), generator=torch.Generator().manual_seed(1))
 

@@ -418,7 +418,7 @@ def test_prompt_logprobs_score_every_prompt_token_even_when_chunked_or_cached(pa
 @pytest.fixture(scope="module")
 def adapters(pair, tmp_path_factory):
     """Three peft LoRAs with random B (saved by peft on the transformers model) and one optlm bottleneck."""
-    peft = pytest.importorskip("peft")
+    import peft
     from optlm.peft import BottleneckConfig, get_peft_model
 
     ref, _ = pair
