@@ -2,6 +2,7 @@
 each a real ``optlm train`` run in its own process on an opt-125m-shaped checkpoint and real text.
 
     python benchmarks/adapters_train.py --markdown benchmarks/RESULTS.md
+    MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/adapters_train.py --modes full,lora --checkpointing no
 
 Peak memory is the process's peak resident set (weights, gradients, optimizer state, activations, data);
 step time is the median over the run's steps after the first two; the size is what a checkpoint's weights
@@ -26,12 +27,12 @@ from optlm.benchmark import publish, random_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA_QV = ["--lora", "r=8,alpha=16,dropout=0.05,targets=q_proj,v_proj"]
-MODES = {
-    "full fine-tuning": [],
-    "LoRA r=8 (q_proj, v_proj)": LORA_QV,
-    "LoRA r=8 (q_proj, v_proj) on an int8 base": [*LORA_QV, "--quantize", "int8"],
-    "LoRA r=8, all linear layers": ["--lora", "r=8,alpha=16,targets=all-linear"],
-    "bottleneck (Pfeiffer, reduction 16)": ["--adapter", "bottleneck,reduction=16,variant=pfeiffer"],
+MODES = {  # id: (name, flags)
+    "full": ("full fine-tuning", []),
+    "lora": ("LoRA r=8 (q_proj, v_proj)", LORA_QV),
+    "lora-int8": ("LoRA r=8 (q_proj, v_proj) on an int8 base", [*LORA_QV, "--quantize", "int8"]),
+    "lora-all": ("LoRA r=8, all linear layers", ["--lora", "r=8,alpha=16,targets=all-linear"]),
+    "bottleneck": ("bottleneck (Pfeiffer, reduction 16)", ["--adapter", "bottleneck,reduction=16,variant=pfeiffer"]),
 }
 
 
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--modes", default=",".join(MODES), help="which runs (full always comes first)")
+    parser.add_argument("--checkpointing", choices=["no", "yes", "both"], default="both",
+                        help="without and/or with --gradient-checkpointing")
     parser.add_argument("--markdown", type=Path, help="append the table to this file")
     args = parser.parse_args(argv)
 
@@ -71,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.shape} shape, batch {args.batch_size} x {args.block_size} tokens, {args.steps} steps, fp32, "
           f"{torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:
-        for checkpointing in (False, True):
-            for name, mode in MODES.items():
+        chosen = ["full", *[m for m in args.modes.split(",") if m != "full"]]
+        unknown = [m for m in chosen if m not in MODES]
+        if unknown:
+            parser.error(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
+        for checkpointing in {"no": (False,), "yes": (True,), "both": (False, True)}[args.checkpointing]:
+            for name, mode in (MODES[m] for m in chosen):
                 extra = ["--gradient-checkpointing"] if checkpointing else []
                 out = Path(tmp) / str(len(results))
                 results[name, checkpointing] = r = run([*mode, *extra], checkpoint, args.tokenizer, args.data, out,

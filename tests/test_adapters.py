@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import peft
+import pytest
 import torch
 import transformers
 from conftest import hf_config, save_hf
