@@ -22,7 +22,6 @@ from optlm.hf import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClas
 from optlm.model import Frame
 from optlm.peft import LoraConfig, PeftModel, get_peft_model
 
-
 IDS = torch.randint(4, 128, (3, 12), generator=torch.Generator().manual_seed(1))
 
 

@@ -273,10 +273,9 @@ def test_adapter_flag_generates_what_the_adapted_model_does(capsys, monkeypatch,
 
 def test_merge_writes_a_checkpoint_transformers_loads_with_peft_logits(capsys, monkeypatch, model_dir, adapter_dir,
                                                                        tmp_path):
+    import peft
     import torch
     import transformers
-
-    import peft
     rc, out, err = _main(capsys, monkeypatch, "merge", "--adapter", str(adapter_dir), "--out", str(tmp_path / "m"))
     assert rc == 0, err
     assert (tmp_path / "m" / "tokenizer.json").is_file() and (tmp_path / "m" / "config.json").is_file()

@@ -419,6 +419,7 @@ def test_prompt_logprobs_score_every_prompt_token_even_when_chunked_or_cached(pa
 def adapters(pair, tmp_path_factory):
     """Three peft LoRAs with random B (saved by peft on the transformers model) and one optlm bottleneck."""
     import peft
+
     from optlm.peft import BottleneckConfig, get_peft_model
 
     ref, _ = pair
