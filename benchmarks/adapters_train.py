@@ -2,7 +2,6 @@
 each a real ``optlm train`` run in its own process on an opt-125m-shaped checkpoint and real text.
 
     python benchmarks/adapters_train.py --markdown benchmarks/RESULTS.md
-    MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/adapters_train.py --modes full,lora --checkpointing no
 
 Peak memory is the process's peak resident set (weights, gradients, optimizer state, activations, data);
 step time is the median over the run's steps after the first two; the size is what a checkpoint's weights

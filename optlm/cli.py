@@ -157,7 +157,9 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast: auto = bf16 where the hardware has it")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass and return freed activation memory to the "
+                        "system at once: a lower peak memory for a longer step")
     p.add_argument("--eval-every", type=int, default=100, help="validate every N steps")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches per evaluation")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
