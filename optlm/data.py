@@ -212,6 +212,12 @@ def tokenize_files(
 
 # ---- blocks ----------------------------------------------------------------------------------------
 
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The training order of ``n`` examples in ``epoch``: a pure function of (seed, epoch), so a resumed run
+    needs only its step counter to continue the same order."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 @dataclass
 class BlockDataset:
     """Non-overlapping windows of ``block_size + 1`` tokens over a token stream (inputs and shifted targets).
@@ -239,7 +245,7 @@ class BlockDataset:
         """Block index of the run's k-th training example."""
         epoch, j = divmod(k, self.n_blocks)
         if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks))
+            self._perm = (epoch, epoch_order(self.seed, epoch, self.n_blocks))
         return int(self._perm[1][j])
 
     def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:

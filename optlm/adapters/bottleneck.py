@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..model import _ACTIVATIONS
+from .lora import add_heads, match_mode
 from .state import AdapterError, AdapterLayer, AdapterState, ensure_state
 
 VARIANTS = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",)}
@@ -135,4 +136,7 @@ def add_bottleneck(model: nn.Module, config: BottleneckConfig, name: str = "defa
             adapter.add(name, config.reduction_factor, config.non_linearity, like)
             adapter.train(model.training)
             added.append(f"{prefix}.layers.{i}.{slot}")
+    if config.modules_to_save:
+        add_heads(model, list(config.modules_to_save), name)
+        match_mode(model)
     return added

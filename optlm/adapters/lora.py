@@ -423,6 +423,23 @@ def resolve_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     return names
 
 
+def add_heads(model: nn.Module, to_save: list[str], name: str) -> None:
+    """Give adapter ``name`` its own trainable copy of each module named in ``to_save`` (peft's
+    ``modules_to_save``: e.g. a classification head); names the model lacks are skipped, as in peft."""
+    state = ensure_state(model)
+    inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AdapterLayer))
+    heads = [key for key, _ in model.named_modules()
+             if key and not key.startswith(inside) and any(key == h or key.endswith(f".{h}") for h in to_save)]
+    if to_save and not heads:
+        raise AdapterError(f"modules_to_save {to_save} names no module of {type(model).__name__}")
+    for key in heads:
+        module = model.get_submodule(key)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module, state)
+            replace_module(model, key, module)
+        module.add(name)
+
+
 def add_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> list[str]:
     """Add LoRA adapter ``name`` to ``model`` in place; returns the names of the layers it adapts.
 
@@ -460,23 +477,14 @@ def add_lora(model: nn.Module, config: LoraConfig, name: str = "default") -> lis
         alpha = _pattern_value(config.alpha_pattern, key, config.lora_alpha)
         module.add(name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
                    config.lora_bias)
-    heads = [key for key, _ in model.named_modules()
-             if key and not key.startswith(inside) and any(key == h or key.endswith(f".{h}") for h in to_save)]
-    if to_save and not heads:
-        raise AdapterError(f"modules_to_save {to_save} names no module of {type(model).__name__}")
-    for key in heads:  # as in peft, names the model does not have (a task's other usual head names) are skipped
-        module = model.get_submodule(key)
-        if not isinstance(module, ModulesToSave):
-            module = ModulesToSave(module, state)
-            replace_module(model, key, module)
-        module.add(name)
-    _match_mode(model)
+    add_heads(model, to_save, name)
+    match_mode(model)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return chosen
 
 
-def _match_mode(model: nn.Module) -> None:
+def match_mode(model: nn.Module) -> None:
     """New adapter modules start in training mode; give them the model's (no dropout in an eval model)."""
     for m in model.modules():
         if isinstance(m, AdapterLayer):

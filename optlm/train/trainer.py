@@ -40,18 +40,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from .config import OPTConfig
-from .data import BlockDataset, check_file, split_tokens, tokenize_files
-from .hf import OPTForCausalLM, parse_device
-from .tokenizer import Tokenizer
+from ..checkpoint import resolve
+from ..config import OPTConfig
+from ..data import check_file
+from ..hf import OPTForCausalLM, parse_device
+from ..tokenizer import Tokenizer
+from . import metrics as task_metrics
+from .tasks import TASKS, Task
 
 CKPT_PREFIX = "checkpoint-"
+BEST_DIR = "best"
 LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -71,13 +73,18 @@ class TrainArgs:
 
     data: list[str]
     out_dir: str
+    task: str = "causal-lm"           # see optlm.train.tasks: causal-lm, sequence-classification
     model: str | None = None          # checkpoint dir to fine-tune; None = train from scratch
     config: str | None = None         # from scratch: a config.json path or preset name (opt-125m …)
     config_overrides: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None      # default: the model's directory
     val_data: list[str] | None = None
     val_fraction: float = 0.05        # used without val_data: the tail of the training stream
-    jsonl_key: str = "text"
+    jsonl_key: str = "text"           # the JSONL field holding the text (--text-key)
+    label_key: str = "label"          # classification: the JSONL field holding the label
+    problem_type: str | None = None   # classification: None = from the labels (see optlm.train.labelled)
+    class_weights: str | None = None  # single-label classification: "balanced" or "LABEL=W,..."
+    best_metric: str | None = "auto"  # keep best/ by this validation metric; "auto" = the task's, None = off
     unwrap: bool = False              # join hard-wrapped lines into paragraphs (optlm.data.unwrap)
     block_size: int = 256
     batch_size: int = 8
@@ -113,7 +120,8 @@ class TrainArgs:
     _RESUMABLE = ("max_steps", "decay_steps", "stop_after", "eval_every", "eval_batches", "save_every", "keep_last",
                   "log_every", "device", "progress", "resume", "overwrite")
 
-    _ADDED_LATER = {"unwrap": False, "schedule": "cosine", "adapter": None, "quantize": None}
+    _ADDED_LATER = {"unwrap": False, "schedule": "cosine", "adapter": None, "quantize": None, "task": "causal-lm",
+                    "label_key": "label", "problem_type": None, "class_weights": None, "best_metric": "auto"}
 
     def identity(self) -> dict[str, Any]:
         """The fields that make two runs the same run (absolute paths, so a changed cwd still matches)."""
@@ -136,6 +144,8 @@ class TrainResult:
     step: int
     train_loss: float | None
     val_loss: float | None
+    metrics: dict[str, Any] = field(default_factory=dict)  # the last validation's
+    best: dict[str, Any] | None = None  # {"metric", "value", "step"} of best/, when kept
 
 
 # ---- schedule and optimizer ------------------------------------------------------------------------
@@ -236,15 +246,7 @@ def save_checkpoint(out_dir: Path, step: int, model: OPTForCausalLM, tokenizer: 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    from .adapters.state import state_of
-
-    if state_of(model) is not None:
-        from .adapters import save_adapter
-
-        save_adapter(model, "default", tmp, base_model_name_or_path=model.name_or_path)
-    else:
-        model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    _write_model(model, tokenizer, tmp)
     _test_save_sleep(step)
     tensors, opt_meta = _optimizer_tensors(opt)
     save_file(tensors, tmp / "optimizer.safetensors")
@@ -264,6 +266,19 @@ def save_checkpoint(out_dir: Path, step: int, model: OPTForCausalLM, tokenizer: 
         os.rename(old, trash)
         shutil.rmtree(trash)
     return final
+
+
+def _write_model(model: nn.Module, tokenizer: Tokenizer, directory: Path) -> None:
+    """The weights in the HF layout (or, with an adapter, the adapter in peft's) and the tokenizer."""
+    from ..adapters.state import state_of
+
+    if state_of(model) is not None:
+        from ..adapters import save_adapter
+
+        save_adapter(model, "default", directory, base_model_name_or_path=model.name_or_path)
+    else:
+        model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 def _test_save_sleep(step: int) -> None:
@@ -419,7 +434,7 @@ def plot_metrics(metrics_file: Path, png: Path) -> bool:
 
 # ---- model and data --------------------------------------------------------------------------------
 
-def _build(args: TrainArgs, resume_from: Path | None) -> tuple[OPTForCausalLM, Tokenizer]:
+def _build(args: TrainArgs, task: Task, resume_from: Path | None) -> tuple[nn.Module, Tokenizer]:
     if (args.model is None) == (args.config is None):
         raise ValueError("give exactly one of --model (a checkpoint to fine-tune) and --config (a config.json "
                          "or preset name such as opt-125m, to train from scratch)")
@@ -436,12 +451,16 @@ def _build(args: TrainArgs, resume_from: Path | None) -> tuple[OPTForCausalLM, T
                          f"the fields are: {', '.join(sorted(known))}")
     if args.dropout is not None:
         overrides["dropout"] = args.dropout
+    from_data = task.config_overrides(args)
+    overrides.update(from_data)
+    torch.manual_seed(args.seed)  # the initial weights of whatever is new (a model from scratch, a task head)
     if args.adapter is not None:
-        return _with_adapter(args, tokenizer, overrides, resume_from), tokenizer
-    if resume_from is not None:  # its config.json already carries the overrides
-        model = OPTForCausalLM.from_pretrained(resume_from, dtype=torch.float32)
+        model = _with_adapter(args, task, tokenizer, overrides, resume_from)
+    elif resume_from is not None:  # its config.json already carries the overrides
+        model = task.model_class.from_pretrained(resume_from, dtype=torch.float32)
+        _same_labels(model, from_data, resume_from)
     elif args.model is not None:
-        model = OPTForCausalLM.from_pretrained(args.model, dtype=torch.float32, **overrides)
+        model = _fine_tuning_start(task, args.model, overrides)
     else:
         is_file = Path(args.config).is_file()
         config = OPTConfig.from_json_file(args.config) if is_file else OPTConfig.from_name(args.config)
@@ -450,10 +469,34 @@ def _build(args: TrainArgs, resume_from: Path | None) -> tuple[OPTForCausalLM, T
         if "hidden_size" in overrides and "word_embed_proj_dim" not in overrides:
             overrides["word_embed_proj_dim"] = overrides["hidden_size"]
         config = OPTConfig.from_dict({**config.to_dict(), **overrides})
-        torch.manual_seed(args.seed)
-        model = OPTForCausalLM(config)
+        model = task.model_class(config)
     _check_fit(args, model, tokenizer)
+    task.check_model(model, str(args.model or args.config))
     return model, tokenizer
+
+
+def _fine_tuning_start(task: Task, source: str, overrides: dict[str, Any]) -> nn.Module:
+    """The model to fine-tune; a task head the checkpoint lacks starts at random, as expected (no warning)."""
+    directory = resolve(source)
+    if (directory / "config.json").is_file():
+        _same_labels(OPTConfig.from_json_file(directory / "config.json"), overrides, directory, fine_tuning=True)
+    with warnings.catch_warnings():
+        for head in task.heads:
+            warnings.filterwarnings("ignore", message=rf".*\b{head}\.weight not in the checkpoint")
+        return task.model_class.from_pretrained(source, dtype=torch.float32, **overrides)
+
+
+def _same_labels(model_or_config: Any, from_data: dict[str, Any], source: Path, fine_tuning: bool = False) -> None:
+    """A checkpoint that already has classes must have the data's (else the head would be read wrongly)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    want = from_data.get("id2label")
+    have = config.id2label
+    if want is None or have is None or {int(k): v for k, v in have.items()} == want:
+        return
+    if fine_tuning and have == {i: f"LABEL_{i}" for i in range(len(have))}:
+        return  # transformers' placeholder names: the head was never trained on named classes
+    raise ValueError(f"{source} classifies into {list(have.values())}, but the training data's classes are "
+                     f"{list(want.values())}; train from a checkpoint without that head, or relabel the data")
 
 
 def _check_fit(args: TrainArgs, model: OPTForCausalLM, tokenizer: Tokenizer) -> None:
@@ -467,49 +510,35 @@ def _check_fit(args: TrainArgs, model: OPTForCausalLM, tokenizer: Tokenizer) -> 
         raise ValueError(f"--block-size must be at least 2, got {args.block_size}")
 
 
-def _with_adapter(args: TrainArgs, tokenizer: Tokenizer, overrides: dict[str, Any],
-                  resume_from: Path | None) -> OPTForCausalLM:
+def _with_adapter(args: TrainArgs, task: Task, tokenizer: Tokenizer, overrides: dict[str, Any],
+                  resume_from: Path | None) -> nn.Module:
     """The frozen base (quantized if asked) with a fresh adapter, or the checkpoint's adapter on resume."""
-    from .adapters import add_lora, load_adapter
-    from .adapters.bottleneck import add_bottleneck
-    from .adapters.peft_format import CONFIGS
-    from .adapters.peft_model import mark_trainable
-    from .adapters.state import state_of
+    from ..adapters import add_lora, load_adapter
+    from ..adapters.bottleneck import add_bottleneck
+    from ..adapters.peft_format import CONFIGS
+    from ..adapters.peft_model import mark_trainable
+    from ..adapters.state import state_of
 
-    model = OPTForCausalLM.from_pretrained(args.model, dtype=torch.float32, **overrides)
+    model = _fine_tuning_start(task, args.model, overrides)
     _check_fit(args, model, tokenizer)
     if args.quantize is not None:
-        from .quantize import quantize
+        from ..quantize import quantize
 
         quantize(model, args.quantize)
     if resume_from is not None:
         load_adapter(model, resume_from, "default")
     else:
-        config = CONFIGS[args.adapter["peft_type"]].from_dict(args.adapter)
+        spec = dict(args.adapter)
+        if spec.get("task_type") is None:
+            spec["task_type"] = task.adapter_task_type
+        if task.heads and not spec.get("modules_to_save"):
+            spec["modules_to_save"] = list(task.heads)  # a fresh head trains whole (peft does so for SEQ_CLS)
+        config = CONFIGS[spec["peft_type"]].from_dict(spec)
         torch.manual_seed(args.seed)  # the adapter's initial weights
         (add_lora if config.peft_type == "LORA" else add_bottleneck)(model, config, "default")
     mark_trainable(model, "default")
     state_of(model).active = ["default"]
     return model
-
-
-def _datasets(args: TrainArgs, tokenizer: Tokenizer, out: Path) -> tuple[BlockDataset, BlockDataset]:
-    cache = out / "data"
-    tokens = tokenize_files(args.data, tokenizer, cache, args.jsonl_key, name="train", unwrapped=args.unwrap)
-    if args.val_data:
-        train_tokens = tokens
-        val_tokens = tokenize_files(args.val_data, tokenizer, cache, args.jsonl_key, name="val",
-                                    unwrapped=args.unwrap)
-    else:
-        train_tokens, val_tokens = split_tokens(tokens, args.val_fraction, args.block_size)
-    for name, t in (("training", train_tokens), ("validation", val_tokens)):
-        if len(t) < args.block_size + 1:
-            raise ValueError(f"the {name} data has {len(t)} tokens, fewer than one block of --block-size "
-                             f"{args.block_size} + 1; add data or lower --block-size")
-    return BlockDataset(train_tokens, args.block_size, args.seed), BlockDataset(val_tokens, args.block_size)
-
-
-LOSS_CHUNK = 128  # positions whose logits exist at once in the loss (see lm_loss)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
@@ -530,47 +559,6 @@ def return_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (macOS, Windows)
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, 128 * 1024))
-
-
-def _loss(model: OPTForCausalLM, x: Tensor, y: Tensor, amp: torch.dtype | None) -> Tensor:
-    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        hidden = model.get_decoder()(x)  # (B, T, e)
-        return lm_loss(model.get_output_embeddings(), hidden, y)
-
-
-def lm_loss(head: nn.Module, hidden: Tensor, targets: Tensor, rows: int = LOSS_CHUNK) -> Tensor:
-    """Mean next-token cross-entropy of ``head(hidden)`` ``(B, T, e)`` against ``targets`` ``(B, T)``.
-
-    The logits are made ``rows`` positions at a time and made again in the backward pass instead of kept, so
-    the (tokens x vocabulary) logits, their log-softmax and their gradient never exist whole: for a batch of
-    4 x 256 tokens over OPT's 50,272-token vocabulary each of the three is 196 MiB whole and 25 MiB per chunk."""
-    h, t = hidden.flatten(0, 1), targets.flatten()  # (N, e), (N,)
-    total = None
-    for start in range(0, h.shape[0], rows):
-        part = checkpoint(_summed_loss, head, h[start:start + rows], t[start:start + rows], use_reentrant=False) \
-            if torch.is_grad_enabled() else _summed_loss(head, h[start:start + rows], t[start:start + rows])
-        total = part if total is None else total + part
-    return total / t.numel()
-
-
-def _summed_loss(head: nn.Module, h: Tensor, t: Tensor) -> Tensor:
-    return F.cross_entropy(head(h).float(), t, reduction="sum")
-
-
-@torch.no_grad()
-def validation_loss(model: OPTForCausalLM, val: BlockDataset, batch_size: int, max_batches: int,
-                    amp: torch.dtype | None, device: torch.device) -> float:
-    """Mean loss over the first ``max_batches`` batches of validation blocks (the same blocks every time)."""
-    was_training = model.training
-    model.eval()
-    n = min(len(val), max_batches * batch_size)
-    total = 0.0
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(start + batch_size, n)))
-        x, y = val.batch(idx)
-        total += _loss(model, x.to(device), y.to(device), amp).item() * len(idx)
-    model.train(was_training)
-    return total / n
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -663,15 +651,17 @@ def _train(args: TrainArgs) -> TrainResult:
                       f"learning rate only reaches {peak:.3g}, short of --lr {args.lr:g}; lower --warmup-steps "
                       "(a few percent of the steps is usual)", stacklevel=2)
     out, resume_from = _prepare_out_dir(args)
-    model, tokenizer = _build(args, resume_from)
+    task = TASKS[args.task]()
+    model, tokenizer = _build(args, task, resume_from)
     device = torch.device(args.device)
-    train_data, val_data = _datasets(args, tokenizer, out)
+    train_data, val_data = task.datasets(args, tokenizer, out)
     metrics = out / "metrics.jsonl"
+    best_metric = task.default_best_metric() if args.best_metric == "auto" else args.best_metric
 
-    step, elapsed, tokens_seen = 0, 0.0, 0
+    step, elapsed, tokens_seen, best = 0, 0.0, 0, None
     if resume_from is not None:
         state = json.loads((resume_from / "trainer_state.json").read_text("utf-8"))
-        step, elapsed, tokens_seen = state["step"], state["elapsed"], state["tokens"]
+        step, elapsed, tokens_seen, best = state["step"], state["elapsed"], state["tokens"], state.get("best")
     model.to(device).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -689,10 +679,9 @@ def _train(args: TrainArgs) -> TrainResult:
     if step >= args.max_steps:
         print(f"nothing to do: the run is at step {step} and --max-steps is {args.max_steps}", file=sys.stderr)
 
-    tokens_per_step = args.batch_size * args.grad_accum * args.block_size
     params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
     bar = _progress(args, step)
-    loss_value = val_loss = None
+    loss_value, val_metrics = None, {}
     last_ckpt = list_checkpoints(out)[-1] if list_checkpoints(out) else None
     t_mark = time.perf_counter()
     end = args.max_steps if args.stop_after is None else min(args.stop_after, args.max_steps)
@@ -701,11 +690,14 @@ def _train(args: TrainArgs) -> TrainResult:
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss_sum = 0.0
+        loss_sum, tokens_per_step = 0.0, 0
         for micro in range(args.grad_accum):
             first = (step * args.grad_accum + micro) * args.batch_size
-            x, y = train_data.train_batch(first, args.batch_size)
-            loss = _loss(model, x.to(device), y.to(device), amp)
+            batch = {k: v.to(device) for k, v in task.train_batch(train_data, first, args.batch_size).items()}
+            mask = batch.get("attention_mask")
+            tokens_per_step += batch["input_ids"].numel() if mask is None else int(mask.sum())
+            with _autocast(device, amp):
+                loss = task.loss(model, batch)
             if not torch.isfinite(loss):
                 raise TrainingError(f"the training loss is {loss.item()} at step {step + 1}; stopping. Lower --lr, "
                                     "raise --warmup-steps or resume from an earlier checkpoint")
@@ -730,15 +722,26 @@ def _train(args: TrainArgs) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
         if step % args.eval_every == 0 or step == end:
-            val_loss = validation_loss(model, val_data, args.batch_size, args.eval_batches, amp, device)
-            _append_metrics(metrics, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
-            msg = f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}"
+            val_metrics = _validate(task, model, val_data, args, amp, device)
+            _append_metrics(metrics, {"step": step, **val_metrics})
+            task.after_validation(val_metrics, out)
+            msg = f"step {step}: train loss {loss_value:.4f}, {task.summary(val_metrics)}"
+            if best_metric is not None:
+                if best_metric not in val_metrics:
+                    names = ", ".join(k for k, v in val_metrics.items() if isinstance(v, float))
+                    raise TrainingError(f"--best-metric {best_metric}: the {task.name} validation has no such "
+                                        f"metric; choose one of {names}")
+                value = val_metrics[best_metric]
+                if task_metrics.better(best_metric, value, None if best is None else best["value"]):
+                    best = {"metric": best_metric, "value": value, "step": step}
+                    _save_best(out, model, tokenizer, task, best, val_metrics)
+                    msg += f" (best {best_metric} so far: saved to {out / BEST_DIR})"
             (bar.write if bar is not None else print)(msg)
         if step % args.save_every == 0 or step == end:
             try:
                 last_ckpt = save_checkpoint(out, step, model, tokenizer, opt,
                                             {"elapsed": elapsed, "tokens": tokens_seen, "train_loss": loss_value,
-                                             "val_loss": val_loss}, args.keep_last)
+                                             "val_loss": val_metrics.get("val_loss"), "best": best}, args.keep_last)
             except (OSError, SafetensorError) as e:
                 shutil.rmtree(out / f"{TMP_PREFIX}{CKPT_PREFIX}{step:08d}", ignore_errors=True)
                 last = f"the last complete checkpoint is {last_ckpt.name}; --resume continues from it" if last_ckpt \
@@ -754,7 +757,42 @@ def _train(args: TrainArgs) -> TrainResult:
     wall = time.perf_counter() - t_mark
     print(f"done: step {step}, {tokens_seen:,} tokens, {elapsed:.0f}s of training ({wall:.0f}s this session); "
           f"checkpoint {last_ckpt}", file=sys.stderr)
-    return TrainResult(checkpoint=last_ckpt, step=step, train_loss=loss_value, val_loss=val_loss)
+    return TrainResult(checkpoint=last_ckpt, step=step, train_loss=loss_value, val_loss=val_metrics.get("val_loss"),
+                       metrics=val_metrics, best=best)
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
+
+def _validate(task: Task, model: nn.Module, val: Any, args: TrainArgs, amp: torch.dtype | None,
+              device: torch.device) -> dict[str, Any]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _autocast(device, amp):
+            return task.validate(model, val, args, device)
+    finally:
+        model.train(was_training)
+
+
+def _save_best(out: Path, model: nn.Module, tokenizer: Tokenizer, task: Task, best: dict[str, Any],
+               val_metrics: dict[str, Any]) -> None:
+    """Replace ``best/`` with the model as it is now (weights or adapter, tokenizer, ``best.json``): written
+    beside it, then swapped in by renames, so a crash leaves the old best or the new one."""
+    final, tmp, trash = out / BEST_DIR, out / f"{TMP_PREFIX}{BEST_DIR}", out / f"{TRASH_PREFIX}{BEST_DIR}"
+    for leftover in (tmp, trash):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir()
+    _write_model(model, tokenizer, tmp)
+    task.after_validation(val_metrics, tmp)
+    (tmp / "best.json").write_text(json.dumps({**best, "metrics": val_metrics}, indent=1) + "\n", "utf-8")
+    _fsync_tree(tmp)
+    if final.exists():
+        os.rename(final, trash)
+    os.rename(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _progress(args: TrainArgs, step: int):
