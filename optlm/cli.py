@@ -47,6 +47,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except json.JSONDecodeError:
             overrides[key] = value
     fields = {k: v for k, v in vars(args).items() if k in TrainArgs.__dataclass_fields__}
+    if fields.get("best_metric") == "none":
+        fields["best_metric"] = None
     if args.lora is not None and args.adapter is not None:
         raise ValueError("give one of --lora and --adapter")
     spec = args.lora if args.lora is not None else args.adapter
@@ -60,6 +62,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"optlm train: error: {e}", file=sys.stderr)
         return 1
     print(f"checkpoint: {result.checkpoint}")
+    if result.best is not None:
+        print(f"best: {os.path.join(args.out_dir, 'best')} ({result.best['metric']} {result.best['value']:.4f} at "
+              f"step {result.best['step']})")
     return 0
 
 
@@ -75,17 +80,47 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    """Sliding-window perplexity of a model over a text file (see optlm.evaluate)."""
+    """Sliding-window perplexity of a model over a text file (see optlm.evaluate), or a classifier's metrics."""
+    if args.task == "sequence-classification":
+        from .train.predict import evaluate_file, load_classifier, report
+
+        clf = load_classifier(args.model, args.adapter, args.device, args.dtype, args.max_length)
+        m = evaluate_file(clf, args.data, args.jsonl_key, args.label_key, args.batch_size or 16)
+        print(json.dumps(m) if args.json else f"{args.data}: {m['examples']} examples\n{report(clf, m)}")
+        return 0
+    if args.adapter is not None:
+        raise ValueError("--adapter applies to --task sequence-classification here; for perplexity, merge the "
+                         "LoRA first (optlm merge)")
     from .evaluate import evaluate_file
 
     r = evaluate_file(args.model, args.data, stride=args.stride, max_length=args.max_length,
-                      batch_size=args.batch_size, device=args.device, dtype=args.dtype, jsonl_key=args.jsonl_key,
+                      batch_size=args.batch_size or 1, device=args.device, dtype=args.dtype, jsonl_key=args.jsonl_key,
                       unwrap=args.unwrap, progress=not args.quiet)
     print(f"model:       {args.model or 'bundled (opt-gutenberg)'}")
     print(f"perplexity:  {r.perplexity:.3f}")
     print(f"nll/token:   {r.nll:.4f}")
     print(f"tokens:      {r.tokens:,}")
     print(f"time:        {r.seconds:.1f}s ({r.tokens / max(r.seconds, 1e-9):,.0f} tokens/s)")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    """Each JSONL row with the classifier's prediction added (see optlm.train.predict)."""
+    from .train.predict import load_classifier, predict_file
+
+    if not 0 < args.threshold < 1:
+        raise ValueError(f"--threshold must be between 0 and 1, got {args.threshold}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    clf = load_classifier(args.model, args.adapter, args.device, args.dtype, args.max_length)
+    lines = [json.dumps(r, ensure_ascii=False) for r in predict_file(clf, args.data, args.text_key,
+                                                                      args.batch_size, args.threshold)]
+    if args.out is None:
+        print("\n".join(lines))
+    else:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"{len(lines)} predictions written to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -126,6 +161,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="pre-train or fine-tune on text/JSONL files (HF checkpoints, exact resume)")
+    p.add_argument("--task", choices=["causal-lm", "sequence-classification"], default="causal-lm",
+                   help="causal-lm: next-token prediction on text; sequence-classification: a label per JSONL row "
+                        "(--text-key, --label-key), validated with accuracy / F1 / a confusion matrix")
     p.add_argument("--data", nargs="+", required=True, help="training files: .txt (one document each) or .jsonl")
     p.add_argument("--out", dest="out_dir", required=True, help="output directory for checkpoints and logs")
     src = p.add_mutually_exclusive_group(required=True)
@@ -135,9 +173,22 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     p.add_argument("--val-data", nargs="+", help="validation files (default: hold out the tail of --data)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="tail fraction held out without --val-data")
-    p.add_argument("--jsonl-key", default="text", help="JSONL field that holds the text")
+    p.add_argument("--jsonl-key", "--text-key", dest="jsonl_key", default="text",
+                   help="JSONL field that holds the text")
+    p.add_argument("--label-key", default="label",
+                   help="classification: JSONL field that holds the label (a class, a list of classes, or a number)")
+    p.add_argument("--problem-type", default=None,
+                   choices=["single_label_classification", "multi_label_classification", "regression"],
+                   help="classification: default from the labels (class -> single-label, list -> multi-label, "
+                        "fractional number -> regression)")
+    p.add_argument("--class-weights", default=None, metavar="balanced|LABEL=W,...",
+                   help="single-label classification: weight the loss per class ('balanced': n / (classes x count))")
+    p.add_argument("--best-metric", default="auto",
+                   help="keep the checkpoint with the best value of this validation metric in OUT/best ('auto': "
+                        "macro_f1 for classification, val_loss for regression, none for causal-lm; 'none': off)")
     p.add_argument("--unwrap", action="store_true", help=_UNWRAP_HELP)
-    p.add_argument("--block-size", type=int, default=256, help="tokens per training sequence")
+    p.add_argument("--block-size", type=int, default=256,
+                   help="tokens per training sequence (classification: longer texts are cut to their start)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
@@ -198,19 +249,45 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("eval", help="sliding-window perplexity over a text file")
+    p = sub.add_parser("eval", help="sliding-window perplexity over a text file, or a classifier's metrics")
+    p.add_argument("--task", choices=["causal-lm", "sequence-classification"], default="causal-lm",
+                   help="causal-lm: perplexity; sequence-classification: loss, accuracy, F1 per label and the "
+                        "confusion matrix on labelled JSONL rows")
     p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled model, "
                    "opt-gutenberg)")
+    p.add_argument("--adapter", default=None, help="classification: an adapter directory trained with --task "
+                   "sequence-classification (the base: --model or the one the adapter names)")
     p.add_argument("--data", required=True, help="a .txt or .jsonl file")
     p.add_argument("--stride", type=int, default=None, help="window step (default: half the context)")
-    p.add_argument("--max-length", type=int, default=None, help="window length (default: the model's context)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="window length; classification: tokens per text (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward pass (default 1); classification: texts (default 16)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
-    p.add_argument("--jsonl-key", default="text", help="JSONL field that holds the text")
+    p.add_argument("--jsonl-key", "--text-key", dest="jsonl_key", default="text",
+                   help="JSONL field that holds the text")
+    p.add_argument("--label-key", default="label", help="classification: JSONL field that holds the label")
+    p.add_argument("--json", action="store_true", help="classification: print the metrics as one JSON object")
     p.add_argument("--unwrap", action="store_true", help=_UNWRAP_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="classify JSONL rows with a fine-tuned classifier (labels, probabilities)")
+    p.add_argument("--model", default=None, help="the classifier: a checkpoint directory or hub id (or the base "
+                   "model of --adapter)")
+    p.add_argument("--adapter", default=None, help="an adapter directory trained with --task "
+                   "sequence-classification")
+    p.add_argument("--data", required=True, help="a .jsonl file, one object with a text field per line")
+    p.add_argument("--text-key", default="text", help="JSONL field that holds the text")
+    p.add_argument("--out", default=None, help="write the rows with their predictions here (default: stdout)")
+    p.add_argument("--threshold", type=float, default=0.5, help="multi-label: probability above which a label "
+                   "is predicted")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.set_defaults(func=_cmd_predict)
 
 
 class _SubParser(argparse.ArgumentParser):

@@ -263,7 +263,7 @@ class OPTPreTrainedModel(nn.Module):
             state.pop("lm_head.weight", None)  # tied: stored once, as the embedding (transformers omits it too)
         self.config.extra["dtype"] = str(self.dtype).removeprefix("torch.")
         self.config.extra.pop("torch_dtype", None)
-        self.config.extra.setdefault("architectures", [type(self).__name__])
+        self.config.extra["architectures"] = [type(self).__name__]  # as transformers: the class that saved it
         ckpt.save_state_dict(state, directory, max_shard_size, ckpt.QUANTIZED_STEM if quantized else "model")
         self.config.save(directory)
 

@@ -226,7 +226,8 @@ class SequenceClassification(Task):
             self.weight = parse_class_weights(args.class_weights, self.labels, counts)
         return sets[0], sets[1]
 
-    def _loss_of(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    def loss_of(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+        """The training loss of (N, num_labels) logits against labels (class weights included)."""
         logits = logits.float()
         if self.problem_type == "regression":
             return F.mse_loss(logits.squeeze(-1), labels, reduction=reduction)
@@ -238,7 +239,7 @@ class SequenceClassification(Task):
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, num_labels)
-        return self._loss_of(logits, batch["labels"])
+        return self.loss_of(logits, batch["labels"])
 
     def validate(self, model: nn.Module, val: labelled.LabelledTexts, args: Any,
                  device: torch.device) -> dict[str, Any]:
@@ -246,9 +247,9 @@ class SequenceClassification(Task):
         logits = classifier_logits(model, val.ids, val.pad_id, args.batch_size, device)
         if self.weight is not None:  # the weighted mean, as the training loss
             w = self.weight[val.labels]
-            loss = float(self._loss_of(logits, val.labels, "none").sum() / w.sum())
+            loss = float(self.loss_of(logits, val.labels, "none").sum() / w.sum())
         else:
-            loss = float(self._loss_of(logits, val.labels))
+            loss = float(self.loss_of(logits, val.labels))
         return {"val_loss": loss, **self.scores(logits, val.labels)}
 
     def scores(self, logits: Tensor, labels: Tensor) -> dict[str, Any]:

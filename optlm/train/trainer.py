@@ -50,6 +50,8 @@ from ..data import check_file
 from ..hf import OPTForCausalLM, parse_device
 from ..tokenizer import Tokenizer
 from . import metrics as task_metrics
+from .labelled import PROBLEM_TYPES
+from .predict import write_task_file
 from .tasks import TASKS, Task
 
 CKPT_PREFIX = "checkpoint-"
@@ -238,15 +240,15 @@ def _fsync_tree(directory: Path) -> None:
             os.fsync(f.fileno())
 
 
-def save_checkpoint(out_dir: Path, step: int, model: OPTForCausalLM, tokenizer: Tokenizer,
-                    opt: torch.optim.Optimizer, state: dict[str, Any], keep_last: int) -> Path:
+def save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: Tokenizer,
+                    opt: torch.optim.Optimizer, state: dict[str, Any], keep_last: int, task: Task) -> Path:
     """Write ``checkpoint-<step>`` atomically (temp dir + rename), then prune to the last ``keep_last``."""
     final = out_dir / f"{CKPT_PREFIX}{step:08d}"
     tmp = out_dir / f"{TMP_PREFIX}{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _write_model(model, tokenizer, tmp)
+    _write_model(model, tokenizer, tmp, task)
     _test_save_sleep(step)
     tensors, opt_meta = _optimizer_tensors(opt)
     save_file(tensors, tmp / "optimizer.safetensors")
@@ -268,14 +270,17 @@ def save_checkpoint(out_dir: Path, step: int, model: OPTForCausalLM, tokenizer: 
     return final
 
 
-def _write_model(model: nn.Module, tokenizer: Tokenizer, directory: Path) -> None:
-    """The weights in the HF layout (or, with an adapter, the adapter in peft's) and the tokenizer."""
+def _write_model(model: nn.Module, tokenizer: Tokenizer, directory: Path, task: Task) -> None:
+    """The weights in the HF layout (or, with an adapter, the adapter in peft's, and the task head's labels)
+    and the tokenizer."""
     from ..adapters.state import state_of
 
     if state_of(model) is not None:
         from ..adapters import save_adapter
 
         save_adapter(model, "default", directory, base_model_name_or_path=model.name_or_path)
+        if task.heads:
+            write_task_file(model, directory, task.name)
     else:
         model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -584,6 +589,14 @@ def check_args(args: TrainArgs) -> None:
             span = f"in [{lo}, {hi})" if hi is not None else ("> 0" if name == "lr" else ">= 0")
             raise ValueError(f"--{name.replace('_', '-')} must be a number {span}, got {value}")
     parse_device(args.device)
+    if args.task not in TASKS:
+        raise ValueError(f"--task {args.task!r}: choose one of {', '.join(TASKS)}")
+    if args.task == "causal-lm":
+        for name, default in (("problem_type", None), ("class_weights", None)):
+            if getattr(args, name) != default:
+                raise ValueError(f"--{name.replace('_', '-')} applies to --task sequence-classification")
+    if args.problem_type is not None and args.problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"--problem-type {args.problem_type!r}: choose one of {', '.join(PROBLEM_TYPES)}")
     for path in [*args.data, *(args.val_data or [])]:
         check_file(path)
     if args.schedule not in SCHEDULES:
@@ -739,9 +752,9 @@ def _train(args: TrainArgs) -> TrainResult:
             (bar.write if bar is not None else print)(msg)
         if step % args.save_every == 0 or step == end:
             try:
-                last_ckpt = save_checkpoint(out, step, model, tokenizer, opt,
-                                            {"elapsed": elapsed, "tokens": tokens_seen, "train_loss": loss_value,
-                                             "val_loss": val_metrics.get("val_loss"), "best": best}, args.keep_last)
+                progress = {"elapsed": elapsed, "tokens": tokens_seen, "train_loss": loss_value,
+                            "val_loss": val_metrics.get("val_loss"), "best": best}
+                last_ckpt = save_checkpoint(out, step, model, tokenizer, opt, progress, args.keep_last, task)
             except (OSError, SafetensorError) as e:
                 shutil.rmtree(out / f"{TMP_PREFIX}{CKPT_PREFIX}{step:08d}", ignore_errors=True)
                 last = f"the last complete checkpoint is {last_ckpt.name}; --resume continues from it" if last_ckpt \
@@ -785,7 +798,7 @@ def _save_best(out: Path, model: nn.Module, tokenizer: Tokenizer, task: Task, be
         if leftover.exists():
             shutil.rmtree(leftover)
     tmp.mkdir()
-    _write_model(model, tokenizer, tmp)
+    _write_model(model, tokenizer, tmp, task)
     task.after_validation(val_metrics, tmp)
     (tmp / "best.json").write_text(json.dumps({**best, "metrics": val_metrics}, indent=1) + "\n", "utf-8")
     _fsync_tree(tmp)

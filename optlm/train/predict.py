@@ -1,0 +1,153 @@
+"""Using a fine-tuned task model: load a classifier (a checkpoint, or a base model plus an adapter trained with
+``--task sequence-classification``), predict labels with probabilities for JSONL rows, and score it on
+labelled rows with the metrics the trainer validates with."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import CheckpointError, resolve
+from ..hf import OPTForSequenceClassification
+from ..tokenizer import Tokenizer
+from . import labelled, metrics
+from .tasks import SequenceClassification, classifier_logits
+
+TASK_FILE = "task.json"  # beside an adapter trained on a task: the head's config fields (labels, problem type)
+TASK_FIELDS = ("num_labels", "id2label", "label2id", "problem_type")
+
+
+def write_task_file(model: nn.Module, directory: Path, task: str) -> None:
+    """Record what a task head needs beyond the adapter (peft keeps these in the base model's config)."""
+    c = model.config
+    fields = {k: getattr(c, k) for k in TASK_FIELDS}
+    (directory / TASK_FILE).write_text(json.dumps({"task": task, **fields}, indent=1) + "\n", "utf-8")
+
+
+@dataclass
+class Classifier:
+    model: nn.Module
+    tokenizer: Tokenizer
+    max_length: int
+
+    @property
+    def labels(self) -> list[str]:
+        c = self.model.config
+        return [c.id2label[i] for i in range(c.num_labels)] if c.id2label else \
+            [f"LABEL_{i}" for i in range(c.num_labels)]
+
+    @property
+    def problem_type(self) -> str:
+        c = self.model.config
+        return c.problem_type or ("regression" if c.num_labels == 1 else "single_label_classification")
+
+    def task(self) -> SequenceClassification:
+        """The training task's scoring, set to this model's classes."""
+        task = SequenceClassification()
+        task.problem_type, task.labels = self.problem_type, None if self.problem_type == "regression" else self.labels
+        return task
+
+    @torch.no_grad()
+    def logits(self, texts: list[str], batch_size: int = 16) -> Tensor:
+        """(N, num_labels) float32 logits, each text cut to ``max_length`` tokens (its start kept)."""
+        ids, _ = labelled.encode_texts(self.tokenizer, texts, self.max_length)
+        device = next(self.model.parameters()).device
+        return classifier_logits(self.model, ids, self.tokenizer.pad_token_id, batch_size, device)
+
+    def predict(self, texts: list[str], batch_size: int = 16, threshold: float = 0.5) -> list[dict[str, Any]]:
+        """Per text: ``label`` and its probability ``score`` and all ``probs`` (single-label); ``labels`` over
+        ``threshold`` and ``probs`` (multi-label); ``value`` (regression)."""
+        logits = self.logits(texts, batch_size)
+        out = []
+        if self.problem_type == "regression":
+            return [{"value": float(v)} for v in logits[:, 0]]
+        multi = self.problem_type == "multi_label_classification"
+        probs = torch.sigmoid(logits) if multi else torch.softmax(logits, -1)
+        for row in probs.tolist():
+            named = dict(zip(self.labels, row, strict=True))
+            if multi:
+                out.append({"labels": [n for n, p in named.items() if p > threshold], "probs": named})
+            else:
+                best = max(range(len(row)), key=row.__getitem__)
+                out.append({"label": self.labels[best], "score": row[best], "probs": named})
+        return out
+
+
+def load_classifier(model: str | os.PathLike | None = None, adapter: str | os.PathLike | None = None,
+                    device: str | torch.device | None = None, dtype: Any = None,
+                    max_length: int | None = None) -> Classifier:
+    """A sequence classifier from a checkpoint directory or hub id, or a base model plus an adapter directory
+    trained with ``optlm train --task sequence-classification --lora/--adapter`` (base: ``model``, or the one
+    the adapter names)."""
+    fields: dict[str, Any] = {}
+    tokenizer_dir = model
+    if adapter is not None:
+        from ..adapters import PeftModel, read_config
+
+        adapter_dir, config = read_config(adapter)
+        task_file = adapter_dir / TASK_FILE
+        if not task_file.is_file():
+            raise CheckpointError(f"{adapter_dir} has no {TASK_FILE}: it is not an adapter trained for "
+                                  "classification (train one with --task sequence-classification)")
+        fields = {k: v for k, v in json.loads(task_file.read_text("utf-8")).items() if k in TASK_FIELDS}
+        if fields.get("id2label") is not None:  # JSON object keys are strings
+            fields["id2label"] = {int(k): v for k, v in fields["id2label"].items()}
+        model = model or config.base_model_name_or_path
+        if model is None:
+            raise ValueError(f"{adapter_dir}/adapter_config.json names no base model; pass --model")
+        tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer.json").is_file() else model
+    if model is None:
+        raise ValueError("give --model: a classifier checkpoint (or the base model of --adapter)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net = OPTForSequenceClassification.from_pretrained(model, dtype=dtype, device=device, **fields)
+    for w in caught:
+        if adapter is None and "score.weight not in the checkpoint" in str(w.message):
+            raise CheckpointError(f"{resolve(model)} has no classification head (score.weight): it is not a "
+                                  "fine-tuned classifier; train one with optlm train --task sequence-classification")
+        if "score.weight not in the checkpoint" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if adapter is not None:
+        net = PeftModel.from_pretrained(net, adapter).base_model
+    if net.config.pad_token_id is None:
+        raise CheckpointError(f"{model} has no pad_token_id in its config; batches of texts need one")
+    limit = net.config.max_position_embeddings
+    if max_length is not None and not 1 <= max_length <= limit:
+        raise ValueError(f"--max-length must be between 1 and the model's context ({limit}), got {max_length}")
+    return Classifier(net.eval(), Tokenizer.from_pretrained(tokenizer_dir), max_length or limit)
+
+
+def predict_file(clf: Classifier, data: str | os.PathLike, text_key: str = "text", batch_size: int = 16,
+                 threshold: float = 0.5) -> list[dict[str, Any]]:
+    """Each JSONL row of ``data`` with the prediction added (``predicted_label``/``score``/``probs``, or
+    ``predicted_labels``, or ``predicted_value``), in order."""
+    rows = labelled.read_rows(data, text_key, None)
+    records = [json.loads(line) for line in Path(data).read_text("utf-8").splitlines() if line.strip()]
+    out = []
+    for record, prediction in zip(records, clf.predict([r.text for r in rows], batch_size, threshold), strict=True):
+        named = {("predicted_" + k if k in ("label", "labels", "value") else k): v for k, v in prediction.items()}
+        out.append({**record, **named})
+    return out
+
+
+def evaluate_file(clf: Classifier, data: str | os.PathLike, text_key: str = "text", label_key: str = "label",
+                  batch_size: int = 16) -> dict[str, Any]:
+    """The validation metrics of the trainer (loss, accuracy, F1, per label, confusion matrix) on ``data``."""
+    rows = labelled.read_rows(data, text_key, label_key)
+    task = clf.task()
+    label2id = None if task.labels is None else {n: i for i, n in enumerate(task.labels)}
+    y = labelled.encode_labels(rows, task.problem_type, label2id, data)
+    logits = clf.logits([r.text for r in rows], batch_size)
+    return {"loss": float(task.loss_of(logits, y)), **task.scores(logits, y), "examples": len(rows)}
+
+
+def report(clf: Classifier, m: dict[str, Any]) -> str:
+    return metrics.format_report({k: v for k, v in m.items() if k != "examples"},
+                                 None if clf.problem_type == "regression" else clf.labels)
