@@ -739,7 +739,9 @@ def _train(args: TrainArgs) -> TrainResult:
             _append_metrics(metrics, {"step": step, **val_metrics})
             task.after_validation(val_metrics, out)
             msg = f"step {step}: train loss {loss_value:.4f}, {task.summary(val_metrics)}"
-            if best_metric is not None:
+            # Only scheduled validations compete for best/ (not one at the end of a --stop-after session), so
+            # where a run was stopped and resumed never changes which checkpoint is best.
+            if best_metric is not None and (step % args.eval_every == 0 or step == args.max_steps):
                 if best_metric not in val_metrics:
                     names = ", ".join(k for k, v in val_metrics.items() if isinstance(v, float))
                     raise TrainingError(f"--best-metric {best_metric}: the {task.name} validation has no such "
