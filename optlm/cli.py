@@ -85,7 +85,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from .train.predict import evaluate_file, load_classifier, report
 
         clf = load_classifier(args.model, args.adapter, args.device, args.dtype, args.max_length)
-        m = evaluate_file(clf, args.data, args.jsonl_key, args.label_key, args.batch_size or 16)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        m = evaluate_file(clf, args.data, args.jsonl_key, args.label_key, args.batch_size)
         print(json.dumps(m) if args.json else f"{args.data}: {m['examples']} examples\n{report(clf, m)}")
         return 0
     if args.adapter is not None:
@@ -94,7 +96,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_file
 
     r = evaluate_file(args.model, args.data, stride=args.stride, max_length=args.max_length,
-                      batch_size=args.batch_size or 1, device=args.device, dtype=args.dtype, jsonl_key=args.jsonl_key,
+                      batch_size=args.batch_size, device=args.device, dtype=args.dtype, jsonl_key=args.jsonl_key,
                       unwrap=args.unwrap, progress=not args.quiet)
     print(f"model:       {args.model or 'bundled (opt-gutenberg)'}")
     print(f"perplexity:  {r.perplexity:.3f}")
@@ -261,8 +263,8 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stride", type=int, default=None, help="window step (default: half the context)")
     p.add_argument("--max-length", type=int, default=None,
                    help="window length; classification: tokens per text (default: the model's context)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="windows per forward pass (default 1); classification: texts (default 16)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="windows (classification: texts) per forward pass")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--jsonl-key", "--text-key", dest="jsonl_key", default="text",
