@@ -53,7 +53,7 @@ class AsyncEngine:
         """Running and waiting sequences and cache blocks in use (read without locking: approximate)."""
         s = self.engine.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "blocks": self.engine.cache.blocks_in_use,
-                "blocks_total": self.engine.cache.num_blocks}
+                "blocks_total": self.engine.cache.num_blocks, "requests_added": self.engine.requests_added}
 
     async def submit(self, prompt: Any, params: SamplingParams, request_id: str | None = None,
                      lora_request: LoRARequest | None = None) -> RequestStream:

@@ -124,6 +124,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._detok: dict[int, StreamDecoder] = {}
         self.adapters = AdapterTable(model, max_loras) if enable_lora else None
+        self.requests_added = 0  # requests accepted since the engine started
 
     # ---- requests --------------------------------------------------------------------------------------
 
@@ -164,6 +165,7 @@ class LLMEngine:
             if params.prompt_logprobs is not None and i == 0:
                 seqs[-1].prompt_logprobs = [None]  # the first token has no context to be scored in
         self.requests[request_id] = _Request(request_id, text, ids, params, seqs)
+        self.requests_added += 1
         for seq in seqs:
             if self.tokenizer is not None:
                 self._detok[seq.id] = StreamDecoder(self.tokenizer, params.skip_special_tokens)

@@ -38,6 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loras", type=int, default=8, help="adapters loaded at once (unused ones are evicted)")
     p.add_argument("--allow-runtime-lora", action="store_true",
                    help="add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (loading only from --lora-root)")
+    p.add_argument("--guard", default=None, metavar="DIR",
+                   help="screen every prompt / user message with this sequence classifier (a checkpoint, or an "
+                        "adapter trained with --task sequence-classification) before generation; refused "
+                        "requests get a 400 with code content_filter")
+    p.add_argument("--guard-threshold", type=float, default=0.5,
+                   help="refuse when the guard's refused labels together reach this probability")
+    p.add_argument("--guard-allow", nargs="+", default=None, metavar="LABEL",
+                   help="the guard's labels that pass (default: a label named in_domain, allowed, safe …)")
     p.add_argument("--lora-root", default=None,
                    help="the directory runtime-loaded adapters must be under (needed by --allow-runtime-lora)")
 
@@ -113,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or (args.model if args.model is not None else "opt-gutenberg")
     if name in loras:
         raise ValueError(f"--lora-modules uses the name {name!r}, which is the base model's; rename the adapter")
+    if args.guard is not None and not 0 < args.guard_threshold <= 1:
+        raise ValueError(f"--guard-threshold must be in (0, 1], got {args.guard_threshold}")
+    if args.guard is None and (args.guard_allow is not None or args.guard_threshold != 0.5):
+        raise ValueError("--guard-threshold and --guard-allow need --guard DIR")
     limits = Limits(max_n=args.max_n, max_prompts=args.max_prompts, max_body_bytes=int(args.max_body_mb * 2**20))
 
     def load_backend() -> tuple[AsyncEngine, object]:
@@ -124,8 +136,17 @@ def run(args: argparse.Namespace) -> int:
                 engine.add_lora(request)
             except ValueError as e:
                 raise ValueError(f"--lora-modules {request.lora_name}={request.lora_path}: {e}") from None
+        guard = None
+        if args.guard is not None:
+            from ..train.predict import load_classifier
+            from .guard import Guard
+
+            adapter = os.path.isfile(os.path.join(args.guard, "adapter_config.json"))
+            classifier = load_classifier(None if adapter else args.guard, args.guard if adapter else None,
+                                         device=args.device)
+            guard = Guard(classifier, args.guard_threshold, args.guard_allow, source=f"--guard {args.guard}")
         print(f"optlm serve: {name} loaded; ready", file=sys.stderr, flush=True)
-        return AsyncEngine(engine, max_waiting=args.max_waiting), lm.tokenizer
+        return AsyncEngine(engine, max_waiting=args.max_waiting), lm.tokenizer, guard
 
     def announce() -> None:
         print(f"optlm serve: {name} on http://{args.host}:{args.port} (OpenAI API under /v1; /health is 503 "

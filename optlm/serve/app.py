@@ -32,6 +32,7 @@ from ..engine.params import SamplingParams
 from ..engine.sampler import Logprob
 from ..generate import ContextLengthError
 from .errors import APIError, api_error_handler, bad_value, http_handler, unexpected_handler, validation_handler
+from .guard import Guard
 from .metrics import Metrics
 from .schemas import (
     ChatCompletionRequest,
@@ -79,15 +80,16 @@ class Limits:
 
 
 class Backend:
-    """The engine and tokenizer the routes use, once the model is loaded (``engine`` is None until then)."""
+    """The engine, tokenizer and guard the routes use, once the model is loaded (``engine`` is None until then)."""
 
     def __init__(self) -> None:
         self.engine: AsyncEngine | None = None
         self.tokenizer: Any = None
+        self.guard: Guard | None = None
         self.failed: BaseException | None = None
 
-    def set(self, engine: AsyncEngine, tokenizer: Any) -> None:
-        self.tokenizer, self.engine = tokenizer, engine
+    def set(self, engine: AsyncEngine, tokenizer: Any, guard: Guard | None = None) -> None:
+        self.tokenizer, self.guard, self.engine = tokenizer, guard, engine
 
     @property
     def context(self) -> int:
@@ -104,21 +106,22 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
               load: Callable[[], tuple[AsyncEngine, Any]] | None = None,
               on_load_error: Callable[[BaseException], None] | None = None,
               loras: dict[str, LoRARequest] | None = None, allow_runtime_lora: bool = False,
-              lora_root: str | os.PathLike | None = None) -> FastAPI:
+              lora_root: str | os.PathLike | None = None, guard: Guard | None = None) -> FastAPI:
     """The app over ``engine`` and ``tokenizer``, or, with ``load``, over what ``load()`` returns: then the
     server listens at once, loads the model in a thread, and answers 503 (``/health`` included) until it is
     ready; a failed load is reported to ``on_load_error``.
 
     ``loras`` are the adapters served by name (a request's ``model`` picks one; the engine needs
     ``enable_lora``); ``allow_runtime_lora`` adds ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``,
-    which load only directories under ``lora_root``."""
+    which load only directories under ``lora_root``. ``guard`` screens prompts before they reach the engine
+    (with ``load``, ``load()`` may return it as a third item)."""
     loras = dict(loras or {})
     limits = limits or Limits()
     template = template or ChatTemplate()
     metrics = Metrics()
     b = Backend()
     if engine is not None:
-        b.set(engine, tokenizer)
+        b.set(engine, tokenizer, guard)
 
     def load_in_background() -> None:
         try:
@@ -271,6 +274,7 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
         scored = body.echo and body.logprobs is not None
         params = _params(body, max_tokens=1 if echo_only else body.max_tokens, logprobs=body.logprobs,
                          prompt_logprobs=body.logprobs if scored else None)
+        await _screen([p if isinstance(p, str) else b.tokenizer.decode(p) for p in prompts], "prompt")
         created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
         streams = await _submit(prompts, params, lora)
         if body.stream:
@@ -336,6 +340,7 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
         stop = [stop] if isinstance(stop, str) else list(stop)
         params = _params(body, max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                          stop=template.stop_strings + stop)
+        await _screen([m.content for m in body.messages if m.role == "user" and m.content], "messages")
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         streams = await _submit([prompt], params, lora)
         if body.stream:
@@ -383,6 +388,24 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
                    "choices": [], "usage": _usage(len(last.prompt_token_ids), completion)}
 
     # ---- helpers (closures over the app's settings) -------------------------------------------------------
+
+    async def _screen(texts: list[str], param: str) -> None:
+        """Refuse the request (OpenAI's content_filter error) when the guard refuses any of ``texts``."""
+        if b.guard is None or not texts:
+            return
+        try:
+            verdicts = await b.guard.check(b.engine, texts)
+        except EngineDeadError as e:
+            raise _refusal(e, metrics) from None
+        metrics.guard_checked.inc(len(texts))
+        refused = next((v for v in verdicts if not v.allowed), None)
+        if refused is not None:
+            metrics.guard_refused.labels(refused.label).inc()
+            metrics.errors.labels("content_filter").inc()
+            raise APIError(400, f"the {param} was refused by this server's guard: it reads as {refused.label!r} "
+                                f"(probability {refused.score:.3f}; refused labels together {refused.refused_score:.3f}"
+                                f", threshold {b.guard.threshold})", param=param, code="content_filter",
+                           extra={"guard": {"label": refused.label, "score": refused.score}})
 
     async def _submit(prompts: list, params: SamplingParams, lora: LoRARequest | None) -> list:
         """Hand every prompt to the engine, or none: a refusal aborts those already accepted."""

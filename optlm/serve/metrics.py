@@ -24,6 +24,11 @@ class Metrics:
         self.generation_tokens = Counter("optlm:generation_tokens", "Generated tokens", registry=r)
         self.requests = Counter("optlm:request_success", "Finished requests by finish reason", ["finished_reason"],
                                 registry=r)
+        self.added = Gauge("optlm:engine_requests_added", "Requests the engine has accepted since it started",
+                           registry=r)
+        self.guard_checked = Counter("optlm:guard_checked", "Texts the guard classified", registry=r)
+        self.guard_refused = Counter("optlm:guard_refused", "Requests the guard refused, by the label it gave",
+                                     ["label"], registry=r)
         self.errors = Counter("optlm:request_errors", "Requests answered with an error, by reason", ["reason"],
                               registry=r)
 
@@ -32,4 +37,5 @@ class Metrics:
         self.waiting.set(stats["waiting"])
         self.blocks.set(stats["blocks"])
         self.blocks_total.set(stats["blocks_total"])
+        self.added.set(stats["requests_added"])
         return generate_latest(self.registry)
