@@ -163,9 +163,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="pre-train or fine-tune on text/JSONL files (HF checkpoints, exact resume)")
-    p.add_argument("--task", choices=["causal-lm", "sequence-classification"], default="causal-lm",
+    p.add_argument("--task", choices=["causal-lm", "sequence-classification", "question-answering"],
+                   default="causal-lm",
                    help="causal-lm: next-token prediction on text; sequence-classification: a label per JSONL row "
-                        "(--text-key, --label-key), validated with accuracy / F1 / a confusion matrix")
+                        "(--text-key, --label-key), validated with accuracy / F1 / a confusion matrix; "
+                        "question-answering: answer spans in SQuAD JSON / JSONL, validated with exact match / F1")
     p.add_argument("--data", nargs="+", required=True, help="training files: .txt (one document each) or .jsonl")
     p.add_argument("--out", dest="out_dir", required=True, help="output directory for checkpoints and logs")
     src = p.add_mutually_exclusive_group(required=True)
@@ -187,10 +189,15 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
                    help="single-label classification: weight the loss per class ('balanced': n / (classes x count))")
     p.add_argument("--best-metric", default="auto",
                    help="keep the checkpoint with the best value of this validation metric in OUT/best ('auto': "
-                        "macro_f1 for classification, val_loss for regression, none for causal-lm; 'none': off)")
+                        "macro_f1 for classification, val_loss for regression, f1 for QA, none for causal-lm; "
+                        "'none': off)")
+    p.add_argument("--doc-stride", type=int, default=128,
+                   help="question answering: tokens shared by consecutive windows of a long context")
+    p.add_argument("--max-answer-length", type=int, default=30, help="question answering: longest answer, in tokens")
     p.add_argument("--unwrap", action="store_true", help=_UNWRAP_HELP)
     p.add_argument("--block-size", type=int, default=256,
-                   help="tokens per training sequence (classification: longer texts are cut to their start)")
+                   help="tokens per training sequence (classification: longer texts are cut to their start; QA: "
+                        "the window, question included)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")

@@ -240,6 +240,12 @@ class Tokenizer:
         """Token ids of `text`, with BOS (`</s>`) first for OPT when `add_special_tokens`."""
         return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` without special tokens, and each token's (start, end) character span in it
+        (a token's span includes the space it starts with)."""
+        enc = self._tk.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
     def decode(self, ids: int | Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """Text of `ids` (a list, 1-D tensor or single id); broken UTF-8 becomes U+FFFD."""
         return self._tk.decode(_to_list(ids), skip_special_tokens=skip_special_tokens)

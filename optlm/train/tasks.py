@@ -3,7 +3,9 @@ the loss of a batch and the validation metrics.
 
 - ``causal-lm``: next-token prediction on packed blocks of text (`OPTForCausalLM`);
 - ``sequence-classification``: a label per text (`OPTForSequenceClassification`): single-label, multi-label
-  or regression (``problem_type``), accuracy / F1 / confusion matrix while validating.
+  or regression (``problem_type``), accuracy / F1 / confusion matrix while validating;
+- ``question-answering``: extractive QA on SQuAD-format data (`OPTForQuestionAnswering`): contexts in
+  overlapping windows, the best span across them, SQuAD's exact match and F1 while validating.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..data import BlockDataset, epoch_order, split_tokens, tokenize_files
-from ..hf import OPTForCausalLM, OPTForSequenceClassification
+from ..hf import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
 from ..tokenizer import Tokenizer
-from . import labelled, metrics
+from . import labelled, metrics, qa
 
 LOSS_CHUNK = 128  # positions whose logits exist at once in the LM loss (see lm_loss)
 
@@ -274,4 +276,78 @@ class SequenceClassification(Task):
                                    f"validation, accuracy {m['accuracy']:.3f}")
 
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (CausalLM, SequenceClassification)}
+# ---- extractive question answering -------------------------------------------------------------------------
+
+def qa_logits(model: nn.Module, features: qa.Features, batch_size: int,
+              device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Start and end logits of every window, (windows, longest window) float32 each (padding at the end)."""
+    width = max(len(w.ids) for w in features.windows)
+    start = torch.full((len(features), width), float("-inf"))
+    end = torch.full((len(features), width), float("-inf"))
+    for idx, batch in qa.iter_batches(features, batch_size):
+        out = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        T = out.start_logits.shape[1]
+        start[idx, :T], end[idx, :T] = out.start_logits.float().cpu(), out.end_logits.float().cpu()
+    return start, end
+
+
+class QuestionAnswering(Task):
+    name = "question-answering"
+    model_class = OPTForQuestionAnswering
+    adapter_task_type = "QUESTION_ANS"
+    heads = ("qa_outputs",)
+
+    def __init__(self) -> None:
+        self.allow_no_answer = False
+
+    def check_model(self, model: nn.Module, source: str) -> None:
+        if model.config.pad_token_id is None:
+            raise ValueError(f"{source} has no pad_token_id in its config; batches of windows need one to pad "
+                             "with (--set pad_token_id=1 for OPT's tokenizer)")
+
+    def features(self, examples: list[qa.Example], args: Any, tokenizer: Tokenizer) -> qa.Features:
+        windows = qa.windows(tokenizer, examples, args.block_size, args.doc_stride)
+        return qa.Features(examples, windows, tokenizer.pad_token_id, args.seed)
+
+    def datasets(self, args: Any, tokenizer: Tokenizer, out: Path) -> tuple[qa.Features, qa.Features]:
+        if args.unwrap:
+            raise ValueError("--unwrap applies to causal-lm text files")
+        examples = [e for f in args.data for e in qa.read_examples(f)]
+        if args.val_data:
+            train, val = examples, [e for f in args.val_data for e in qa.read_examples(f)]
+        else:
+            order = epoch_order(args.seed, 2**31, len(examples))
+            n_val = max(1, int(len(examples) * args.val_fraction))
+            if len(examples) - n_val < 1:
+                raise ValueError(f"{args.data[0]} has {len(examples)} questions: too few to hold some out for "
+                                 "validation; add questions or pass --val-data")
+            train = [examples[i] for i in sorted(order[n_val:])]
+            val = [examples[i] for i in sorted(order[:n_val])]
+        self.allow_no_answer = any(not e.answers for e in train + val)
+        return self.features(train, args, tokenizer), self.features(val, args, tokenizer)
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                     start_positions=batch["start_positions"], end_positions=batch["end_positions"]).loss
+
+    def answers(self, features: qa.Features, start: Tensor, end: Tensor, args: Any) -> list[qa.Answer]:
+        return qa.best_answers(features, start, end, args.max_answer_length, allow_no_answer=self.allow_no_answer)
+
+    def validate(self, model: nn.Module, val: qa.Features, args: Any, device: torch.device) -> dict[str, Any]:
+        """Window loss, and exact match / F1 of the best span of every question (SQuAD's rules)."""
+        start, end = qa_logits(model, val, args.batch_size, device)
+        targets = val.batch(range(len(val)))
+        loss = (F.cross_entropy(start, targets["start_positions"]) + F.cross_entropy(end, targets["end_positions"])) / 2
+        found = self.answers(val, start, end, args)
+        scores = metrics.squad_metrics({str(k): a.text for k, a in enumerate(found)},
+                                       {str(k): [t for t, _ in ex.answers] for k, ex in enumerate(val.examples)})
+        return {"val_loss": float(loss), **scores}
+
+    def default_best_metric(self) -> str | None:
+        return "f1"
+
+    def summary(self, m: dict[str, Any]) -> str:
+        return f"val loss {m['val_loss']:.4f}, exact match {m['exact_match']:.2f}, F1 {m['f1']:.2f}"
+
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (CausalLM, SequenceClassification, QuestionAnswering)}

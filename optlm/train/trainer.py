@@ -87,6 +87,8 @@ class TrainArgs:
     problem_type: str | None = None   # classification: None = from the labels (see optlm.train.labelled)
     class_weights: str | None = None  # single-label classification: "balanced" or "LABEL=W,..."
     best_metric: str | None = "auto"  # keep best/ by this validation metric; "auto" = the task's, None = off
+    doc_stride: int = 128             # question answering: tokens shared by consecutive windows of a context
+    max_answer_length: int = 30       # question answering: longest answer span, in tokens
     unwrap: bool = False              # join hard-wrapped lines into paragraphs (optlm.data.unwrap)
     block_size: int = 256
     batch_size: int = 8
@@ -123,7 +125,8 @@ class TrainArgs:
                   "log_every", "device", "progress", "resume", "overwrite")
 
     _ADDED_LATER = {"unwrap": False, "schedule": "cosine", "adapter": None, "quantize": None, "task": "causal-lm",
-                    "label_key": "label", "problem_type": None, "class_weights": None, "best_metric": "auto"}
+                    "label_key": "label", "problem_type": None, "class_weights": None, "best_metric": "auto",
+                    "doc_stride": 128, "max_answer_length": 30}
 
     def identity(self) -> dict[str, Any]:
         """The fields that make two runs the same run (absolute paths, so a changed cwd still matches)."""
@@ -595,6 +598,13 @@ def check_args(args: TrainArgs) -> None:
         for name, default in (("problem_type", None), ("class_weights", None)):
             if getattr(args, name) != default:
                 raise ValueError(f"--{name.replace('_', '-')} applies to --task sequence-classification")
+    if args.task == "question-answering" and (args.problem_type is not None or args.class_weights is not None):
+        raise ValueError("--problem-type and --class-weights apply to --task sequence-classification")
+    if args.task != "question-answering" and (args.doc_stride != 128 or args.max_answer_length != 30):
+        raise ValueError("--doc-stride and --max-answer-length apply to --task question-answering")
+    if args.doc_stride < 0 or args.max_answer_length < 1:
+        raise ValueError(f"--doc-stride must be >= 0 and --max-answer-length >= 1, got {args.doc_stride} and "
+                         f"{args.max_answer_length}")
     if args.problem_type is not None and args.problem_type not in PROBLEM_TYPES:
         raise ValueError(f"--problem-type {args.problem_type!r}: choose one of {', '.join(PROBLEM_TYPES)}")
     for path in [*args.data, *(args.val_data or [])]:
