@@ -81,6 +81,17 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     """Sliding-window perplexity of a model over a text file (see optlm.evaluate), or a classifier's metrics."""
+    if args.task == "question-answering":
+        from .train.predict import evaluate_qa_file, load_reader
+
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        reader = load_reader(args.model, args.adapter, args.device, args.dtype, args.max_length,
+                             max_answer_length=args.max_answer_length)
+        m = evaluate_qa_file(reader, args.data, args.batch_size)
+        print(json.dumps(m) if args.json else "\n".join(f"{k + ':':<24}{v:.2f}" if isinstance(v, float) else
+                                                         f"{k + ':':<24}{v}" for k, v in m.items()))
+        return 0
     if args.task == "sequence-classification":
         from .train.predict import evaluate_file, load_classifier, report
 
@@ -107,16 +118,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    """Each JSONL row with the classifier's prediction added (see optlm.train.predict)."""
-    from .train.predict import load_classifier, predict_file
+    """Each JSONL row with the classifier's prediction added, or each question's answer (see
+    optlm.train.predict)."""
+    from .train.predict import answer_file, load_classifier, load_reader, predict_file, task_of
 
     if not 0 < args.threshold < 1:
         raise ValueError(f"--threshold must be between 0 and 1, got {args.threshold}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    clf = load_classifier(args.model, args.adapter, args.device, args.dtype, args.max_length)
-    lines = [json.dumps(r, ensure_ascii=False) for r in predict_file(clf, args.data, args.text_key,
-                                                                      args.batch_size, args.threshold)]
+    task = args.task or task_of(args.model, args.adapter) or "sequence-classification"
+    if task == "question-answering":
+        reader = load_reader(args.model, args.adapter, args.device, args.dtype, args.max_length,
+                             max_answer_length=args.max_answer_length)
+        rows = answer_file(reader, args.data, args.batch_size, args.allow_no_answer)
+    else:
+        clf = load_classifier(args.model, args.adapter, args.device, args.dtype, args.max_length)
+        rows = predict_file(clf, args.data, args.text_key, args.batch_size, args.threshold)
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
     if args.out is None:
         print("\n".join(lines))
     else:
@@ -259,13 +277,15 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("eval", help="sliding-window perplexity over a text file, or a classifier's metrics")
-    p.add_argument("--task", choices=["causal-lm", "sequence-classification"], default="causal-lm",
+    p.add_argument("--task", choices=["causal-lm", "sequence-classification", "question-answering"],
+                   default="causal-lm",
                    help="causal-lm: perplexity; sequence-classification: loss, accuracy, F1 per label and the "
-                        "confusion matrix on labelled JSONL rows")
+                        "confusion matrix on labelled JSONL rows; question-answering: SQuAD's exact match and F1")
+    p.add_argument("--max-answer-length", type=int, default=30, help="question answering: longest answer, in tokens")
     p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled model, "
                    "opt-gutenberg)")
-    p.add_argument("--adapter", default=None, help="classification: an adapter directory trained with --task "
-                   "sequence-classification (the base: --model or the one the adapter names)")
+    p.add_argument("--adapter", default=None, help="classification / QA: an adapter directory trained with --task "
+                   "(the base: --model or the one the adapter names)")
     p.add_argument("--data", required=True, help="a .txt or .jsonl file")
     p.add_argument("--stride", type=int, default=None, help="window step (default: half the context)")
     p.add_argument("--max-length", type=int, default=None,
@@ -282,7 +302,10 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("predict", help="classify JSONL rows with a fine-tuned classifier (labels, probabilities)")
+    p = sub.add_parser("predict", help="classify JSONL rows (labels, probabilities) or answer questions (SQuAD "
+                       "format) with a fine-tuned model")
+    p.add_argument("--task", choices=["sequence-classification", "question-answering"], default=None,
+                   help="default: what the model (or adapter) was fine-tuned for")
     p.add_argument("--model", default=None, help="the classifier: a checkpoint directory or hub id (or the base "
                    "model of --adapter)")
     p.add_argument("--adapter", default=None, help="an adapter directory trained with --task "
@@ -292,8 +315,12 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write the rows with their predictions here (default: stdout)")
     p.add_argument("--threshold", type=float, default=0.5, help="multi-label: probability above which a label "
                    "is predicted")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's context)")
-    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass")
+    p.add_argument("--allow-no-answer", action="store_true",
+                   help="question answering: answer '' when no-answer scores higher than every span (SQuAD 2.0)")
+    p.add_argument("--max-answer-length", type=int, default=30, help="question answering: longest answer, in tokens")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per text (default: the model's context); QA: per window (default 384)")
+    p.add_argument("--batch-size", type=int, default=16, help="texts (QA: windows) per forward pass")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.set_defaults(func=_cmd_predict)

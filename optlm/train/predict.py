@@ -1,6 +1,6 @@
-"""Using a fine-tuned task model: load a classifier (a checkpoint, or a base model plus an adapter trained with
-``--task sequence-classification``), predict labels with probabilities for JSONL rows, and score it on
-labelled rows with the metrics the trainer validates with."""
+"""Using a fine-tuned task model: load a classifier or an extractive QA reader (a checkpoint, or a base model
+plus an adapter trained with ``--task ...``), predict labels with probabilities or answers with scores, and
+score it on labelled data with the metrics the trainer validates with."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, resolve
-from ..hf import OPTForSequenceClassification
+from ..hf import OPTForQuestionAnswering, OPTForSequenceClassification
 from ..tokenizer import Tokenizer
-from . import labelled, metrics
-from .tasks import SequenceClassification, classifier_logits
+from . import labelled, metrics, qa
+from .tasks import QuestionAnswering, SequenceClassification, classifier_logits, qa_logits
 
 TASK_FILE = "task.json"  # beside an adapter trained on a task: the head's config fields (labels, problem type)
 TASK_FIELDS = ("num_labels", "id2label", "label2id", "problem_type")
@@ -80,12 +80,10 @@ class Classifier:
         return out
 
 
-def load_classifier(model: str | os.PathLike | None = None, adapter: str | os.PathLike | None = None,
-                    device: str | torch.device | None = None, dtype: Any = None,
-                    max_length: int | None = None) -> Classifier:
-    """A sequence classifier from a checkpoint directory or hub id, or a base model plus an adapter directory
-    trained with ``optlm train --task sequence-classification --lora/--adapter`` (base: ``model``, or the one
-    the adapter names)."""
+def _load(cls: type, head: str, task: str, model: str | os.PathLike | None, adapter: str | os.PathLike | None,
+          device: Any, dtype: Any) -> tuple[nn.Module, Tokenizer]:
+    """A task model from a checkpoint, or a base model plus an adapter trained on ``task`` (its head comes
+    with the adapter); a checkpoint without the head is refused rather than run with a random one."""
     fields: dict[str, Any] = {}
     tokenizer_dir = model
     if adapter is not None:
@@ -93,35 +91,120 @@ def load_classifier(model: str | os.PathLike | None = None, adapter: str | os.Pa
 
         adapter_dir, config = read_config(adapter)
         task_file = adapter_dir / TASK_FILE
-        if not task_file.is_file():
-            raise CheckpointError(f"{adapter_dir} has no {TASK_FILE}: it is not an adapter trained for "
-                                  "classification (train one with --task sequence-classification)")
+        if not task_file.is_file() or json.loads(task_file.read_text("utf-8")).get("task") != task:
+            raise CheckpointError(f"{adapter_dir} is not an adapter trained with --task {task} (no {TASK_FILE} "
+                                  "naming that task)")
         fields = {k: v for k, v in json.loads(task_file.read_text("utf-8")).items() if k in TASK_FIELDS}
         if fields.get("id2label") is not None:  # JSON object keys are strings
             fields["id2label"] = {int(k): v for k, v in fields["id2label"].items()}
+        if task != SequenceClassification.name:
+            fields = {}
         model = model or config.base_model_name_or_path
         if model is None:
             raise ValueError(f"{adapter_dir}/adapter_config.json names no base model; pass --model")
         tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer.json").is_file() else model
     if model is None:
-        raise ValueError("give --model: a classifier checkpoint (or the base model of --adapter)")
+        raise ValueError(f"give --model: a fine-tuned checkpoint (or the base model of --adapter) for {task}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        net = OPTForSequenceClassification.from_pretrained(model, dtype=dtype, device=device, **fields)
+        net = cls.from_pretrained(model, dtype=dtype, device=device, **fields)
     for w in caught:
-        if adapter is None and "score.weight not in the checkpoint" in str(w.message):
-            raise CheckpointError(f"{resolve(model)} has no classification head (score.weight): it is not a "
-                                  "fine-tuned classifier; train one with optlm train --task sequence-classification")
-        if "score.weight not in the checkpoint" not in str(w.message):
+        missing = f"{head}.weight not in the checkpoint" in str(w.message)
+        if missing and adapter is None:
+            raise CheckpointError(f"{resolve(model)} has no {task} head ({head}.weight): it is not fine-tuned for "
+                                  f"that task; train one with optlm train --task {task}")
+        if not missing:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if adapter is not None:
         net = PeftModel.from_pretrained(net, adapter).base_model
     if net.config.pad_token_id is None:
-        raise CheckpointError(f"{model} has no pad_token_id in its config; batches of texts need one")
+        raise CheckpointError(f"{model} has no pad_token_id in its config; batches need one")
+    return net.eval(), Tokenizer.from_pretrained(tokenizer_dir)
+
+
+def _length(net: nn.Module, max_length: int | None, default: int) -> int:
     limit = net.config.max_position_embeddings
     if max_length is not None and not 1 <= max_length <= limit:
         raise ValueError(f"--max-length must be between 1 and the model's context ({limit}), got {max_length}")
-    return Classifier(net.eval(), Tokenizer.from_pretrained(tokenizer_dir), max_length or limit)
+    return max_length or min(default, limit)
+
+
+def load_classifier(model: str | os.PathLike | None = None, adapter: str | os.PathLike | None = None,
+                    device: str | torch.device | None = None, dtype: Any = None,
+                    max_length: int | None = None) -> Classifier:
+    """A sequence classifier from a checkpoint directory or hub id, or a base model plus an adapter directory
+    trained with ``optlm train --task sequence-classification --lora/--adapter`` (base: ``model``, or the one
+    the adapter names)."""
+    net, tokenizer = _load(OPTForSequenceClassification, "score", SequenceClassification.name, model, adapter,
+                           device, dtype)
+    return Classifier(net, tokenizer, _length(net, max_length, net.config.max_position_embeddings))
+
+
+@dataclass
+class Reader:
+    """An extractive QA model: answers from contexts of any length (overlapping windows)."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    max_length: int
+    doc_stride: int = 128
+    max_answer_length: int = 30
+
+    @torch.no_grad()
+    def answer(self, examples: list[qa.Example], batch_size: int = 16,
+               allow_no_answer: bool = False) -> list[qa.Answer]:
+        stride = min(self.doc_stride, self.max_length // 2)
+        features = qa.Features(examples, qa.windows(self.tokenizer, examples, self.max_length, stride),
+                               self.tokenizer.pad_token_id)
+        device = next(self.model.parameters()).device
+        start, end = qa_logits(self.model, features, batch_size, device)
+        return qa.best_answers(features, start, end, self.max_answer_length, allow_no_answer=allow_no_answer)
+
+
+def load_reader(model: str | os.PathLike | None = None, adapter: str | os.PathLike | None = None,
+                device: str | torch.device | None = None, dtype: Any = None, max_length: int | None = None,
+                doc_stride: int = 128, max_answer_length: int = 30) -> Reader:
+    """An extractive QA model (a checkpoint, or a base model plus an adapter trained with ``--task
+    question-answering``); windows of ``max_length`` tokens (default 384, at most the model's context)."""
+    net, tokenizer = _load(OPTForQuestionAnswering, "qa_outputs", QuestionAnswering.name, model, adapter, device,
+                           dtype)
+    return Reader(net, tokenizer, _length(net, max_length, 384), doc_stride, max_answer_length)
+
+
+def task_of(model: str | os.PathLike | None, adapter: str | os.PathLike | None) -> str:
+    """Which task a fine-tuned checkpoint or adapter was trained for (from task.json or the saved class)."""
+    if adapter is not None:
+        from ..adapters import read_config
+
+        directory, _ = read_config(adapter)
+        if (directory / TASK_FILE).is_file():
+            return json.loads((directory / TASK_FILE).read_text("utf-8")).get("task", "")
+        return ""
+    if model is None:
+        return ""
+    config = resolve(model) / "config.json"
+    archs = (json.loads(config.read_text("utf-8")).get("architectures") or []) if config.is_file() else []
+    return {"OPTForQuestionAnswering": QuestionAnswering.name,
+            "OPTForSequenceClassification": SequenceClassification.name}.get(archs[0] if archs else "", "")
+
+
+def answer_file(reader: Reader, data: str | os.PathLike, batch_size: int = 16,
+                allow_no_answer: bool = False) -> list[dict[str, Any]]:
+    """``{"id", "question", "answer", "score"}`` for each question of a SQuAD JSON / JSONL file, in order."""
+    examples = qa.read_examples(data, require_answers=False)
+    found = reader.answer(examples, batch_size, allow_no_answer)
+    return [{"id": ex.id, "question": ex.question, "answer": a.text, "score": a.score}
+            for ex, a in zip(examples, found, strict=True)]
+
+
+def evaluate_qa_file(reader: Reader, data: str | os.PathLike, batch_size: int = 16) -> dict[str, Any]:
+    """SQuAD's exact match and F1 on ``data`` (no-answer predictions allowed when it has unanswerable
+    questions, as SQuAD 2.0 scores them)."""
+    examples = qa.read_examples(data)
+    allow = any(not e.answers for e in examples)
+    found = reader.answer(examples, batch_size, allow)
+    return metrics.squad_metrics({str(k): a.text for k, a in enumerate(found)},
+                                 {str(k): [t for t, _ in e.answers] for k, e in enumerate(examples)})
 
 
 def predict_file(clf: Classifier, data: str | os.PathLike, text_key: str = "text", batch_size: int = 16,

@@ -54,12 +54,14 @@ def _answers(raw, where: str) -> list[tuple[str, int]]:
     return out
 
 
-def _example(record: dict, where: str, context: str | None = None) -> Example:
+def _example(record: dict, where: str, context: str | None = None, require_answers: bool = True) -> Example:
     context = record.get("context") if context is None else context
     for key, value in (("question", record.get("question")), ("context", context)):
         if not isinstance(value, str):
             raise ValueError(f"{where} has no string field {key!r}")
     qid = str(record.get("id", where))
+    if require_answers and "answers" not in record and not record.get("is_impossible"):
+        raise ValueError(f"{where} has no field 'answers' (an empty list marks an unanswerable question)")
     answers = [] if record.get("is_impossible") else _answers(record.get("answers", []), where)
     for text, start in answers:
         if context[start:start + len(text)] != text:
@@ -69,8 +71,9 @@ def _example(record: dict, where: str, context: str | None = None) -> Example:
     return Example(qid, record["question"], context, answers, where)
 
 
-def read_examples(path: str | os.PathLike) -> list[Example]:
-    """SQuAD JSON (``.json``) or JSONL (one question per line); every error names the file and line or id."""
+def read_examples(path: str | os.PathLike, require_answers: bool = True) -> list[Example]:
+    """SQuAD JSON (``.json``) or JSONL (one question per line); every error names the file and line or id.
+    ``require_answers=False`` reads questions to answer (no ``answers`` field needed)."""
     path = Path(path)
     check_file(path)
     examples = []
@@ -85,7 +88,7 @@ def read_examples(path: str | os.PathLike) -> list[Example]:
             for paragraph in article.get("paragraphs", []):
                 for qa in paragraph.get("qas", []):
                     where = f"{path} question {qa.get('id', '?')}"
-                    examples.append(_example(qa, where, paragraph.get("context")))
+                    examples.append(_example(qa, where, paragraph.get("context"), require_answers))
     else:
         with open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
@@ -98,13 +101,13 @@ def read_examples(path: str | os.PathLike) -> list[Example]:
                     raise ValueError(f"{where} is not a valid UTF-8 JSON object ({e})") from None
                 if not isinstance(record, dict):
                     raise ValueError(f"{where} is not a JSON object")
-                examples.append(_example(record, where))
+                examples.append(_example(record, where, require_answers=require_answers))
     if not examples:
         raise ValueError(f"{path} has no questions")
     return examples
 
 
-@dataclass
+@dataclass(eq=False)
 class Window:
     example: int  # index of its example
     ids: np.ndarray  # (T,) token ids
