@@ -7,7 +7,8 @@ Seven authors with at least two novels among the files; for each, one whole nove
 (never a passage of a training novel), so the classifier has to recognise the author, not the book. Passages
 are ~120 words of unwrapped text (consecutive paragraphs), at most ``--train-per-author`` / ``--val-per-author``
 per author, drawn with a fixed seed. The fine-tuned runs are real ``optlm train --task sequence-classification``
-processes (full fine-tuning, and LoRA r=8 on q/v with a trainable head) from the bundled model; their scores
+processes (full fine-tuning, and LoRA r=8 on q/v with a trainable head) from the bundled model (or
+``--model``); their scores
 are ``optlm eval`` on the ``best/`` checkpoint. Requires scikit-learn (a test dependency).
 """
 
@@ -86,9 +87,10 @@ def baseline(files: dict[str, Path]) -> dict[str, float]:
             "seconds": time.perf_counter() - t0}
 
 
-def finetune(files: dict[str, Path], out: Path, extra: list[str], steps: int, lr: float) -> dict[str, float]:
+def finetune(files: dict[str, Path], out: Path, model: str, extra: list[str], steps: int,
+             lr: float) -> dict[str, float]:
     argv = [sys.executable, "-m", "optlm.cli", "train", "--task", "sequence-classification", "--model",
-            "opt-gutenberg", "--data", str(files["train"]), "--val-data", str(files["val"]), "--out", str(out),
+            model, "--data", str(files["train"]), "--val-data", str(files["val"]), "--out", str(out),
             "--overwrite", "--max-steps", str(steps), "--batch-size", "16", "--lr", str(lr), "--warmup-steps",
             str(steps // 10), "--eval-every", str(max(steps // 6, 1)), "--save-every", str(steps),
             "--block-size", "256", "--dropout", "0.1", "--dtype", "fp32", "--quiet", *extra]
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--gutenberg", type=Path, required=True, help="directory of the novels' .txt files")
     parser.add_argument("--out", type=Path, default=Path("runs/authorship"), help="data and runs go here")
+    parser.add_argument("--model", default="opt-gutenberg", help="the checkpoint to fine-tune (dir or hub id)")
     parser.add_argument("--words", type=int, default=120, help="words per passage")
     parser.add_argument("--train-per-author", type=int, default=300)
     parser.add_argument("--val-per-author", type=int, default=80)
@@ -131,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(f"| TF-IDF (1-2 grams) + logistic regression | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
                 f"{r['seconds']:.0f} | |")
     print(rows[-1], flush=True)
-    for name, extra, lr in (("opt-gutenberg, full fine-tuning", [], 1e-4),
-                            ("opt-gutenberg, LoRA r=8 (q_proj, v_proj) + head", ["--lora", "r=8,alpha=16"], 1e-3)):
-        r = finetune(files, args.out / name.split(", ")[1].split(" ")[0].lower(), extra, args.steps, lr)
+    for kind, extra, lr in (("full fine-tuning", [], 1e-4),
+                            ("LoRA r=8 (q_proj, v_proj) + head", ["--lora", "r=8,alpha=16"], 1e-3)):
+        name = f"{args.model}, {kind}"
+        r = finetune(files, args.out / kind.split(" ")[0].lower(), args.model, extra, args.steps, lr)
         rows.append(f"| {name} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['seconds']:.0f} | "
                     f"{r['best_step']} |")
         print(rows[-1], flush=True)

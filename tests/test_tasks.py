@@ -137,6 +137,8 @@ def test_separable_task_reaches_full_accuracy_and_best_is_kept(trained, data):
     assert config["id2label"] == {"0": "farm", "1": "sea", "2": "war"}
     assert config["architectures"] == ["OPTForSequenceClassification"]
     assert (trained / "confusion.png").stat().st_size > 0 and (trained / "best" / "confusion.png").is_file()
+    table = (trained / "validation.txt").read_text()
+    assert "confusion matrix (rows: true label, columns: predicted)" in table and "farm" in table
 
 
 def test_best_checkpoint_loads_in_transformers_with_our_logits(trained, data):

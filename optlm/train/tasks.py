@@ -271,6 +271,9 @@ class SequenceClassification(Task):
         return f"val loss {m['val_loss']:.4f}, accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
 
     def after_validation(self, m: dict[str, Any], directory: Path) -> None:
+        """``validation.txt`` (headline numbers, the per-label table, the confusion matrix) and
+        ``confusion.png``."""
+        (directory / "validation.txt").write_text(metrics.format_report(m, self.labels) + "\n", "utf-8")
         if "confusion_matrix" in m:
             metrics.plot_confusion(m["confusion_matrix"], self.labels, directory / "confusion.png",
                                    f"validation, accuracy {m['accuracy']:.3f}")
