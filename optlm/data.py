@@ -101,6 +101,27 @@ def _safe_cut(text: str) -> int:
             return i + 1
 
 
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, str, dict]]:
+    """``(line number, where, object)`` for each non-blank line of a JSONL file (``where``: "FILE line N");
+    a line that is not UTF-8 or not one JSON object is an error naming it."""
+    path = Path(path)
+    check_file(path)
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path} line {n}"
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where} is not UTF-8 ({e.reason}); convert the file to UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where} is not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where} is not a JSON object; each line must be one")
+            yield n, where, record
+
+
 def iter_documents(path: str | os.PathLike, jsonl_key: str = "text",
                    unwrapped: bool = False) -> Iterator[tuple[str, bool]]:
     """Yield ``(text piece, starts a new document)``.
@@ -112,23 +133,11 @@ def iter_documents(path: str | os.PathLike, jsonl_key: str = "text",
     path = Path(path)
     check_file(path)
     if path.suffix == ".jsonl":
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{path} line {n} is not UTF-8 ({e.reason}); convert the file to UTF-8") from None
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}); each line must be one "
-                                     "JSON object") from None
-                if not isinstance(record, dict) or not isinstance(record.get(jsonl_key), str):
-                    raise ValueError(f"{path} line {n} has no string field {jsonl_key!r}; pass the field that "
-                                     "holds the text (--jsonl-key)")
-                yield (unwrap(record[jsonl_key]) if unwrapped else record[jsonl_key]), True
+        for _, where, record in iter_jsonl(path):
+            if not isinstance(record.get(jsonl_key), str):
+                raise ValueError(f"{where} has no string field {jsonl_key!r}; pass the field that holds the text "
+                                 "(--jsonl-key)")
+            yield (unwrap(record[jsonl_key]) if unwrapped else record[jsonl_key]), True
     else:
         first = True
         for piece in _text_pieces(path, unwrapped):

@@ -262,7 +262,7 @@ def test_classification_flags_are_checked(data, tmp_path, capsys):
                "--class-weights", "balanced", "--quiet"])
     assert rc == 1 and "--class-weights applies to --task sequence-classification" in capsys.readouterr().err
     rc = main(["predict", "--model", "opt-gutenberg", "--data", str(data["val"])])
-    assert rc == 1 and "no classification head" in capsys.readouterr().err
+    assert rc == 1 and "has no sequence-classification head (score.weight)" in capsys.readouterr().err
 
 
 def test_labels_of_each_kind():

@@ -11,17 +11,15 @@ sits in the last column.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..data import check_file, epoch_order
+from ..data import epoch_order, iter_jsonl
 from ..tokenizer import Tokenizer
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
@@ -36,27 +34,14 @@ class Row:
 
 def read_rows(path: str | os.PathLike, text_key: str, label_key: str | None) -> list[Row]:
     """Every non-blank line of a JSONL file; ``label_key=None`` reads texts only (prediction)."""
-    path = Path(path)
-    check_file(path)
     rows = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path} line {n}"
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where} is not UTF-8 ({e.reason}); convert the file to UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where} is not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                raise ValueError(f"{where} has no string field {text_key!r} (the text); name the field with "
-                                 "--text-key")
-            if label_key is not None and record.get(label_key) is None:
-                raise ValueError(f"{where} has no field {label_key!r} (the label); every row needs one — name the "
-                                 "field with --label-key")
-            rows.append(Row(record[text_key], None if label_key is None else record[label_key], n))
+    for n, where, record in iter_jsonl(path):
+        if not isinstance(record.get(text_key), str):
+            raise ValueError(f"{where} has no string field {text_key!r} (the text); name the field with --text-key")
+        if label_key is not None and record.get(label_key) is None:
+            raise ValueError(f"{where} has no field {label_key!r} (the label); every row needs one — name the "
+                             "field with --label-key")
+        rows.append(Row(record[text_key], None if label_key is None else record[label_key], n))
     if not rows:
         raise ValueError(f"{path} has no examples (no non-blank lines)")
     return rows
@@ -147,15 +132,15 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_length: int) ->
     return [np.asarray(ids[:max_length], dtype=np.int64) for ids in full], cut
 
 
-def pad_left(rows: Sequence[np.ndarray], pad_id: int) -> tuple[Tensor, Tensor]:
-    """``input_ids`` and ``attention_mask`` (B, longest row), padded on the left."""
+def pad_rows(rows: Sequence[np.ndarray], pad_id: int, side: str = "left") -> tuple[Tensor, Tensor]:
+    """``input_ids`` and ``attention_mask`` (B, longest row), padded on ``side``."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        if len(r):
-            ids[i, width - len(r):] = torch.from_numpy(r)
-            mask[i, width - len(r):] = 1
+        where = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, where] = torch.from_numpy(np.asarray(r, dtype=np.int64))
+        mask[i, where] = 1
     return ids, mask
 
 
@@ -175,7 +160,7 @@ class LabelledTexts:
         return len(self.ids)
 
     def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
-        input_ids, attention_mask = pad_left([self.ids[i] for i in indices], self.pad_id)
+        input_ids, attention_mask = pad_rows([self.ids[i] for i in indices], self.pad_id)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": self.labels[list(indices)]}
 
     def example_index(self, k: int) -> int:

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data import check_file, epoch_order
+from ..data import check_file, epoch_order, iter_jsonl
 from ..tokenizer import Tokenizer
+from .labelled import pad_rows
 
 
 @dataclass
@@ -90,18 +91,7 @@ def read_examples(path: str | os.PathLike, require_answers: bool = True) -> list
                     where = f"{path} question {qa.get('id', '?')}"
                     examples.append(_example(qa, where, paragraph.get("context"), require_answers))
     else:
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                where = f"{path} line {n}"
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise ValueError(f"{where} is not a valid UTF-8 JSON object ({e})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{where} is not a JSON object")
-                examples.append(_example(record, where, require_answers=require_answers))
+        examples = [_example(record, where, require_answers=require_answers) for _, where, record in iter_jsonl(path)]
     if not examples:
         raise ValueError(f"{path} has no questions")
     return examples
@@ -154,16 +144,6 @@ def _target(w: Window, text: str, start_char: int) -> tuple[int, int]:
     return w.context_start + s, w.context_start + e
 
 
-def pad_right(rows: Sequence[np.ndarray], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.from_numpy(r)
-        mask[i, :len(r)] = 1
-    return ids, mask
-
-
 @dataclass
 class Features:
     """Windows of a QA data set; training batches in a per-epoch shuffled order of windows."""
@@ -179,7 +159,7 @@ class Features:
 
     def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
         chosen = [self.windows[i] for i in indices]
-        input_ids, mask = pad_right([w.ids for w in chosen], self.pad_id)
+        input_ids, mask = pad_rows([w.ids for w in chosen], self.pad_id, side="right")
         return {"input_ids": input_ids, "attention_mask": mask,
                 "start_positions": torch.tensor([w.start for w in chosen]),
                 "end_positions": torch.tensor([w.end for w in chosen])}

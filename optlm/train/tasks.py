@@ -140,7 +140,7 @@ def classifier_logits(model: nn.Module, ids: Sequence[np.ndarray], pad_id: int, 
     out = torch.empty(len(ids), model.config.num_labels)
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
-        input_ids, mask = labelled.pad_left([ids[i] for i in chosen], pad_id)
+        input_ids, mask = labelled.pad_rows([ids[i] for i in chosen], pad_id)
         out[chosen] = model(input_ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
     return out
 
