@@ -568,6 +568,8 @@ def test_the_guard_refuses_before_the_generator_and_passes_the_rest_unchanged(gu
     want = client.completions.create(model="tiny", prompt=[story, PROMPTS[0]], max_tokens=12, temperature=0)
     assert [c.text for c in got.choices] == [c.text for c in want.choices]
     assert _metric(guarded["base"], "optlm:engine_requests_added") == added + 2
+    bad = httpx.post(f"{guarded['base']}/v1/completions", json={"prompt": [-1]}, timeout=30)  # ids are checked first
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
 
 
 def test_guard_verdicts_follow_the_threshold_and_allowed_labels(guard_dir):

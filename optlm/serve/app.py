@@ -274,7 +274,7 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
         scored = body.echo and body.logprobs is not None
         params = _params(body, max_tokens=1 if echo_only else body.max_tokens, logprobs=body.logprobs,
                          prompt_logprobs=body.logprobs if scored else None)
-        await _screen([p if isinstance(p, str) else b.tokenizer.decode(p) for p in prompts], "prompt")
+        await _screen(prompts, "prompt")
         created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
         streams = await _submit(prompts, params, lora)
         if body.stream:
@@ -389,10 +389,15 @@ def build_app(engine: AsyncEngine | None, tokenizer: Any, model_name: str, api_k
 
     # ---- helpers (closures over the app's settings) -------------------------------------------------------
 
-    async def _screen(texts: list[str], param: str) -> None:
-        """Refuse the request (OpenAI's content_filter error) when the guard refuses any of ``texts``."""
-        if b.guard is None or not texts:
+    async def _screen(prompts: list, param: str) -> None:
+        """Refuse the request (OpenAI's content_filter error) when the guard refuses any of ``prompts`` (texts,
+        or token ids, which it reads decoded)."""
+        if b.guard is None or not prompts:
             return
+        for p in prompts:
+            if not isinstance(p, str):
+                _check_ids(p, param)
+        texts = [p if isinstance(p, str) else b.tokenizer.decode(p) for p in prompts]
         try:
             verdicts = await b.guard.check(b.engine, texts)
         except EngineDeadError as e:
