@@ -319,13 +319,15 @@ def quantize_int4_groups(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Te
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, lm_head: bool = True) -> nn.Module:
+def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, lm_head: bool = True,
+             keep: tuple[str, ...] = ()) -> nn.Module:
     """Replace the model's ``nn.Linear`` layers by weight-only int8 or int4 ones, in place; returns the model.
 
     The q/k/v projections of each layer are also fused into one matmul (``optlm.fast.fuse_qkv``).
 
-    ``lm_head=False`` keeps the (tied) LM head and embedding in floating point. The model is switched to
-    eval mode: quantized weights are frozen (fine-tune first, or train adapters on top).
+    ``lm_head=False`` keeps the (tied) LM head and embedding in floating point; ``keep`` names other linear
+    modules to leave in floating point (e.g. ``("score",)``: a task head an adapter run trains whole). The
+    model is switched to eval mode: quantized weights are frozen (fine-tune first, or train adapters on top).
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -341,7 +343,7 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, lm_head
                          "(device='cpu'), or use bf16 on a GPU")
     model.eval()
     _swap_modules(model, mode, group_size, lm_head, lambda kind, linear: kind.from_float(linear)
-                  if kind is Int8Linear else kind.from_float(linear, group_size))
+                  if kind is Int8Linear else kind.from_float(linear, group_size), keep)
     # Own copies of the float tensors left (norms, biases, positions): a loaded model's tensors share the
     # checkpoint's memory map, which would otherwise keep every fp32 weight resident.
     for t in list(model.parameters()) + list(model.buffers()):
@@ -350,20 +352,22 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, lm_head
     _finish(model, mode)
     if hasattr(model, "config"):
         model.config.extra["quantization_config"] = {"quant_method": QUANT_METHOD, "mode": mode,
-                                                     "group_size": group_size, "lm_head": lm_head}
+                                                     "group_size": group_size, "lm_head": lm_head,
+                                                     **({"keep": list(keep)} if keep else {})}
     return model
 
 
-def _swap_modules(model: nn.Module, mode: str, group_size: int, lm_head: bool, make) -> None:
-    """Replace each ``nn.Linear`` by ``make(Int8Linear | Int4Linear, linear)``; the (tied) head and embedding
-    become an int8 head and an embedding that reads its rows."""
+def _swap_modules(model: nn.Module, mode: str, group_size: int, lm_head: bool, make,
+                  keep: tuple[str, ...] = ()) -> None:
+    """Replace each ``nn.Linear`` (but those named in ``keep``) by ``make(Int8Linear | Int4Linear, linear)``;
+    the (tied) head and embedding become an int8 head and an embedding that reads its rows."""
     # The head and embedding are found through transformers' accessors, so any model family that has them works.
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = head is not None and emb is not None and head.weight is emb.weight
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear) or child is head:
+            if not isinstance(child, nn.Linear) or child is head or name in keep:
                 continue
             int4 = mode == "int4" and child.in_features % group_size == 0
             setattr(parent, name, make(Int4Linear if int4 else Int8Linear, child))
@@ -423,7 +427,7 @@ def prepare_quantized(model: nn.Module, qc: dict) -> None:
 
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # a tied head becomes one int8 matrix the embedding reads, as in quantize()
-    _swap_modules(model, qc["mode"], qc["group_size"], qc["lm_head"], empty)
+    _swap_modules(model, qc["mode"], qc["group_size"], qc["lm_head"], empty, tuple(qc.get("keep", ())))
 
 
 def finish_quantized(model: nn.Module, state: dict[str, Tensor], qc: dict) -> None:

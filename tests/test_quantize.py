@@ -94,6 +94,19 @@ def test_fused_equals_unfused_and_generation_runs(mode):
     assert out.shape == (2, 16)
 
 
+def test_kept_modules_stay_float_and_the_save_loads_back_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = optlm.OPTForSequenceClassification(optlm.OPTConfig(**SMALL, num_labels=3, pad_token_id=1)).eval()
+    optlm.quantize(model, "int8", keep=("score",))
+    assert type(model.score) is torch.nn.Linear and isinstance(model.model.decoder.layers[0].fc1, Int8Linear)
+    model.save_pretrained(tmp_path)
+    loaded = optlm.OPTForSequenceClassification.from_pretrained(tmp_path)
+    assert type(loaded.score) is torch.nn.Linear and loaded.config.extra["quantization_config"]["keep"] == ["score"]
+    ids = torch.randint(4, 256, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 def test_from_pretrained_quantize_kwarg(tmp_path):
     _model().save_pretrained(tmp_path)
     loaded = optlm.OPTForCausalLM.from_pretrained(tmp_path, quantize="int8")

@@ -211,6 +211,21 @@ def test_lora_classifier_loads_in_peft_with_our_logits(data, tmp_path, capsys):
             torch.testing.assert_close(ref(**tok(text, return_tensors="pt")).logits[0], row, atol=1e-5, rtol=1e-5)
 
 
+def test_a_lora_classifier_on_an_int8_base_trains_its_float_head(data, tmp_path, capsys):
+    rc, out, err = train(capsys, tmp_path / "q", data, "--max-steps", "30", "--eval-every", "30", "--lr", "3e-3",
+                         "--lora", "r=8", "--quantize", "int8")
+    assert rc == 0, err
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "q" / "best" / "adapter_model.safetensors", "pt") as f:
+        assert "base_model.model.score.weight" in f.keys()  # the head trained whole, in float
+    assert records(tmp_path / "q")[-1]["accuracy"] > 0.9
+    capsys.readouterr()
+    assert main(["eval", "--task", "sequence-classification", "--adapter", str(tmp_path / "q" / "best"), "--data",
+                 str(data["val"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] > 0.9
+
+
 def test_multilabel_and_regression_runs(data, tmp_path, capsys):
     root = data["root"]
     multi = {k: write_rows(root / f"m_{k}.jsonl", n, s, lambda t, r: [t] + (["long"] if r.random() < 0.5 else []))

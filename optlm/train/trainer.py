@@ -532,7 +532,7 @@ def _with_adapter(args: TrainArgs, task: Task, tokenizer: Tokenizer, overrides: 
     if args.quantize is not None:
         from ..quantize import quantize
 
-        quantize(model, args.quantize)
+        quantize(model, args.quantize, keep=task.heads)  # a task head trains whole, in floating point
     if resume_from is not None:
         load_adapter(model, resume_from, "default")
     else:
