@@ -88,6 +88,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
         reader = load_reader(args.model, args.adapter, args.device, args.dtype, args.max_length,
                              max_answer_length=args.max_answer_length)
+        reader.progress = not args.quiet
         m = evaluate_qa_file(reader, args.data, args.batch_size)
         print(json.dumps(m) if args.json else "\n".join(f"{k + ':':<24}{v:.2f}" if isinstance(v, float) else
                                                          f"{k + ':':<24}{v}" for k, v in m.items()))
@@ -96,6 +97,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from .train.predict import evaluate_file, load_classifier, report
 
         clf = load_classifier(args.model, args.adapter, args.device, args.dtype, args.max_length)
+        clf.progress = not args.quiet
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
         m = evaluate_file(clf, args.data, args.jsonl_key, args.label_key, args.batch_size)
@@ -130,9 +132,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if task == "question-answering":
         reader = load_reader(args.model, args.adapter, args.device, args.dtype, args.max_length,
                              max_answer_length=args.max_answer_length)
+        reader.progress = not args.quiet
         rows = answer_file(reader, args.data, args.batch_size, args.allow_no_answer)
     else:
         clf = load_classifier(args.model, args.adapter, args.device, args.dtype, args.max_length)
+        clf.progress = not args.quiet
         rows = predict_file(clf, args.data, args.text_key, args.batch_size, args.threshold)
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]
     if args.out is None:
@@ -323,6 +327,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="texts (QA: windows) per forward pass")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 
 

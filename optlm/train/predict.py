@@ -36,6 +36,7 @@ class Classifier:
     model: nn.Module
     tokenizer: Tokenizer
     max_length: int
+    progress: bool = False  # a progress bar on stderr over the texts
 
     @property
     def labels(self) -> list[str]:
@@ -59,7 +60,7 @@ class Classifier:
         """(N, num_labels) float32 logits, each text cut to ``max_length`` tokens (its start kept)."""
         ids, _ = labelled.encode_texts(self.tokenizer, texts, self.max_length)
         device = next(self.model.parameters()).device
-        return classifier_logits(self.model, ids, self.tokenizer.pad_token_id, batch_size, device)
+        return classifier_logits(self.model, ids, self.tokenizer.pad_token_id, batch_size, device, self.progress)
 
     def predict(self, texts: list[str], batch_size: int = 16, threshold: float = 0.5) -> list[dict[str, Any]]:
         """Per text: ``label`` and its probability ``score`` and all ``probs`` (single-label); ``labels`` over
@@ -149,6 +150,7 @@ class Reader:
     max_length: int
     doc_stride: int = 128
     max_answer_length: int = 30
+    progress: bool = False  # a progress bar on stderr over the windows
 
     @torch.no_grad()
     def answer(self, examples: list[qa.Example], batch_size: int = 16,
@@ -157,7 +159,7 @@ class Reader:
         features = qa.Features(examples, qa.windows(self.tokenizer, examples, self.max_length, stride),
                                self.tokenizer.pad_token_id)
         device = next(self.model.parameters()).device
-        start, end = qa_logits(self.model, features, batch_size, device)
+        start, end = qa_logits(self.model, features, batch_size, device, self.progress)
         return qa.best_answers(features, start, end, self.max_answer_length, allow_no_answer=allow_no_answer)
 
 

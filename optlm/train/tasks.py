@@ -11,6 +11,7 @@ the loss of a batch and the validation metrics.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 from ..data import BlockDataset, epoch_order, split_tokens, tokenize_files
 from ..hf import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
@@ -133,15 +135,21 @@ class CausalLM(Task):
 
 # ---- sequence classification ------------------------------------------------------------------------------
 
+def _bar(total: int, desc: str, progress: bool):
+    return tqdm(total=total, desc=desc, unit="row", disable=not progress, file=sys.stderr, leave=False)
+
+
 def classifier_logits(model: nn.Module, ids: Sequence[np.ndarray], pad_id: int, batch_size: int,
-                      device: torch.device | str = "cpu") -> Tensor:
+                      device: torch.device | str = "cpu", progress: bool = False) -> Tensor:
     """(N, num_labels) float32 logits of each row, in order; rows are batched by length (less padding)."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = torch.empty(len(ids), model.config.num_labels)
-    for start in range(0, len(order), batch_size):
-        chosen = order[start:start + batch_size]
-        input_ids, mask = labelled.pad_rows([ids[i] for i in chosen], pad_id)
-        out[chosen] = model(input_ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+    with _bar(len(ids), "classify", progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            input_ids, mask = labelled.pad_rows([ids[i] for i in chosen], pad_id)
+            out[chosen] = model(input_ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+            bar.update(len(chosen))
     return out
 
 
@@ -281,16 +289,18 @@ class SequenceClassification(Task):
 
 # ---- extractive question answering -------------------------------------------------------------------------
 
-def qa_logits(model: nn.Module, features: qa.Features, batch_size: int,
-              device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+def qa_logits(model: nn.Module, features: qa.Features, batch_size: int, device: torch.device | str = "cpu",
+              progress: bool = False) -> tuple[Tensor, Tensor]:
     """Start and end logits of every window, (windows, longest window) float32 each (padding at the end)."""
     width = max(len(w.ids) for w in features.windows)
     start = torch.full((len(features), width), float("-inf"))
     end = torch.full((len(features), width), float("-inf"))
-    for idx, batch in qa.iter_batches(features, batch_size):
-        out = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        T = out.start_logits.shape[1]
-        start[idx, :T], end[idx, :T] = out.start_logits.float().cpu(), out.end_logits.float().cpu()
+    with _bar(len(features), "read", progress) as bar:
+        for idx, batch in qa.iter_batches(features, batch_size):
+            out = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            T = out.start_logits.shape[1]
+            start[idx, :T], end[idx, :T] = out.start_logits.float().cpu(), out.end_logits.float().cpu()
+            bar.update(len(idx))
     return start, end
 
 
