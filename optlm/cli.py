@@ -190,7 +190,9 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
                    help="causal-lm: next-token prediction on text; sequence-classification: a label per JSONL row "
                         "(--text-key, --label-key), validated with accuracy / F1 / a confusion matrix; "
                         "question-answering: answer spans in SQuAD JSON / JSONL, validated with exact match / F1")
-    p.add_argument("--data", nargs="+", required=True, help="training files: .txt (one document each) or .jsonl")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="training files: .txt (one document each) or .jsonl; classification: .jsonl, .csv or .tsv "
+                        "rows; QA: SQuAD .json or .jsonl")
     p.add_argument("--out", dest="out_dir", required=True, help="output directory for checkpoints and logs")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint directory or hub id to fine-tune")
@@ -314,7 +316,8 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
                    "model of --adapter)")
     p.add_argument("--adapter", default=None, help="an adapter directory trained with --task "
                    "sequence-classification")
-    p.add_argument("--data", required=True, help="a .jsonl file, one object with a text field per line")
+    p.add_argument("--data", required=True, help="classification: a .jsonl file (one object with a text field per "
+                   "line) or a .csv / .tsv file with a header; QA: SQuAD .json or .jsonl")
     p.add_argument("--text-key", default="text", help="JSONL field that holds the text")
     p.add_argument("--out", default=None, help="write the rows with their predictions here (default: stdout)")
     p.add_argument("--threshold", type=float, default=0.5, help="multi-label: probability above which a label "

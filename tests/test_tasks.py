@@ -280,6 +280,29 @@ def test_classification_flags_are_checked(data, tmp_path, capsys):
     assert rc == 1 and "has no sequence-classification head (score.weight)" in capsys.readouterr().err
 
 
+def test_csv_and_tsv_rows_train_and_name_their_lines(data, tmp_path, capsys):
+    import csv
+
+    for suffix, delimiter in ((".csv", ","), (".tsv", "\t")):
+        files = {}
+        for split in ("train", "val"):
+            rows = [json.loads(line) for line in data[split].read_text().splitlines()]
+            rows[0]["text"] = 'with "quotes", a comma\nand a line break'  # quoted in the file, read back whole
+            files[split] = tmp_path / f"{split}{suffix}"
+            with open(files[split], "w", newline="") as f:
+                writer = csv.DictWriter(f, ["text", "label"], delimiter=delimiter)
+                writer.writeheader()
+                writer.writerows(rows)
+        first = labelled.read_rows(files["val"], "text", "label")[0]
+        assert first.text == 'with "quotes", a comma\nand a line break' and first.label == rows[0]["label"]
+        rc, out, err = train(capsys, tmp_path / f"run{suffix}", files, "--max-steps", "4", "--eval-every", "4")
+        assert rc == 0, err
+        assert set(records(tmp_path / f"run{suffix}")[-1]["per_label"]) == {"farm", "sea", "war"}
+    (tmp_path / "bad.csv").write_text("text,label\na,x\nb,\nc,y\n")
+    with pytest.raises(ValueError, match=r"bad.csv line 3 has no field 'label'"):
+        labelled.read_rows(tmp_path / "bad.csv", "text", "label")
+
+
 def test_labels_of_each_kind():
     rows = [labelled.Row("t", v, i) for i, v in enumerate([3, 1, 2.0, 10], 1)]
     assert labelled.infer_problem_type(rows, "f") == "single_label_classification"

@@ -1,7 +1,8 @@
-"""Labelled texts for sequence classification: JSONL rows read with line-numbered errors, the label set,
-and batches padded on the left.
+"""Labelled texts for sequence classification: JSONL or CSV / TSV rows read with line-numbered errors, the
+label set, and batches padded on the left.
 
-A row is a JSON object with a text field and a label field (names chosen by the caller). The label decides the
+A row is a JSON object (or a CSV row under a header) with a text field and a label field (names chosen by the
+caller). The label decides the
 problem type unless one is given: a string or a whole number is one class (single-label), a list of them is a
 set of classes (multi-label), any other number is a target value (regression). The classes are the sorted
 distinct labels of the training file, named as strings (``id2label`` / ``label2id``, as transformers saves
@@ -11,15 +12,17 @@ sits in the last column.
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..data import epoch_order, iter_jsonl
+from ..data import check_file, epoch_order, iter_jsonl
 from ..tokenizer import Tokenizer
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
@@ -32,10 +35,50 @@ class Row:
     line: int
 
 
+def _csv_records(path: Path):
+    """``(line, where, record)`` for each row of a CSV / TSV file with a header row (fields as strings; a label
+    column of whole numbers reads as numbers, as a JSON file would give them)."""
+    check_file(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        try:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+            for record in reader:
+                n = reader.line_num
+                if not any((v or "").strip() for v in record.values()):
+                    continue
+                yield n, f"{path} line {n}", {k: _number(v) for k, v in record.items() if k is not None}
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 ({e.reason}); convert the file to UTF-8") from None
+        except csv.Error as e:
+            raise ValueError(f"{path} line {reader.line_num}: {e}") from None
+
+
+def _number(value: str | None) -> object:
+    """A CSV cell as a JSON value: whole and decimal numbers become numbers; an empty cell is missing."""
+    if value is None or value == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def read_records(path: str | os.PathLike):
+    """``(line, where, record)`` for each row of a JSONL, CSV or TSV file (by its suffix; CSV / TSV need a
+    header row naming the columns)."""
+    path = Path(path)
+    return _csv_records(path) if path.suffix in (".csv", ".tsv") else iter_jsonl(path)
+
+
 def read_rows(path: str | os.PathLike, text_key: str, label_key: str | None) -> list[Row]:
-    """Every non-blank line of a JSONL file; ``label_key=None`` reads texts only (prediction)."""
+    """Every row of a JSONL file (one object per line) or a CSV / TSV file with a header; ``label_key=None``
+    reads texts only (prediction)."""
     rows = []
-    for n, where, record in iter_jsonl(path):
+    for n, where, record in read_records(path):
+        if isinstance(record.get(text_key), (int, float)):  # a CSV text cell that looks like a number
+            record[text_key] = str(record[text_key])
         if not isinstance(record.get(text_key), str):
             raise ValueError(f"{where} has no string field {text_key!r} (the text); name the field with --text-key")
         if label_key is not None and record.get(label_key) is None:

@@ -211,10 +211,10 @@ def evaluate_qa_file(reader: Reader, data: str | os.PathLike, batch_size: int = 
 
 def predict_file(clf: Classifier, data: str | os.PathLike, text_key: str = "text", batch_size: int = 16,
                  threshold: float = 0.5) -> list[dict[str, Any]]:
-    """Each JSONL row of ``data`` with the prediction added (``predicted_label``/``score``/``probs``, or
+    """Each row of ``data`` (JSONL, CSV or TSV) with the prediction added (``predicted_label``/``score``/``probs``, or
     ``predicted_labels``, or ``predicted_value``), in order."""
     rows = labelled.read_rows(data, text_key, None)
-    records = [json.loads(line) for line in Path(data).read_text("utf-8").splitlines() if line.strip()]
+    records = [record for _, _, record in labelled.read_records(data)]
     out = []
     for record, prediction in zip(records, clf.predict([r.text for r in rows], batch_size, threshold), strict=True):
         named = {("predicted_" + k if k in ("label", "labels", "value") else k): v for k, v in prediction.items()}
