@@ -224,6 +224,6 @@ def test_bad_qa_data_is_one_line_naming_file_and_line(tmp_path, capsys, content,
     data = tmp_path / f"train{suffix}"
     data.write_text(content + ("\n" if content else ""))
     rc = main(["train", "--task", "question-answering", "--model", "opt-gutenberg", "--data", str(data), "--out",
-               str(tmp_path / "out"), "--max-steps", "2", "--quiet"])
+               str(tmp_path / "out"), "--max-steps", "2", "--warmup-steps", "1", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 1 and message in err and err.count("\n") == 1, err

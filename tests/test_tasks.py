@@ -263,7 +263,7 @@ def test_bad_data_is_one_line_naming_file_and_line(tmp_path, capsys, rows, val_r
 
     files = {"train": write("train.jsonl", rows),
              "val": write("val.jsonl", val_rows or [{"text": "v", "label": "x"}, {"text": "w", "label": "y"}])}
-    rc, out, err = train(capsys, tmp_path / "out", files, "--max-steps", "2")
+    rc, out, err = train(capsys, tmp_path / "out", files, "--max-steps", "2", "--warmup-steps", "1")
     assert rc == 1 and message in err, err
     assert err.count("\n") == 1 and err.startswith("optlm train: error: ")
 
