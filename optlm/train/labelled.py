@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ class Row:
     text: str
     label: object  # str / int / float / list, as read
     line: int
+    record: dict = field(default_factory=dict, repr=False)  # every field of the row, as read
 
 
 def _csv_records(path: Path):
@@ -84,7 +85,7 @@ def read_rows(path: str | os.PathLike, text_key: str, label_key: str | None) -> 
         if label_key is not None and record.get(label_key) is None:
             raise ValueError(f"{where} has no field {label_key!r} (the label); every row needs one — name the "
                              "field with --label-key")
-        rows.append(Row(record[text_key], None if label_key is None else record[label_key], n))
+        rows.append(Row(record[text_key], None if label_key is None else record[label_key], n, record))
     if not rows:
         raise ValueError(f"{path} has no examples (no non-blank lines)")
     return rows

@@ -92,14 +92,14 @@ def _load(cls: type, head: str, task: str, model: str | os.PathLike | None, adap
 
         adapter_dir, config = read_config(adapter)
         task_file = adapter_dir / TASK_FILE
-        if not task_file.is_file() or json.loads(task_file.read_text("utf-8")).get("task") != task:
+        saved = json.loads(task_file.read_text("utf-8")) if task_file.is_file() else {}
+        if saved.get("task") != task:
             raise CheckpointError(f"{adapter_dir} is not an adapter trained with --task {task} (no {TASK_FILE} "
                                   "naming that task)")
-        fields = {k: v for k, v in json.loads(task_file.read_text("utf-8")).items() if k in TASK_FIELDS}
-        if fields.get("id2label") is not None:  # JSON object keys are strings
-            fields["id2label"] = {int(k): v for k, v in fields["id2label"].items()}
-        if task != SequenceClassification.name:
-            fields = {}
+        if task == SequenceClassification.name:  # the head's size and labels, as peft keeps them in the base
+            fields = {k: v for k, v in saved.items() if k in TASK_FIELDS}
+            if fields.get("id2label") is not None:  # JSON object keys are strings
+                fields["id2label"] = {int(k): v for k, v in fields["id2label"].items()}
         model = model or config.base_model_name_or_path
         if model is None:
             raise ValueError(f"{adapter_dir}/adapter_config.json names no base model; pass --model")
@@ -214,11 +214,10 @@ def predict_file(clf: Classifier, data: str | os.PathLike, text_key: str = "text
     """Each row of ``data`` (JSONL, CSV or TSV) with the prediction added (``predicted_label``/``score``/``probs``, or
     ``predicted_labels``, or ``predicted_value``), in order."""
     rows = labelled.read_rows(data, text_key, None)
-    records = [record for _, _, record in labelled.read_records(data)]
     out = []
-    for record, prediction in zip(records, clf.predict([r.text for r in rows], batch_size, threshold), strict=True):
+    for row, prediction in zip(rows, clf.predict([r.text for r in rows], batch_size, threshold), strict=True):
         named = {("predicted_" + k if k in ("label", "labels", "value") else k): v for k, v in prediction.items()}
-        out.append({**record, **named})
+        out.append({**row.record, **named})
     return out
 
 

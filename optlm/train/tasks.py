@@ -45,7 +45,21 @@ class Task:
         return {}
 
     def check_model(self, model: nn.Module, source: str) -> None:
-        """Refuse a built model the task cannot use (the message names the fix)."""
+        """Refuse a built model the task cannot use (the message names the fix): a task head reads padded
+        batches, so it needs a pad token."""
+        if self.heads and model.config.pad_token_id is None:
+            raise ValueError(f"{source} has no pad_token_id in its config; padded batches need one "
+                             "(--set pad_token_id=1 for OPT's tokenizer)")
+
+    def hold_out(self, items: list, args: Any, what: str) -> tuple[list, list]:
+        """Training and validation items without --val-data: a --val-fraction drawn with the seed (from an
+        'epoch' training never reaches), each part in file order."""
+        order = epoch_order(args.seed, 2**31, len(items))
+        n_val = max(1, int(len(items) * args.val_fraction))
+        if len(items) - n_val < 1:
+            raise ValueError(f"{args.data[0]} has {len(items)} {what}: too few to hold out --val-fraction "
+                             f"{args.val_fraction} for validation; add {what} or pass --val-data")
+        return [items[i] for i in sorted(order[n_val:])], [items[i] for i in sorted(order[:n_val])]
 
     def datasets(self, args: Any, tokenizer: Tokenizer, out: Path) -> tuple[Any, Any]:
         raise NotImplementedError
@@ -200,24 +214,13 @@ class SequenceClassification(Task):
         return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
                 "label2id": {n: i for i, n in enumerate(self.labels)}, "problem_type": self.problem_type}
 
-    def check_model(self, model: nn.Module, source: str) -> None:
-        if model.config.pad_token_id is None:
-            raise ValueError(f"{source} has no pad_token_id in its config; batches of texts need one to pad with "
-                             "(--set pad_token_id=1 for OPT's tokenizer)")
-
     def datasets(self, args: Any, tokenizer: Tokenizer, out: Path):
         if args.unwrap:
             raise ValueError("--unwrap applies to causal-lm text files; classification reads one text per row")
         if args.val_data:
             train_rows, val_rows = self.rows, self._read(args.val_data, args)
         else:
-            order = epoch_order(args.seed, 2**31, len(self.rows))  # an 'epoch' training never reaches
-            n_val = max(1, int(len(self.rows) * args.val_fraction))
-            if len(self.rows) - n_val < 1:
-                raise ValueError(f"{args.data[0]} has {len(self.rows)} rows: too few to hold out --val-fraction "
-                                 f"{args.val_fraction} for validation; add rows or pass --val-data")
-            train_rows = [self.rows[i] for i in sorted(order[n_val:])]
-            val_rows = [self.rows[i] for i in sorted(order[:n_val])]
+            train_rows, val_rows = self.hold_out(self.rows, args, "rows")
         label2id = None if self.labels is None else {n: i for i, n in enumerate(self.labels)}
         sets = []
         for rows, files in ((train_rows, args.data), (val_rows, args.val_data or args.data)):
@@ -313,11 +316,6 @@ class QuestionAnswering(Task):
     def __init__(self) -> None:
         self.allow_no_answer = False
 
-    def check_model(self, model: nn.Module, source: str) -> None:
-        if model.config.pad_token_id is None:
-            raise ValueError(f"{source} has no pad_token_id in its config; batches of windows need one to pad "
-                             "with (--set pad_token_id=1 for OPT's tokenizer)")
-
     def features(self, examples: list[qa.Example], args: Any, tokenizer: Tokenizer) -> qa.Features:
         windows = qa.windows(tokenizer, examples, args.block_size, args.doc_stride)
         return qa.Features(examples, windows, tokenizer.pad_token_id, args.seed)
@@ -329,13 +327,7 @@ class QuestionAnswering(Task):
         if args.val_data:
             train, val = examples, [e for f in args.val_data for e in qa.read_examples(f)]
         else:
-            order = epoch_order(args.seed, 2**31, len(examples))
-            n_val = max(1, int(len(examples) * args.val_fraction))
-            if len(examples) - n_val < 1:
-                raise ValueError(f"{args.data[0]} has {len(examples)} questions: too few to hold some out for "
-                                 "validation; add questions or pass --val-data")
-            train = [examples[i] for i in sorted(order[n_val:])]
-            val = [examples[i] for i in sorted(order[:n_val])]
+            train, val = self.hold_out(examples, args, "questions")
         self.allow_no_answer = any(not e.answers for e in train + val)
         return self.features(train, args, tokenizer), self.features(val, args, tokenizer)
 
