@@ -212,6 +212,35 @@ def test_predict_and_eval_answer_from_the_context(trained, capsys):
     assert m["total"] == 24 and 0 <= m["exact_match"] <= m["f1"] <= 100
 
 
+def test_a_lora_reader_loads_in_peft_with_our_logits(trained, tmp_path, capsys):
+    import peft
+
+    from optlm.bundled import bundled_model_path
+    from optlm.train.tasks import qa_logits
+
+    assert main(["train", "--task", "question-answering", "--model", "opt-gutenberg", "--data",
+                 str(trained / "train.jsonl"), "--val-data", str(trained / "val.jsonl"), "--out", str(tmp_path / "l"),
+                 "--max-steps", "4", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "4",
+                 "--block-size", "32", "--doc-stride", "8", "--dtype", "fp32", "--quiet", "--lora", "r=4"]) == 0
+    best = tmp_path / "l" / "best"
+    assert json.loads((best / "adapter_config.json").read_text())["modules_to_save"] == ["qa_outputs"]
+    reader = load_reader(adapter=best, max_length=32)
+    ex = qa.read_examples(trained / "val.jsonl")[:2]
+    features = qa.Features(ex, qa.windows(reader.tokenizer, ex, 32, 8), reader.tokenizer.pad_token_id)
+    start, end = qa_logits(reader.model, features, 4)
+    base = transformers.OPTForQuestionAnswering.from_pretrained(bundled_model_path())
+    ref = peft.PeftModel.from_pretrained(base, best).eval()
+    with torch.no_grad():
+        for i, w in enumerate(features.windows):
+            out = ref(input_ids=torch.from_numpy(w.ids)[None])
+            torch.testing.assert_close(out.start_logits[0], start[i, :len(w.ids)], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out.end_logits[0], end[i, :len(w.ids)], atol=1e-5, rtol=1e-5)
+    capsys.readouterr()  # the task is read from the adapter's task.json: no --task needed
+    assert main(["predict", "--adapter", str(best), "--data", str(trained / "val.jsonl"), "--max-length", "32",
+                 "--quiet"]) == 0
+    assert len([json.loads(line)["answer"] for line in capsys.readouterr().out.splitlines()]) == 24
+
+
 @pytest.mark.parametrize("content, suffix, message", [
     ('{"id": "a", "question": "q?", "context": "Paris is big", "answers": [{"text": "Rome", "answer_start": 0}]}',
      ".jsonl", "line 1: the answer 'Rome' is not at character 0 of the context (the context has 'Pari' there)"),

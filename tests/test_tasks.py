@@ -226,6 +226,22 @@ def test_a_lora_classifier_on_an_int8_base_trains_its_float_head(data, tmp_path,
     assert json.loads(capsys.readouterr().out)["accuracy"] > 0.9
 
 
+def test_a_bottleneck_classifier_trains_and_saves_its_head(data, tmp_path, capsys):
+    rc, out, err = train(capsys, tmp_path / "b", data, "--max-steps", "30", "--eval-every", "30", "--lr", "3e-3",
+                         "--adapter", "bottleneck,reduction=16")
+    assert rc == 0, err
+    from safetensors import safe_open
+
+    best = tmp_path / "b" / "best"
+    with safe_open(best / "adapter_model.safetensors", "pt") as f:
+        assert any(k.endswith("score.weight") for k in f.keys())  # noqa: SIM118 (safe_open is not a dict)
+    assert records(tmp_path / "b")[-1]["accuracy"] > 0.9
+    capsys.readouterr()  # loaded back onto the base, the trained head classifies as well (a random one: ~1/3)
+    assert main(["eval", "--task", "sequence-classification", "--adapter", str(best), "--data", str(data["val"]),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] > 0.9
+
+
 def test_multilabel_and_regression_runs(data, tmp_path, capsys):
     root = data["root"]
     multi = {k: write_rows(root / f"m_{k}.jsonl", n, s, lambda t, r: [t] + (["long"] if r.random() < 0.5 else []))
