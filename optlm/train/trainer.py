@@ -1,6 +1,7 @@
-"""Causal-LM pre-training, full fine-tuning and adapter fine-tuning of `OPTForCausalLM` from text/JSONL files.
+"""Training: causal-LM pre-training and fine-tuning, sequence classification and extractive QA (the task's
+data, loss and metrics come from ``tasks``), whole models or adapters.
 
-One loop: AdamW (no decay on biases and LayerNorm weights), linear warm-up then cosine decay, gradient
+One loop for every task: AdamW (no decay on biases and LayerNorm weights), linear warm-up then cosine decay, gradient
 clipping and accumulation, bf16 autocast where the device has it, optional gradient checkpointing,
 periodic validation, checkpoints in the Hugging Face layout written atomically, and exact resume.
 
@@ -12,6 +13,8 @@ An output directory holds::
     data/                    token caches (memmaps) of the training and validation files
     checkpoint-00000100/     config.json, model.safetensors, tokenizer files   (HF layout)
                              optimizer.safetensors, rng.safetensors, trainer_state.json (resume state)
+    best/                    the model at the best validation of --best-metric, best.json (task runs)
+    validation.txt, confusion.png    the last validation's report (classification)
 
 With an adapter (``adapter``: LoRA or bottleneck, see optlm.adapters) only the adapter trains, and only its
 parameters have optimizer state; the base may be quantized (``quantize``: frozen int8/int4 weights under
@@ -75,7 +78,7 @@ class TrainArgs:
 
     data: list[str]
     out_dir: str
-    task: str = "causal-lm"           # see optlm.train.tasks: causal-lm, sequence-classification
+    task: str = "causal-lm"           # optlm.train.tasks: causal-lm, sequence-classification, question-answering
     model: str | None = None          # checkpoint dir to fine-tune; None = train from scratch
     config: str | None = None         # from scratch: a config.json path or preset name (opt-125m …)
     config_overrides: dict[str, Any] = field(default_factory=dict)
