@@ -62,13 +62,13 @@ def publish(table: str, markdown: Path | None) -> int:
 def random_checkpoint(shape: str, directory: Path | None = None) -> Path:
     """A random-weight checkpoint of a published OPT shape, written once (with a synthetic full-size
     vocabulary so CTranslate2's converter has token strings for every id)."""
-    from .config import OPTConfig
-    from .hf import OPTForCausalLM
+    from .hf import AutoModelForCausalLM
+    from .models import config_from_name
 
     directory = directory or CACHE_DIR / shape
     if not (directory / "config.json").is_file():
         torch.manual_seed(0)
-        OPTForCausalLM(OPTConfig.from_name(shape)).save_pretrained(directory)
+        AutoModelForCausalLM.from_config(config_from_name(shape)).save_pretrained(directory)
     return directory
 
 
@@ -92,9 +92,9 @@ def ct2_model(checkpoint: Path, quantization: str) -> Path:
 
     out = checkpoint.parent / f"{checkpoint.name}-ct2-{quantization}"
     if not (out / "model.bin").is_file():
-        from .config import OPTConfig
+        from .models import read_config
 
-        _synthetic_tokenizer(checkpoint, OPTConfig.from_json_file(checkpoint / "config.json").vocab_size)
+        _synthetic_tokenizer(checkpoint, read_config(checkpoint / "config.json").vocab_size)
         ctranslate2.converters.TransformersConverter(str(checkpoint)).convert(
             str(out), quantization=quantization, force=True)
     return out
@@ -104,11 +104,11 @@ def ct2_model(checkpoint: Path, quantization: str) -> Path:
 
 def load_optlm(checkpoint: Path, precision: str) -> Callable:
     from .fast import optimize
-    from .hf import OPTForCausalLM
+    from .hf import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     quantize = precision if precision.startswith("int") else None
-    model = optimize(OPTForCausalLM.from_pretrained(checkpoint, dtype=dtype, quantize=quantize))
+    model = optimize(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, quantize=quantize))
 
     def run(ids: torch.Tensor, n: int) -> list[list[int]]:
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -120,7 +120,7 @@ def load_optlm(checkpoint: Path, precision: str) -> Callable:
 def load_transformers(checkpoint: Path) -> Callable:
     import transformers
 
-    model = transformers.OPTForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
                                                         attn_implementation="sdpa").eval()
 
     def run(ids: torch.Tensor, n: int) -> list[list[int]]:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .model import Frame
+from .models.core import Frame
 
 
 class CacheFull(RuntimeError):
@@ -321,6 +321,7 @@ class PagedFrame(Frame):
         self.positions, self.valid = positions, None
         self._mask_inputs = (n, lengths, q_pos, key_valid)
         self._allowed: Tensor | None | bool = False  # built on first use: the kernel path never needs it
+        self._local: dict[int, Tensor] = {}
 
     @property
     def allowed(self) -> Tensor | None:
@@ -332,12 +333,27 @@ class PagedFrame(Frame):
             elif self.own and bool((n == T).all()):
                 self._allowed = None  # plain causal attention over equal-length prompts
             else:
-                s = torch.arange(S)
-                causal = s[None, None, :] <= q_pos.clamp(max=S - 1)[:, :, None]  # (B, T, S)
-                # Padding queries attend to the row's real keys (any non-empty set, so softmax stays finite).
-                mask = (causal | ~self.new.cpu()[:, :, None]) & key_valid.cpu()[:, None, :]
-                self._allowed = mask[:, None].to(self.cache.k.device)  # (B, 1, T, S)
+                self._allowed = self._mask(None)
         return self._allowed
+
+    def local(self, window: int) -> Tensor | None:
+        if int(self.lengths.max()) <= window:
+            return self.allowed  # no row has a key far enough back to leave the window
+        if window not in self._local:
+            self._local[window] = self._mask(window)
+        return self._local[window]
+
+    def _mask(self, window: int | None) -> Tensor:
+        n, lengths, q_pos, key_valid = self._mask_inputs
+        S = self.slots.shape[1]
+        s = torch.arange(S)
+        q = q_pos.clamp(max=S - 1)[:, :, None]  # (B, T, 1)
+        allowed = s[None, None, :] <= q  # (B, T, S)
+        if window is not None:
+            allowed = allowed & (q - s[None, None, :] < window)
+        # Padding queries attend to the row's real keys (any non-empty set, so softmax stays finite).
+        mask = (allowed | ~self.new.cpu()[:, :, None]) & key_valid.cpu()[:, None, :]
+        return mask[:, None].to(self.cache.k.device)  # (B, 1, T, S)
 
     def _store(self, layer: int, k: Tensor, v: Tensor) -> None:
         c = self.cache
@@ -350,14 +366,20 @@ class PagedFrame(Frame):
         c.k[layer].index_copy_(0, self.write_slots, new_k.to(c.k.dtype))
         c.v[layer].index_copy_(0, self.write_slots, new_v.to(c.v.dtype))
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor | None:
         if not self.kernel:
             return None
         self._store(layer, k, v)
         c = self.cache
+        slots, lengths = self.slots, self.lengths
+        if window is not None and int(lengths.max()) > window:
+            # A local layer reads each row's last `window` keys: shift every row's slot table to start there.
+            start = (lengths - window).clamp(min=0)  # (B,)
+            cols = (start[:, None] + torch.arange(window)).clamp(max=slots.shape[1] - 1)  # (B, window)
+            slots, lengths = slots.gather(1, cols.to(slots.device)), lengths - start
         # check=False: the slots and lengths come from the cache's own tables
-        out = kernels.paged_decode_attention(q[:, :, 0].float().contiguous(), c.k[layer], c.v[layer], self.slots,
-                                             self.lengths, check=False)
+        out = kernels.paged_decode_attention(q[:, :, 0].float().contiguous(), c.k[layer], c.v[layer], slots,
+                                             lengths, check=False)
         return out[:, :, None]  # (B, nh, 1, hs)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,12 +12,12 @@ import warnings
 def _cmd_info(args: argparse.Namespace) -> int:
     """Print a checkpoint's config, parameter count, dtype and file sizes without loading the weights."""
     from . import checkpoint as ckpt
-    from .config import OPTConfig
+    from .models import read_config
 
     directory = ckpt.resolve(args.model, args.revision)
     if not (directory / "config.json").is_file():
-        raise ckpt.CheckpointError(f"{directory} has no config.json; an OPT checkpoint directory needs one")
-    config = OPTConfig.from_json_file(directory / "config.json")
+        raise ckpt.CheckpointError(f"{directory} has no config.json; a checkpoint directory needs one")
+    config = read_config(directory / "config.json")
     files = ckpt.weight_files(directory)
     params, dtypes = ckpt.count_parameters(files)
     print(f"model:       {args.model}")
@@ -158,7 +158,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     from .adapters import PeftModel, read_config
     from .checkpoint import resolve
-    from .hf import OPTForCausalLM
+    from .hf import AutoModelForCausalLM
     from .tokenizer import Tokenizer
 
     adapter_dir, config = read_config(args.adapter)
@@ -171,7 +171,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"{out} is not empty; pass --overwrite to replace its files, or choose another --out")
-    model = OPTForCausalLM.from_pretrained(base, dtype=args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=args.dtype)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out)
     base_dir = resolve(base)

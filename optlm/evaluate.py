@@ -124,11 +124,11 @@ def evaluate_file(model: str | os.PathLike | None, data: str | os.PathLike, stri
 
     ``unwrap`` joins hard-wrapped lines into paragraphs first, as the model's training data may have been."""
     from .bundled import bundled_model_path
-    from .hf import OPTForCausalLM
+    from .hf import AutoModelForCausalLM
 
     source = bundled_model_path() if model is None else model
     check_file(data)
     tokenizer = Tokenizer.from_pretrained(source)
-    lm = OPTForCausalLM.from_pretrained(source, dtype=dtype, device=device)
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device=device)
     ids = encode_file(data, tokenizer, jsonl_key, unwrap)
     return perplexity(lm, ids, max_length=max_length, stride=stride, batch_size=batch_size, progress=progress)

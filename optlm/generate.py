@@ -499,9 +499,7 @@ class Decoding:
             best = ((1 - alpha) * top_probs - alpha * penalty).argmax(-1)  # (B,)
             winner = rows + best  # (B,) flat row of each chosen candidate
             siblings = winner.repeat_interleave(K)
-            for buf in (cache.k, cache.v):
-                newest = buf.select(3, cache.length - 1)  # (layers, B*K, heads, hs)
-                newest.copy_(newest.index_select(1, siblings))
+            cache.copy_newest(siblings)
             context[:, S] = cand[torch.arange(B, device=cand.device), best]
             valid[:, S] = True
             tokens = self._emit(top_ids.gather(1, best[:, None]).squeeze(1))

@@ -10,22 +10,41 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .model import Frame
+from .models.core import Frame
 
 
 class KVCache:
     """Static cache of keys and values for all layers.
 
-    ``k`` and ``v`` are ``(layers, batch, heads, capacity, head_dim)``. ``length`` is the number of filled
-    slots. ``mask`` (``(batch, length)``, bool) remembers which filled slots are real tokens, so a caller that
-    feeds only new tokens does not have to repeat the attention mask.
+    ``k`` and ``v`` are ``(layers, batch, heads, capacity, head_dim)`` for the layers that attend to everything
+    before them. ``length`` is the number of filled slots. ``mask`` (``(batch, length)``, bool) remembers which
+    filled slots are real tokens, so a caller that feeds only new tokens does not have to repeat the mask.
+
+    Layers with a local-attention window ``W`` (``windows``, per layer; GPT-Neo's local layers) never look
+    further back than ``W - 1`` slots, so their keys/values live in a ring of ``W - 1`` slots instead
+    (``ring_k``, ``ring_v``: ``(local layers, batch, heads, W - 1, head_dim)``; slot ``s`` sits at ``s % (W - 1)``):
+    their memory stays the same however long the generation runs.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None):
-        shape = (num_layers, batch_size, num_heads, capacity, head_dim)
+                 dtype: torch.dtype, device: torch.device | str | None = None,
+                 windows: list[int | None] | None = None):
+        windows = [None] * num_layers if windows is None else list(windows)
+        if len(windows) != num_layers:
+            raise ValueError(f"{len(windows)} windows given for {num_layers} layers")
+        self.windows = windows
+        full = [i for i, w in enumerate(windows) if w is None]
+        local = [i for i, w in enumerate(windows) if w is not None]
+        # layer -> (True, index into k/v) for full layers, (False, index into ring_k/ring_v) for local ones
+        self._where = {**{layer: (True, i) for i, layer in enumerate(full)},
+                       **{layer: (False, i) for i, layer in enumerate(local)}}
+        self.ring_size = max(w for w in windows if w is not None) - 1 if local else 0
+        shape = (len(full), batch_size, num_heads, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        ring = (len(local), batch_size, num_heads, self.ring_size, head_dim)
+        self.ring_k = torch.zeros(ring, dtype=dtype, device=device)
+        self.ring_v = torch.zeros(ring, dtype=dtype, device=device)
         self.length = 0
         self.mask: Tensor | None = None  # None: every filled slot is a real token (no padding seen)
         self._views = None
@@ -34,7 +53,7 @@ class KVCache:
     def for_model(cls, config, batch_size: int, capacity: int, dtype: torch.dtype,
                   device: torch.device | str | None = None) -> KVCache:
         return cls(config.num_hidden_layers, batch_size, config.num_attention_heads, config.head_dim,
-                   capacity, dtype, device)
+                   capacity, dtype, device, config.layer_windows)
 
     @property
     def batch_size(self) -> int:
@@ -78,8 +97,11 @@ class KVCache:
 
         The caller advances :attr:`length` once per forward (``advance``), after every layer has written.
         """
+        full, i = self._where[layer]
+        if not full:
+            return self._ring_update(i, k, v)
         start, T = self.length, k.shape[2]
-        kl, vl = self._layer_views()[layer]
+        kl, vl = self._layer_views()[i]
         if not torch.is_grad_enabled():
             kl.narrow(2, start, T).copy_(k)
             vl.narrow(2, start, T).copy_(v)
@@ -93,6 +115,45 @@ class KVCache:
         if start == 0:
             return k, v
         return torch.cat([kl.narrow(2, 0, start), k], 2), torch.cat([vl.narrow(2, 0, start), v], 2)
+
+    def _ring_update(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """A local layer: return the ring's keys/values then the new ones (the order :meth:`local_mask`
+        describes), and keep the newest ``ring_size`` of the new ones in the ring."""
+        L, T, R = self.length, k.shape[2], self.ring_size
+        rk, rv = self.ring_k[i], self.ring_v[i]  # (B, nh, R, hs)
+        # cat copies, so the ring can be overwritten below while this pass still reads the old entries
+        keys, values = (k, v) if L == 0 else (torch.cat([rk, k], 2), torch.cat([rv, v], 2))  # (B, nh, R+T, hs)
+        n = min(T, R)
+        if n:
+            at = torch.arange(L + T - n, L + T, device=rk.device) % R
+            with torch.no_grad():
+                rk.index_copy_(2, at, k[:, :, T - n:].to(rk.dtype))
+                rv.index_copy_(2, at, v[:, :, T - n:].to(rv.dtype))
+        return keys, values
+
+    def local_mask(self, frame: Frame, window: int) -> Tensor | None:
+        """What each new token of ``frame`` may attend to in a local layer of this cache: the ring's slots
+        (those filled, real, and less than ``window`` back) and the new tokens (causally, within the window).
+        ``(B|1, 1, T, ring_size + T)``, or ``(B|1, 1, T, T)`` on an empty cache; None: everything."""
+        L, T, R = self.length, frame.positions.shape[1], self.ring_size
+        dev = frame.positions.device
+        valid = frame.valid  # (B, L + T) or None
+        t = torch.arange(T, device=dev)
+        allowed = (t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < window)  # (T, T) new keys
+        key_valid = None if valid is None else valid[:, L:]
+        if L > 0:
+            r = torch.arange(R, device=dev)
+            slot = r + R * torch.div(L - 1 - r, R, rounding_mode="floor")  # the newest slot at each ring entry
+            ring = (r <= L - 1)[None, :] & ((L + t)[:, None] - slot[None, :] < window)  # (T, R)
+            allowed = torch.cat([ring, allowed], 1)  # (T, R + T)
+            if valid is not None:
+                key_valid = torch.cat([valid[:, slot.clamp(min=0)], key_valid], 1)
+        allowed = allowed[None]  # (1, T, keys)
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, None, :]  # (B, T, keys)
+        elif T == 1 and bool(allowed.all()):
+            return None
+        return allowed[:, None]
 
     def _layer_views(self) -> list[tuple[Tensor, Tensor]]:
         # Per-layer (B, nh, capacity, hs) views, made once per buffer (a decode step indexes them per layer).
@@ -114,6 +175,8 @@ class KVCache:
         """Select batch rows (beam search: keep the surviving beams' histories)."""
         self.k = self.k.index_select(1, index)
         self.v = self.v.index_select(1, index)
+        self.ring_k = self.ring_k.index_select(1, index)
+        self.ring_v = self.ring_v.index_select(1, index)
         if self.mask is not None:
             self.mask = self.mask.index_select(0, index)
 
@@ -121,18 +184,36 @@ class KVCache:
         """Repeat each row ``n`` times (expand a prompt's cache to beams or return sequences)."""
         self.k = self.k.repeat_interleave(n, dim=1)
         self.v = self.v.repeat_interleave(n, dim=1)
+        self.ring_k = self.ring_k.repeat_interleave(n, dim=1)
+        self.ring_v = self.ring_v.repeat_interleave(n, dim=1)
         if self.mask is not None:
             self.mask = self.mask.repeat_interleave(n, dim=0)
 
     def crop(self, length: int) -> None:
-        """Forget slots past ``length`` (contrastive search rolls back rejected candidates)."""
+        """Forget slots past ``length`` (assisted decoding rolls back rejected candidates)."""
+        if self.ring_size and length < self.length:
+            raise ValueError("this cache keeps only the last window of its local-attention layers, so it cannot be "
+                             "cropped back; start again from a cache of the shorter prefix")
         self.length = min(self.length, length)
         if self.mask is not None:
             self.mask = self.mask[:, : self.length]
 
+    def copy_newest(self, rows: Tensor) -> None:
+        """Overwrite every row's newest slot with that of ``rows[row]`` (contrastive search: each candidate copy
+        of a sequence takes the chosen candidate's keys/values)."""
+        newest = [(self.k, self.v, 3, self.length - 1)]
+        if self.ring_size:
+            newest.append((self.ring_k, self.ring_v, 3, (self.length - 1) % self.ring_size))
+        for k, v, dim, index in newest:
+            for buf in (k, v):
+                slot = buf.select(dim, index)  # (layers, B, heads, hs)
+                slot.copy_(slot.index_select(1, rows))
+
     def copy(self) -> KVCache:
         new = object.__new__(KVCache)
         new.k, new.v, new.length = self.k.clone(), self.v.clone(), self.length
+        new.ring_k, new.ring_v, new.ring_size = self.ring_k.clone(), self.ring_v.clone(), self.ring_size
+        new.windows, new._where = self.windows, self._where
         new._views = None
         new.mask = None if self.mask is None else self.mask.clone()
         return new
@@ -142,8 +223,16 @@ class _CacheFrame(Frame):
     """A frame whose keys/values go into a :class:`KVCache` after its filled slots."""
 
     def __init__(self, cache: KVCache, base: Frame):
-        super().__init__(base.positions, base.allowed, base.valid)
+        super().__init__(base.positions, base.allowed, base.valid, base.past)
         self.cache = cache
+        self._local: dict[int, Tensor | None] = {}
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self.cache.update(layer, k, v)
+
+    def local(self, window: int) -> Tensor | None:
+        if all(w is None for w in self.cache.windows):
+            return super().local(window)  # a cache built without windows keeps every slot
+        if window not in self._local:
+            self._local[window] = self.cache.local_mask(self, window)
+        return self._local[window]

@@ -19,7 +19,8 @@ import torch
 
 from . import generate as gen
 from .chat import ChatSession, ChatTemplate, check_text, fit_history, strip_pieces, trim_notice
-from .hf import OPTForCausalLM
+from .hf import AutoModelForCausalLM
+from .hf.base import ForCausalLM
 
 DEFAULT_MAX_NEW_TOKENS = 64
 QUANTIZE_MODES = ("int8", "int4", "int8-dynamic")
@@ -63,9 +64,9 @@ def resolve_params(preset: str | None = None, **params: Any) -> dict[str, Any]:
 
 
 class LM:
-    """A causal OPT model and its tokenizer behind a string interface."""
+    """A causal language model (any family) and its tokenizer behind a string interface."""
 
-    def __init__(self, model: OPTForCausalLM, tokenizer: Any, name: str | None = None):
+    def __init__(self, model: ForCausalLM, tokenizer: Any, name: str | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name or "model"
@@ -193,7 +194,7 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
         path, name = bundled_model_path(), BUNDLED_MODEL_NAME
     else:
         path, name = path_or_hub_id, str(path_or_hub_id)
-    model = OPTForCausalLM.from_pretrained(path, dtype=dtype, device=device, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device, revision=revision)
     if dtype is None and model.dtype == torch.float16 and model.device.type == "cpu":
         model = model.float()
     lora = adapter_config is not None and adapter_config.peft_type == "LORA"
@@ -209,10 +210,14 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         source = tokenizer if tokenizer is not None else path
         tokenizer = Tokenizer.from_pretrained(source, revision=revision if tokenizer is None else None)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # GPT-Neo's tokenizer has no pad token: batches are padded with EOS (masked out), as transformers'
+        # text-generation pipeline does.
+        tokenizer.special_tokens_map["pad_token"] = tokenizer.eos_token
     return LM(model, tokenizer, name)
 
 
-def _with_adapter(model: OPTForCausalLM, adapter: str | os.PathLike, revision: str | None) -> OPTForCausalLM:
+def _with_adapter(model: ForCausalLM, adapter: str | os.PathLike, revision: str | None) -> ForCausalLM:
     from .adapters import PeftModel
 
     peft = PeftModel.from_pretrained(model, adapter, revision=revision)
@@ -221,7 +226,7 @@ def _with_adapter(model: OPTForCausalLM, adapter: str | os.PathLike, revision: s
     return model
 
 
-def _quantize(model: OPTForCausalLM, mode: str) -> OPTForCausalLM:
+def _quantize(model: ForCausalLM, mode: str) -> ForCausalLM:
     try:
         from .quantize import quantize
     except ImportError as e:

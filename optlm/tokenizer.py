@@ -22,10 +22,16 @@ from tokenizers import Tokenizer as Backend
 
 from .bundled import BUNDLED_ALIASES, bundled_model_path
 
-# As facebook/opt-125m's special_tokens_map.json / tokenizer_config.json; used when there is no config.
+# Each family's special tokens, as its hub repositories' special_tokens_map.json / tokenizer_config.json give
+# them; used when a directory has no tokenizer config. OPT prepends </s> as BOS; GPT-Neo (GPT-2's tokenizer)
+# prepends nothing and has no pad token.
 OPT_DEFAULTS = {
     "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>", "add_bos_token": True
 }
+GPT2_DEFAULTS = {
+    "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_bos_token": False
+}
+FAMILY_DEFAULTS = {"opt": OPT_DEFAULTS, "gpt_neo": GPT2_DEFAULTS}
 # transformers' named special tokens, in its order (which fixes the order of `all_special_ids`).
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -113,8 +119,9 @@ class Tokenizer:
         """Load from a local directory or a hub id such as "facebook/opt-125m" (through the HF cache).
 
         Reads `tokenizer.json`, else `vocab.json` + `merges.txt` (GPT-2 byte-level BPE), plus
-        `tokenizer_config.json` / `special_tokens_map.json` when present; with neither config, OPT's
-        special tokens apply. `revision` (branch, tag or commit) is used for hub ids only.
+        `tokenizer_config.json` / `special_tokens_map.json` when present; with neither config, the special
+        tokens of the model family (config.json's `model_type`: OPT's, or GPT-2's for GPT-Neo) apply.
+        `revision` (branch, tag or commit) is used for hub ids only.
         """
         path, local = Path(path_or_hub_id), Path(path_or_hub_id).is_dir()
         if not local and str(path_or_hub_id) in BUNDLED_ALIASES:
@@ -155,20 +162,23 @@ class Tokenizer:
             add_prefix_space = bool((config or {}).get("add_prefix_space", False))
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
             backend.decoder = decoders.ByteLevel()
-        return cls(backend, _opt_defaults(backend) if config is None else config)
+        if config is None:
+            config = _family_defaults(backend, find("config.json"))
+        return cls(backend, config)
 
     @classmethod
     def from_tokenizers(cls, tk: Backend, **special_tokens: Any) -> Tokenizer:
         """Wrap an in-memory `tokenizers.Tokenizer` (e.g. one just trained); `tk` itself is left untouched.
 
         Keywords are config keys (`bos_token="<s>"`, `pad_token=None`, `add_bos_token=False`, ...) and
-        override OPT's defaults, each of which applies only if the vocabulary has that token.
+        override the defaults of the family whose end-of-text token the vocabulary has (OPT's unless it
+        lacks ``</s>``), each of which applies only if the vocabulary has that token.
         """
         known = {*SPECIAL_KEYS, "add_bos_token", "add_eos_token", "additional_special_tokens",
                  "padding_side", "model_max_length"}
         if unknown := set(special_tokens) - known:
             raise TypeError(f"unknown keyword(s) {sorted(unknown)}; expected some of {sorted(known)}")
-        return cls(Backend.from_str(tk.to_str()), {**_opt_defaults(tk), **special_tokens})
+        return cls(Backend.from_str(tk.to_str()), {**_family_defaults(tk, None), **special_tokens})
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json, which this class
@@ -356,9 +366,21 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     return value
 
 
-def _opt_defaults(backend: Backend) -> dict[str, Any]:
-    """OPT's special tokens, less those missing from the vocabulary (so a non-OPT vocab gains no ids)."""
-    return {k: v for k, v in OPT_DEFAULTS.items() if v is True or backend.token_to_id(v) is not None}
+def _family_defaults(backend: Backend, model_config: Path | None) -> dict[str, Any]:
+    """The special tokens of the model family the checkpoint's config.json names; without one, of the family
+    whose end-of-text token the vocabulary has (OPT's ``</s>``, else GPT-2's ``<|endoftext|>``). Tokens missing
+    from the vocabulary are left out, so a foreign vocabulary gains no ids."""
+    model_type = None
+    if model_config is not None:
+        try:
+            model_type = json.loads(model_config.read_bytes().decode("utf-8")).get("model_type")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            model_type = None  # the model loader reports a broken config.json; the tokenizer needs no more
+    if model_type not in FAMILY_DEFAULTS:
+        model_type = "gpt_neo" if backend.token_to_id("</s>") is None and backend.token_to_id("<|endoftext|>") \
+            is not None else "opt"
+    defaults = FAMILY_DEFAULTS[model_type]
+    return {k: v for k, v in defaults.items() if isinstance(v, bool) or backend.token_to_id(v) is not None}
 
 
 class StreamDecoder:

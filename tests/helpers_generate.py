@@ -12,8 +12,8 @@ from conftest import TOKENIZER_FILES, left_padded_batch
 from torch import nn
 
 import optlm
-from optlm.config import OPTConfig
-from optlm.model import OPTDecoder
+from optlm.models import OPTConfig
+from optlm.models.opt.model import OPTDecoder
 
 OPT_TOKENIZER = TOKENIZER_FILES / "opt"
 OPT_VOCAB = 50272  # the published models' embedding rows (50265 tokenizer entries padded to a multiple of 8)

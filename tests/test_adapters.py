@@ -19,7 +19,7 @@ from conftest import hf_config, save_hf
 
 from optlm.adapters import AdapterError, BottleneckConfig, adapter_index, load_adapter
 from optlm.hf import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
-from optlm.model import Frame
+from optlm.models.core import Frame
 from optlm.peft import LoraConfig, PeftModel, get_peft_model
 
 IDS = torch.randint(4, 128, (3, 12), generator=torch.Generator().manual_seed(1))

@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from optlm import OPTConfig
-from optlm.config import PRESETS
+from optlm.models.opt.config import PRESETS
 
 FIELDS = ["vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "max_position_embeddings",
           "do_layer_norm_before", "_remove_final_layer_norm", "word_embed_proj_dim", "dropout",

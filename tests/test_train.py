@@ -244,7 +244,7 @@ FIXTURE_TEXT = Path(__file__).resolve().parent / "fixtures" / "text" / "shakespe
 @pytest.fixture(scope="module")
 def base_model(setup, tmp_path_factory):
     """A small random base model with the tiny tokenizer, saved as a checkpoint directory."""
-    from optlm.config import OPTConfig
+    from optlm.models import OPTConfig
     from optlm.tokenizer import Tokenizer
 
     out = tmp_path_factory.mktemp("base")
@@ -364,7 +364,7 @@ def test_chunked_loss_equals_the_whole_logits_loss_and_its_gradients():
     """lm_loss never holds all the logits; its loss and gradients are those of the plain cross-entropy."""
     import torch.nn.functional as F
 
-    from optlm.config import OPTConfig
+    from optlm.models import OPTConfig
     from optlm.train import lm_loss
 
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..model import _ACTIVATIONS
+from ..models.core import ACTIVATIONS as _ACTIVATIONS
 from .lora import add_heads, match_mode
 from .state import AdapterError, AdapterLayer, AdapterState, ensure_state
 

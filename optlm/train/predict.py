@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, resolve
-from ..hf import OPTForQuestionAnswering, OPTForSequenceClassification
+from ..hf import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 from ..tokenizer import Tokenizer
 from . import labelled, metrics, qa
 from .tasks import QuestionAnswering, SequenceClassification, classifier_logits, qa_logits
@@ -136,7 +136,7 @@ def load_classifier(model: str | os.PathLike | None = None, adapter: str | os.Pa
     """A sequence classifier from a checkpoint directory or hub id, or a base model plus an adapter directory
     trained with ``optlm train --task sequence-classification --lora/--adapter`` (base: ``model``, or the one
     the adapter names)."""
-    net, tokenizer = _load(OPTForSequenceClassification, "score", SequenceClassification.name, model, adapter,
+    net, tokenizer = _load(AutoModelForSequenceClassification, "score", SequenceClassification.name, model, adapter,
                            device, dtype)
     return Classifier(net, tokenizer, _length(net, max_length, net.config.max_position_embeddings))
 
@@ -168,7 +168,7 @@ def load_reader(model: str | os.PathLike | None = None, adapter: str | os.PathLi
                 doc_stride: int = 128, max_answer_length: int = 30) -> Reader:
     """An extractive QA model (a checkpoint, or a base model plus an adapter trained with ``--task
     question-answering``); windows of ``max_length`` tokens (default 384, at most the model's context)."""
-    net, tokenizer = _load(OPTForQuestionAnswering, "qa_outputs", QuestionAnswering.name, model, adapter, device,
+    net, tokenizer = _load(AutoModelForQuestionAnswering, "qa_outputs", QuestionAnswering.name, model, adapter, device,
                            dtype)
     return Reader(net, tokenizer, _length(net, max_length, 384), doc_stride, max_answer_length)
 
@@ -186,8 +186,12 @@ def task_of(model: str | os.PathLike | None, adapter: str | os.PathLike | None) 
         return ""
     config = resolve(model) / "config.json"
     archs = (json.loads(config.read_text("utf-8")).get("architectures") or []) if config.is_file() else []
-    return {"OPTForQuestionAnswering": QuestionAnswering.name,
-            "OPTForSequenceClassification": SequenceClassification.name}.get(archs[0] if archs else "", "")
+    arch = archs[0] if archs else ""
+    for suffix, task in (("ForQuestionAnswering", QuestionAnswering.name),
+                         ("ForSequenceClassification", SequenceClassification.name)):
+        if arch.endswith(suffix):
+            return task
+    return ""
 
 
 def answer_file(reader: Reader, data: str | os.PathLike, batch_size: int = 16,

@@ -1,10 +1,10 @@
 """What the one training loop (trainer.py) needs to know about each kind of run: the model class, the data,
 the loss of a batch and the validation metrics.
 
-- ``causal-lm``: next-token prediction on packed blocks of text (`OPTForCausalLM`);
-- ``sequence-classification``: a label per text (`OPTForSequenceClassification`): single-label, multi-label
+- ``causal-lm``: next-token prediction on packed blocks of text (`*ForCausalLM` of the model's family);
+- ``sequence-classification``: a label per text (`*ForSequenceClassification`): single-label, multi-label
   or regression (``problem_type``), accuracy / F1 / confusion matrix while validating;
-- ``question-answering``: extractive QA on SQuAD-format data (`OPTForQuestionAnswering`): contexts in
+- ``question-answering``: extractive QA on SQuAD-format data (`*ForQuestionAnswering`): contexts in
   overlapping windows, the best span across them, SQuAD's exact match and F1 while validating.
 """
 
@@ -25,7 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from ..data import BlockDataset, epoch_order, split_tokens, tokenize_files
-from ..hf import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
+from ..hf import AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+from ..models.core import Frame
 from ..tokenizer import Tokenizer
 from . import labelled, metrics, qa
 
@@ -36,7 +37,7 @@ class Task:
     """The per-task parts of a training run; one instance per run."""
 
     name = ""
-    model_class: type[nn.Module] = OPTForCausalLM
+    model_class: type = AutoModelForCausalLM  # from_pretrained / from_config pick the checkpoint's family
     adapter_task_type: str | None = None  # peft's task_type for an adapter trained on this task
     heads: tuple[str, ...] = ()  # freshly initialised modules an adapter run trains whole (peft's modules_to_save)
 
@@ -107,7 +108,7 @@ def _summed_loss(head: nn.Module, h: Tensor, t: Tensor) -> Tensor:
 
 class CausalLM(Task):
     name = "causal-lm"
-    model_class = OPTForCausalLM
+    model_class = AutoModelForCausalLM
     adapter_task_type = "CAUSAL_LM"
 
     def datasets(self, args: Any, tokenizer: Tokenizer, out: Path) -> tuple[BlockDataset, BlockDataset]:
@@ -130,7 +131,8 @@ class CausalLM(Task):
         return {"input_ids": x, "labels": y}
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        hidden = model.get_decoder()(batch["input_ids"])  # (B, T, e)
+        ids = batch["input_ids"]
+        hidden = model.get_decoder()(ids, Frame.causal(*ids.shape, ids.device))  # (B, T, e)
         return lm_loss(model.get_output_embeddings(), hidden, batch["labels"])
 
     def validate(self, model: nn.Module, val: BlockDataset, args: Any, device: torch.device) -> dict[str, Any]:
@@ -188,7 +190,7 @@ def parse_class_weights(spec: str, labels: Sequence[str], counts: Tensor) -> Ten
 
 class SequenceClassification(Task):
     name = "sequence-classification"
-    model_class = OPTForSequenceClassification
+    model_class = AutoModelForSequenceClassification
     adapter_task_type = "SEQ_CLS"
     heads = ("score",)
 
@@ -309,7 +311,7 @@ def qa_logits(model: nn.Module, features: qa.Features, batch_size: int, device: 
 
 class QuestionAnswering(Task):
     name = "question-answering"
-    model_class = OPTForQuestionAnswering
+    model_class = AutoModelForQuestionAnswering
     adapter_task_type = "QUESTION_ANS"
     heads = ("qa_outputs",)
 

@@ -47,10 +47,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..checkpoint import resolve
-from ..config import OPTConfig
+from ..checkpoint import CheckpointError, resolve
 from ..data import check_file
-from ..hf import OPTForCausalLM, parse_device
+from ..hf import parse_device
+from ..models import ModelConfig, config_from_dict, config_from_name, read_config
 from ..tokenizer import Tokenizer
 from . import metrics as task_metrics
 from .labelled import PROBLEM_TYPES
@@ -455,13 +455,16 @@ def _build(args: TrainArgs, task: Task, resume_from: Path | None) -> tuple[nn.Mo
                          "`optlm train-tokenizer`)")
     tokenizer = Tokenizer.from_pretrained(tok_source)
     overrides = dict(args.config_overrides)
-    known = OPTConfig.field_names()
+    family = type(_start_config(args))
+    known = family.field_names()
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"--set {unknown[0]}: not an OPT config field (it would be saved and never used); "
+        article = "an" if family.family_name[0] in "AEIOU" else "a"
+        raise ValueError(f"--set {unknown[0]}: not {article} {family.family_name} config field (it would be saved "
+                         "and never used); "
                          f"the fields are: {', '.join(sorted(known))}")
     if args.dropout is not None:
-        overrides["dropout"] = args.dropout
+        overrides.update(dict.fromkeys(family.dropout_fields, args.dropout))
     from_data = task.config_overrides(args)
     overrides.update(from_data)
     torch.manual_seed(args.seed)  # the initial weights of whatever is new (a model from scratch, a task head)
@@ -473,24 +476,32 @@ def _build(args: TrainArgs, task: Task, resume_from: Path | None) -> tuple[nn.Mo
     elif args.model is not None:
         model = _fine_tuning_start(task, args.model, overrides)
     else:
-        is_file = Path(args.config).is_file()
-        config = OPTConfig.from_json_file(args.config) if is_file else OPTConfig.from_name(args.config)
+        config = _start_config(args)
         # The embedding covers the tokenizer, padded to a multiple of 8 as metaseq does.
         overrides = {"vocab_size": -(-len(tokenizer) // 8) * 8, **overrides}
-        if "hidden_size" in overrides and "word_embed_proj_dim" not in overrides:
-            overrides["word_embed_proj_dim"] = overrides["hidden_size"]
-        config = OPTConfig.from_dict({**config.to_dict(), **overrides})
-        model = task.model_class(config)
+        config = config_from_dict(config.with_overrides(overrides))
+        model = task.model_class.from_config(config)
     _check_fit(args, model, tokenizer)
     task.check_model(model, str(args.model or args.config))
     return model, tokenizer
+
+
+def _start_config(args: TrainArgs) -> ModelConfig:
+    """The config training starts from: the checkpoint's (--model), or --config (a file or a preset name such
+    as opt-125m or gpt-neo-125m). A resumed run continues the same family."""
+    if args.model is not None:
+        path = resolve(args.model) / "config.json"
+        if not path.is_file():
+            raise CheckpointError(f"{path.parent} has no config.json; a checkpoint directory needs one")
+        return read_config(path)
+    return read_config(args.config) if Path(args.config).is_file() else config_from_name(args.config)
 
 
 def _fine_tuning_start(task: Task, source: str, overrides: dict[str, Any]) -> nn.Module:
     """The model to fine-tune; a task head the checkpoint lacks starts at random, as expected (no warning)."""
     directory = resolve(source)
     if (directory / "config.json").is_file():
-        _same_labels(OPTConfig.from_json_file(directory / "config.json"), overrides, directory, fine_tuning=True)
+        _same_labels(read_config(directory / "config.json"), overrides, directory, fine_tuning=True)
     with warnings.catch_warnings():
         for head in task.heads:
             warnings.filterwarnings("ignore", message=rf".*\b{head}\.weight not in the checkpoint")
@@ -510,7 +521,7 @@ def _same_labels(model_or_config: Any, from_data: dict[str, Any], source: Path, 
                      f"{list(want.values())}; train from a checkpoint without that head, or relabel the data")
 
 
-def _check_fit(args: TrainArgs, model: OPTForCausalLM, tokenizer: Tokenizer) -> None:
+def _check_fit(args: TrainArgs, model: nn.Module, tokenizer: Tokenizer) -> None:
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                          f"{model.config.vocab_size}; use the model's own tokenizer")

@@ -1,8 +1,8 @@
-"""The Hugging Face-compatible façade: OPTModel, OPTForCausalLM, OPTForSequenceClassification,
-OPTForQuestionAnswering with transformers' calling conventions (from_pretrained, forward keywords, outputs).
+"""The transformers-compatible façade, family-neutral: loading, saving, keyword translation, heads and losses.
 
-Code written against transformers' OPT classes switches by changing the import. The computation lives in
-``model.py``; this file only translates keywords, computes positions, attaches heads and losses.
+Each family (``optlm.hf.opt``, ``optlm.hf.gpt_neo``) declares a small base class naming its config, its
+checkpoint prefix and its decoder; the heads here (causal LM, sequence classification, question answering,
+token classification) are written once for all of them. The computation lives in ``optlm.models``.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from . import checkpoint as ckpt
-from .config import OPTConfig
-from .kv_cache import KVCache
-from .model import Frame, OPTDecoder
-from .quantize import finish_quantized, prepare_quantized, quantization_config, saved_state
-from .quantize import quantize as quantize_model
+from .. import checkpoint as ckpt
+from ..kv_cache import KVCache
+from ..models.config import ModelConfig
+from ..models.core import Frame, set_attn_implementation
+from ..quantize import finish_quantized, prepare_quantized, quantization_config, saved_state
+from ..quantize import quantize as quantize_model
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
@@ -63,7 +63,7 @@ def parse_device(device: torch.device | str | None) -> torch.device | None:
 
 
 @dataclass
-class OPTOutput:
+class ModelOutput:
     """What the forward passes return; fields a head does not produce stay None."""
 
     loss: Tensor | None = None
@@ -91,23 +91,28 @@ class _ShapesOnly(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class OPTPreTrainedModel(nn.Module):
-    """Shared loading, saving and bookkeeping. Subclasses set ``_optional_keys`` (weights they may init)."""
+class PreTrainedModel(nn.Module):
+    """Shared loading, saving and bookkeeping. A family's base class sets the class attributes below; a head
+    sets ``_optional_keys`` (weights it may initialise itself)."""
 
+    config_class: type[ModelConfig]
     _optional_keys: tuple[str, ...] = ()
     # What checkpoint loading needs from a family (transformers' names where it has them): the attribute that
     # holds the base model in the classes with a head, and keys to drop on load.
     base_model_prefix = "model"
-    _ignore_checkpoint_keys: tuple[str, ...] = (r"\.version$",)  # fairseq bookkeeping buffers, not weights
-    # What adapters need from a family (optlm.adapters): peft's default LoRA targets for OPT, and the sublayers
-    # of each decoder layer whose outputs bottleneck adapters follow.
+    _ignore_checkpoint_keys: tuple[str, ...] = ()
+    # What adapters need from a family (optlm.adapters): peft's default LoRA targets, and the sublayers of each
+    # decoder layer whose outputs bottleneck adapters follow.
     default_lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    bottleneck_points = {"attention": "self_attn", "mlp": "fc2"}
+    bottleneck_points: dict[str, str] = {}
+    # How forward() places tokens when no position_ids are given: True counts real tokens only (OPT derives
+    # positions from the attention mask); False numbers slots from the cache length, padding included (GPT-Neo).
+    positions_follow_mask = True
+    name_or_path: str | None = None
 
-    def __init__(self, config: OPTConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.name_or_path: str | None = None
 
     # ---- construction ---------------------------------------------------------------------------------
 
@@ -129,16 +134,17 @@ class OPTPreTrainedModel(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """Point the LM head at the input embedding matrix (OPT ties them)."""
+        """Point the LM head at the input embedding matrix (heads without an LM head have nothing to tie)."""
 
-    def get_decoder(self) -> OPTDecoder:
-        return self.model.decoder
+    def get_decoder(self) -> nn.Module:
+        """The family's decoder: the module called as ``decoder(ids, frame)`` (``optlm.models.core``)."""
+        return getattr(self, self.base_model_prefix).get_decoder()
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.get_decoder().embed_tokens
+        return self.get_decoder().get_input_embeddings()
 
     def set_input_embeddings(self, module: nn.Module) -> None:
-        self.get_decoder().embed_tokens = module
+        self.get_decoder().set_input_embeddings(module)
 
     def get_output_embeddings(self) -> nn.Module | None:
         """The LM head (None for models without one, as in transformers)."""
@@ -162,7 +168,7 @@ class OPTPreTrainedModel(nn.Module):
         return total
 
     def set_attn_implementation(self, name: str) -> None:
-        self.get_decoder().set_attn_implementation(name)
+        set_attn_implementation(self, name)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute each layer's activations in the backward pass instead of storing them."""
@@ -180,10 +186,10 @@ class OPTPreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None, attn_implementation: str | None = None,
-                        revision: str | None = None, config: OPTConfig | None = None,
+                        revision: str | None = None, config: ModelConfig | None = None,
                         torch_dtype: torch.dtype | str | None = None, quantize: str | None = None,
                         **config_overrides: Any):
-        """Load a Hugging Face OPT checkpoint (directory or hub id).
+        """Load a Hugging Face checkpoint of this class's family (directory or hub id).
 
         The model is built on the meta device and the memory-mapped checkpoint tensors are assigned to it,
         so peak memory stays near one copy of the weights. ``dtype=None`` keeps the checkpoint's dtype
@@ -195,9 +201,7 @@ class OPTPreTrainedModel(nn.Module):
         device = parse_device(device)
         directory = ckpt.resolve(path_or_hub_id, revision)
         if config is None:
-            if not (directory / "config.json").is_file():
-                raise ckpt.CheckpointError(f"{directory} has no config.json; an OPT checkpoint directory needs one")
-            config = OPTConfig.from_json_file(directory / "config.json")
+            config = read_family_config(directory, self_family=cls.config_class, loader=cls.__name__)
         for key, value in config_overrides.items():
             if not hasattr(config, key):
                 raise TypeError(f"from_pretrained() got an unexpected keyword argument {key!r}")
@@ -259,7 +263,8 @@ class OPTPreTrainedModel(nn.Module):
         directory = Path(save_directory)
         quantized = quantization_config(self.config) is not None
         state = saved_state(self) if quantized else self.state_dict()
-        if self.config.tie_word_embeddings and "model.decoder.embed_tokens.weight" in state:
+        embedding = next((n for n, m in self.named_modules() if m is self.get_input_embeddings()), None)
+        if self.config.tie_word_embeddings and f"{embedding}.weight" in state:
             state.pop("lm_head.weight", None)  # tied: stored once, as the embedding (transformers omits it too)
         self.config.extra["dtype"] = str(self.dtype).removeprefix("torch.")
         self.config.extra.pop("torch_dtype", None)
@@ -296,39 +301,58 @@ class OPTPreTrainedModel(nn.Module):
             if tuple(position_ids.shape) not in ((B, T), (1, T)):
                 raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected ({B}, {T})")
             frame.positions = position_ids.expand(B, T)
+        elif not self.positions_follow_mask:
+            frame.positions = torch.arange(frame.past, frame.past + T, device=input_ids.device).expand(B, T)
         hidden = self.get_decoder()(input_ids, frame)
         if cache is not None:
             cache.commit(frame)
         return hidden, cache
 
 
-class OPTModel(OPTPreTrainedModel):
-    """The bare decoder: returns ``last_hidden_state`` (width word_embed_proj_dim)."""
+def read_family_config(directory: Path, self_family: type[ModelConfig], loader: str) -> ModelConfig:
+    """``directory``'s config.json, which must describe a model of ``self_family``."""
+    from ..models import config_class
+    from ..models.config import read_json
 
-    def __init__(self, config: OPTConfig, init: bool = True):
-        super().__init__(config)
-        self.decoder = OPTDecoder(config)
-        if init:
-            self.init_weights()
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ckpt.CheckpointError(f"{directory} has no config.json; a checkpoint directory needs one")
+    d = read_json(path)
+    model_type = d.get("model_type", "opt") if isinstance(d, dict) else None
+    if model_type is not None and model_type != self_family.model_type:
+        config_class(model_type)  # an unsupported family is named as such
+        raise ckpt.CheckpointError(f"{directory} holds a {model_type} model; {loader} loads {self_family.model_type} "
+                                   f"checkpoints — use optlm.AutoModelForCausalLM (or the {model_type} class)")
+    return self_family.from_json_file(path)
 
-    def get_decoder(self) -> OPTDecoder:
-        return self.decoder
+
+class BaseModel(PreTrainedModel):
+    """The bare decoder with transformers' keywords: returns ``last_hidden_state`` (width ``config.output_dim``)."""
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                past_key_values: KVCache | None = None, use_cache: bool | None = None) -> OPTOutput:
+                past_key_values: KVCache | None = None, use_cache: bool | None = None) -> ModelOutput:
         hidden, cache = self._decode(input_ids, attention_mask, position_ids, past_key_values, use_cache)
-        return OPTOutput(last_hidden_state=hidden, past_key_values=cache)
+        return ModelOutput(last_hidden_state=hidden, past_key_values=cache)
 
 
-class OPTForCausalLM(OPTPreTrainedModel):
-    """OPT with its language-model head (tied to the token embeddings)."""
+class _WithBase(PreTrainedModel):
+    """A head on the family's bare model, which sits at ``base_model_prefix`` (``model``, ``transformer``)."""
+
+    base_model_class: type[nn.Module]
+
+    def _attach_base(self, config: ModelConfig) -> None:
+        setattr(self, self.base_model_prefix, self.base_model_class(config, init=False))
+
+
+class ForCausalLM(_WithBase):
+    """The language-model head (tied to the token embeddings unless ``tie_word_embeddings`` is false)."""
 
     _optional_keys = ("lm_head.weight",)
 
-    def __init__(self, config: OPTConfig, init: bool = True):
+    def __init__(self, config: ModelConfig, init: bool = True):
         super().__init__(config)
-        self.model = OPTModel(config, init=False)
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self._attach_base(config)
+        self.lm_head = nn.Linear(config.output_dim, config.vocab_size, bias=False)
         if init:
             self.init_weights()
         if not config.tie_word_embeddings:
@@ -336,11 +360,11 @@ class OPTForCausalLM(OPTPreTrainedModel):
 
     def tie_weights(self) -> None:
         # A quantized head is tied the other way round: the embedding reads the head's int8 rows.
-        if self.config.tie_word_embeddings and isinstance(self.model.decoder.embed_tokens, nn.Embedding):
+        if self.config.tie_word_embeddings and isinstance(self.get_input_embeddings(), nn.Embedding):
             head = self.lm_head
             while hasattr(head, "base_layer"):  # a layer wrapped by an adapter (peft's convention)
                 head = head.base_layer
-            head.weight = self.model.decoder.embed_tokens.weight
+            head.weight = self.get_input_embeddings().weight
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
@@ -350,30 +374,30 @@ class OPTForCausalLM(OPTPreTrainedModel):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool | None = None,
-                labels: Tensor | None = None, logits_to_keep: int = 0) -> OPTOutput:
+                labels: Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """``logits_to_keep=n`` computes logits for the last n positions only (0 = all), as in transformers."""
         hidden, cache = self._decode(input_ids, attention_mask, position_ids, past_key_values, use_cache)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, T, V)
         loss = None if labels is None else causal_lm_loss(logits, labels)
-        return OPTOutput(loss=loss, logits=logits, last_hidden_state=hidden, past_key_values=cache)
+        return ModelOutput(loss=loss, logits=logits, last_hidden_state=hidden, past_key_values=cache)
 
     def step(self, ids: Tensor, frame: Frame, last: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The core call of generation and the engine: ``ids`` ``(B, T)`` run in ``frame`` → logits ``(B, V)``
         of each row's token at column ``last`` ``(B,)`` (default: the last column) and the hidden states
         ``(B, T, e)``. The caller owns the cache behind the frame and advances it."""
-        hidden = self.model.decoder(ids, frame)
+        hidden = self.get_decoder()(ids, frame)
         rows = hidden[:, -1] if last is None else hidden[torch.arange(ids.shape[0], device=ids.device), last]
         return self.lm_head(rows), hidden
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         """transformers-style ``generate``: prompt + new tokens; see :func:`optlm.generate.generate`."""
-        from .generate import generate
+        from ..generate import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
 
     def stream(self, input_ids: Tensor, tokenizer: Any, attention_mask: Tensor | None = None, **kwargs: Any):
         """Iterator over the text of one prompt's continuation; see :func:`optlm.generate.stream`."""
-        from .generate import stream
+        from ..generate import stream
 
         return stream(self, tokenizer, input_ids, attention_mask, **kwargs)
 
@@ -385,22 +409,22 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> 
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
 
 
-class OPTForSequenceClassification(OPTPreTrainedModel):
+class ForSequenceClassification(_WithBase):
     """Classification/regression from the hidden state of each row's rightmost non-pad token."""
 
     _optional_keys = ("score.weight",)
 
-    def __init__(self, config: OPTConfig, init: bool = True):
+    def __init__(self, config: ModelConfig, init: bool = True):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.model = OPTModel(config, init=False)
-        self.score = nn.Linear(config.word_embed_proj_dim, config.num_labels, bias=False)
+        self._attach_base(config)
+        self.score = nn.Linear(config.output_dim, config.num_labels, bias=False)
         if init:
             self.init_weights()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool | None = None,
-                labels: Tensor | None = None) -> OPTOutput:
+                labels: Tensor | None = None) -> ModelOutput:
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         hidden, cache = self._decode(input_ids, attention_mask, position_ids, past_key_values, use_cache)
@@ -418,7 +442,7 @@ class OPTForSequenceClassification(OPTPreTrainedModel):
             last = (idx * (input_ids != pad)).argmax(-1)
         pooled = logits[torch.arange(B, device=logits.device), last]  # (B, num_labels)
         loss = None if labels is None else self._loss(pooled, labels)
-        return OPTOutput(loss=loss, logits=pooled, past_key_values=cache)
+        return ModelOutput(loss=loss, logits=pooled, past_key_values=cache)
 
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         kind = self.config.problem_type
@@ -442,21 +466,21 @@ class OPTForSequenceClassification(OPTPreTrainedModel):
                          "multi_label_classification")
 
 
-class OPTForQuestionAnswering(OPTPreTrainedModel):
+class ForQuestionAnswering(_WithBase):
     """Extractive QA: start and end logits over the input tokens."""
 
     _optional_keys = ("qa_outputs.weight", "qa_outputs.bias")
 
-    def __init__(self, config: OPTConfig, init: bool = True):
+    def __init__(self, config: ModelConfig, init: bool = True):
         super().__init__(config)
-        self.model = OPTModel(config, init=False)
-        self.qa_outputs = nn.Linear(config.word_embed_proj_dim, 2)
+        self._attach_base(config)
+        self.qa_outputs = nn.Linear(config.output_dim, 2)
         if init:
             self.init_weights()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool | None = None,
-                start_positions: Tensor | None = None, end_positions: Tensor | None = None) -> OPTOutput:
+                start_positions: Tensor | None = None, end_positions: Tensor | None = None) -> ModelOutput:
         hidden, cache = self._decode(input_ids, attention_mask, position_ids, past_key_values, use_cache)
         start_logits, end_logits = self.qa_outputs(hidden).unbind(-1)  # (B, T) each
         loss = None
@@ -467,5 +491,31 @@ class OPTForQuestionAnswering(OPTPreTrainedModel):
             end = end_positions.reshape(-1).clamp(0, T).to(start_logits.device)
             loss = (F.cross_entropy(start_logits, start, ignore_index=T)
                     + F.cross_entropy(end_logits, end, ignore_index=T)) / 2
-        return OPTOutput(loss=loss, start_logits=start_logits.contiguous(), end_logits=end_logits.contiguous(),
-                         past_key_values=cache)
+        return ModelOutput(loss=loss, start_logits=start_logits.contiguous(), end_logits=end_logits.contiguous(),
+                           past_key_values=cache)
+
+
+class ForTokenClassification(_WithBase):
+    """A label per token: dropout (``classifier_dropout``) then a linear classifier on every hidden state."""
+
+    _optional_keys = ("classifier.weight", "classifier.bias")
+
+    def __init__(self, config: ModelConfig, init: bool = True):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self._attach_base(config)
+        self.dropout = float(getattr(config, "classifier_dropout", 0.0) or 0.0)
+        self.classifier = nn.Linear(config.output_dim, config.num_labels)
+        if init:
+            self.init_weights()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool | None = None,
+                labels: Tensor | None = None) -> ModelOutput:
+        hidden, cache = self._decode(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        hidden = F.dropout(hidden, self.dropout, True) if self.training else hidden
+        logits = self.classifier(hidden)  # (B, T, num_labels)
+        loss = None
+        if labels is not None:  # -100 labels (padding, word-piece continuations) do not count, as in transformers
+            loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1).to(logits.device))
+        return ModelOutput(loss=loss, logits=logits, past_key_values=cache)

@@ -1,0 +1,1 @@
+"""OPT (Zhang et al. 2022): configuration and decoder."""

@@ -1,0 +1,107 @@
+"""The OPT decoder in plain PyTorch (Zhang et al. 2022), numerically matching transformers' modeling_opt.
+
+Parameter names follow the Hugging Face layout (``embed_tokens``, ``layers.N.self_attn.q_proj`` …) so a
+checkpoint maps onto the module tree one to one and adapters can target the same names as ``peft``.
+This file is pure computation: no I/O, no tokenizer, no HF keyword surface (that lives in ``optlm.hf``).
+The core protocol (``decoder(ids, frame)``) and the attention it shares with other families are in
+``optlm.models.core``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..core import Frame, SelfAttention, activation, check_positions
+from .config import OPTConfig
+
+# fairseq legacy: learned positions are offset by 2 (ids 0 and 1 were reserved for padding in metaseq), so
+# position p reads row p + 2 and a padding position (-1, see positions_from_mask) reads row 1.
+POSITION_OFFSET = 2
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, config: OPTConfig, layer_idx: int):
+        super().__init__()
+        d, affine = config.hidden_size, config.layer_norm_elementwise_affine
+        self.self_attn = SelfAttention(d, config.num_attention_heads, layer_idx, qkv_bias=config.enable_bias,
+                                       out_bias=config.enable_bias, scaling=config.head_dim**-0.5,
+                                       dropout=config.attention_dropout)
+        self.pre_ln = config.do_layer_norm_before
+        self.dropout = config.dropout
+        self.act = activation(config.activation_function)
+        self.self_attn_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
+        self.fc1 = nn.Linear(d, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = nn.Linear(config.ffn_dim, d, bias=config.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
+
+    def forward(self, x: Tensor, frame: Frame) -> Tensor:
+        # Pre-LN (every OPT but 350m) normalises each sublayer's input; post-LN (350m) its residual sum.
+        h = self.self_attn_layer_norm(x) if self.pre_ln else x
+        h = self.self_attn(h, frame)
+        x = x + (F.dropout(h, self.dropout, True) if self.training else h)
+        if not self.pre_ln:
+            x = self.self_attn_layer_norm(x)
+        h = self.final_layer_norm(x) if self.pre_ln else x
+        h = self.fc2(self.act(self.fc1(h)))
+        x = x + (F.dropout(h, self.dropout, True) if self.training else h)
+        if not self.pre_ln:
+            x = self.final_layer_norm(x)
+        return x
+
+
+class OPTDecoder(nn.Module):
+    """Token + position embeddings, the decoder layers, final norm/projection. Returns hidden states."""
+
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.config = config
+        d, e = config.hidden_size, config.word_embed_proj_dim
+        self.embed_tokens = nn.Embedding(config.vocab_size, e, config.pad_token_id)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, d)
+        # opt-350m keeps 512-wide embeddings and projects them in and out of the 1024-wide decoder.
+        self.project_out = nn.Linear(d, e, bias=False) if e != d else None
+        self.project_in = nn.Linear(e, d, bias=False) if e != d else None
+        # The final norm exists only for pre-LN models (post-LN already ends each block with one), and some
+        # converted metaseq checkpoints drop it (_remove_final_layer_norm).
+        if config.do_layer_norm_before and not config._remove_final_layer_norm:
+            self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=config.layer_norm_elementwise_affine)
+        else:
+            self.final_layer_norm = None
+        self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layerdrop = config.layerdrop
+        self.gradient_checkpointing = False
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, module: nn.Module) -> None:
+        self.embed_tokens = module
+
+    def forward(self, ids: Tensor, frame: Frame | None = None) -> Tensor:
+        """ids ``(B, T)`` → hidden states ``(B, T, e)``. Without a frame: the tokens alone, causally, no padding."""
+        B, T = ids.shape
+        if frame is None:
+            frame = Frame.causal(B, T, ids.device)
+        positions = frame.positions
+        check_positions(positions, self.config.max_position_embeddings)
+
+        x = self.embed_tokens(ids)  # (B, T, e)
+        if self.project_in is not None:
+            x = self.project_in(x)  # (B, T, d)
+        x = x + self.embed_positions(positions + POSITION_OFFSET)  # (B, T, d)
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
+                continue  # LayerDrop (Fan et al. 2019): skip whole layers at random while training
+            if self.gradient_checkpointing and self.training and type(frame) is Frame:
+                x = checkpoint(layer, x, frame, use_reentrant=False)
+            else:
+                x = layer(x, frame)
+
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)  # (B, T, e)
+        return x
