@@ -34,14 +34,39 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def reference_pair(directory: Path, seed: int = 0, **overrides):
-    """(transformers model, optlm model) with the same random float64 weights, via a saved checkpoint."""
+# The families the engine and server tests run once each (parametrised), so each goes through the same checks.
+FAMILIES = ("opt", "gpt_neo")
+GPT2_TOKENIZER = TOKENIZER_FILES / "gpt2"
+GPT2_VOCAB = 50257
+MLP_NAMES = {"opt": ("fc1", "fc2"), "gpt_neo": ("c_fc", "c_proj")}  # each family's MLP projections, in, out
+
+
+def tiny_config(family: str = "opt", **overrides):
+    """A transformers config of ``family`` in the TINY shape (OPT's field names for the overrides). GPT-Neo
+    alternates a global and a local layer whose 16-token window long prompts overrun; its BOS/EOS are OPT's 2,
+    so tests that look for EOS hold for both."""
+    import transformers
+
+    if family == "opt":
+        return transformers.OPTConfig(**{**TINY, **overrides})
+    o = {**TINY, **overrides}
+    return transformers.GPTNeoConfig(
+        vocab_size=o["vocab_size"], hidden_size=o["hidden_size"], num_layers=o["num_hidden_layers"],
+        num_heads=o["num_attention_heads"], intermediate_size=o["ffn_dim"], window_size=o.get("window_size", 16),
+        attention_types=[[["global", "local"], o["num_hidden_layers"] // 2]],
+        max_position_embeddings=o["max_position_embeddings"], initializer_range=o["init_std"],
+        bos_token_id=o.get("bos_token_id", 2), eos_token_id=o.get("eos_token_id", 2))
+
+
+def reference_pair(directory: Path, seed: int = 0, family: str = "opt", **overrides):
+    """(transformers model, optlm model) of ``family`` with the same random float64 weights, via a checkpoint."""
     import transformers
 
     torch.manual_seed(seed)
-    ref = transformers.OPTForCausalLM(transformers.OPTConfig(**{**TINY, **overrides})).to(torch.float64).eval()
+    ref = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    ref = ref.to(torch.float64).eval()
     ref.save_pretrained(directory)
-    return ref, optlm.OPTForCausalLM.from_pretrained(directory)
+    return ref, optlm.AutoModelForCausalLM.from_pretrained(directory)
 
 
 def left_padded(lengths=(7, 4, 6), vocab: int = 96, seed: int = 0, pad: int = 1):
@@ -54,17 +79,23 @@ def need_tokenizer() -> Path:
     return OPT_TOKENIZER
 
 
-def text_checkpoint(directory: Path, seed: int = 0, favour: list[int] | None = None, **overrides) -> Path:
-    """A tiny random OPT checkpoint with the real OPT tokenizer files beside it.
+def text_checkpoint(directory: Path, seed: int = 0, favour: list[int] | None = None, family: str = "opt",
+                    **overrides) -> Path:
+    """A tiny random checkpoint with its family's real tokenizer files beside it (OPT's, or GPT-2's for GPT-Neo).
 
     ``favour``: keep only these rows of the (tied) embedding and scale them up, so the model emits almost
     only these tokens (e.g. the byte pieces of multi-byte characters).
     """
-    source = need_tokenizer()
+    source = need_tokenizer() if family == "opt" else GPT2_TOKENIZER
     torch.manual_seed(seed)
-    config = OPTConfig(**{**dict(vocab_size=OPT_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 ffn_dim=64, max_position_embeddings=128, init_std=0.5), **overrides})
-    model = optlm.OPTForCausalLM(config)
+    shape = dict(vocab_size=OPT_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                 max_position_embeddings=128, init_std=0.5)
+    if family == "opt":
+        model = optlm.OPTForCausalLM(OPTConfig(**{**shape, **overrides}))
+    else:
+        config = tiny_config(family, **{**shape, "vocab_size": GPT2_VOCAB, "bos_token_id": GPT2_VOCAB - 1,
+                                        "eos_token_id": GPT2_VOCAB - 1, **overrides})
+        model = optlm.AutoModelForCausalLM.from_config(optlm.models.config_from_dict(config.to_dict()))
     if favour is not None:
         with torch.no_grad():
             emb = model.get_input_embeddings().weight

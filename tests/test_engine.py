@@ -15,7 +15,13 @@ import random
 
 import pytest
 import torch
-from helpers_generate import one_thread, reference_pair, text_checkpoint  # noqa: F401 (one_thread: a fixture)
+from helpers_generate import (  # noqa: F401 (one_thread: a fixture)
+    FAMILIES,
+    MLP_NAMES,
+    one_thread,
+    reference_pair,
+    text_checkpoint,
+)
 
 import optlm
 from optlm import LLM, LLMEngine, SamplingParams
@@ -39,9 +45,10 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return reference_pair(tmp_path_factory.mktemp("engine"), max_position_embeddings=CONTEXT)
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tmp_path_factory):
+    """Every test on the pair runs once per model family."""
+    return reference_pair(tmp_path_factory.mktemp("engine"), family=request.param, max_position_embeddings=CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -426,7 +433,7 @@ def adapters(pair, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     specs = {"qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
              "wide": dict(r=8, lora_alpha=8, target_modules="all-linear", use_rslora=True),
-             "head": dict(r=2, lora_alpha=4, target_modules=["fc1", "lm_head"])}
+             "head": dict(r=2, lora_alpha=4, target_modules=[MLP_NAMES[pair[1].config.model_type][0], "lm_head"])}
     dirs = {}
     for i, (name, spec) in enumerate(specs.items()):
         torch.manual_seed(100 + i)
@@ -434,7 +441,7 @@ def adapters(pair, tmp_path_factory):
         model.save_pretrained(root / name)
         dirs[name] = root / name
     torch.manual_seed(7)
-    bn = get_peft_model(optlm.OPTForCausalLM.from_pretrained(pair[1].name_or_path),
+    bn = get_peft_model(optlm.AutoModelForCausalLM.from_pretrained(pair[1].name_or_path),
                         BottleneckConfig(variant="houlsby", reduction_factor=4))
     with torch.no_grad():
         for n, p in bn.named_parameters():
@@ -456,7 +463,7 @@ def _alone(pair, adapter_dir, prompt, max_tokens):
         if adapter_dir is None:
             model, kw = ref, {"pad_token_id": 1, "eos_token_id": 2}
         elif adapter_dir.name == "bn":
-            model, kw = PeftModel.from_pretrained(optlm.OPTForCausalLM.from_pretrained(pair[1].name_or_path),
+            model, kw = PeftModel.from_pretrained(optlm.AutoModelForCausalLM.from_pretrained(pair[1].name_or_path),
                                                   adapter_dir), {}
         else:
             model = peft.PeftModel.from_pretrained(copy.deepcopy(ref), adapter_dir)
@@ -475,7 +482,7 @@ def test_a_batch_mixing_adapters_equals_each_prompt_alone_with_its_adapter(pair,
     jobs = [(p, names[i % len(names)]) for i, p in enumerate(base_prompts)] + [(base_prompts[2], n) for n in names]
     llm = LLM(copy.deepcopy(ours), block_size=8, max_num_batched_tokens=64, enable_lora=True, max_loras=4)
     requests = [None if n is None else LoRARequest(n, names.index(n), str(adapters[n])) for _, n in jobs]
-    outs = llm.generate([p for p, _ in jobs], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+    outs = llm.generate([p for p, _ in jobs], SamplingParams(temperature=0, max_tokens=6),
                         lora_request=requests, use_tqdm=False)
     for (prompt, name), out in zip(jobs, outs, strict=True):
         want = _alone(pair, None if name is None else adapters[name], prompt, 6)

@@ -288,3 +288,69 @@ def test_lora_with_peft_default_targets_equals_peft(tmp_path):
         want = lora(input_ids=ids, attention_mask=mask).logits
         got = PeftModel.from_pretrained(ours, tmp_path / "lora")(ids, attention_mask=mask).logits
     assert (want - got)[mask.bool()].abs().max() <= 1e-5
+
+
+# ---- the command line on a GPT-Neo checkpoint (picked by its model_type) ----------------------------------------
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """A tiny GPT-Neo checkpoint saved by transformers with GPT-2's tokenizer files, as a hub repo has them."""
+    directory = tmp_path_factory.mktemp("neo_text")
+    torch.manual_seed(0)
+    ref = transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+        vocab_size=50257, hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global", "local"], 1]],
+        window_size=8, max_position_embeddings=96, initializer_range=0.5)).eval()
+    ref.save_pretrained(directory)
+    transformers.GPT2Tokenizer(str(TOKENIZER_FILES / "gpt2" / "vocab.json"),
+                               str(TOKENIZER_FILES / "gpt2" / "merges.txt")).save_pretrained(directory)
+    return ref, directory
+
+
+def test_cli_generate_eval_train_and_info_on_a_gpt_neo_checkpoint(text_model, tmp_path, capsys):
+    from optlm import cli
+
+    ref, directory = text_model
+    tok = transformers.AutoTokenizer.from_pretrained(directory)
+    prompt = "The ship sailed past the lighthouse and the long grey"
+    assert cli.main(["generate", prompt, "--model", str(directory), "--temperature", "0", "--max-new-tokens",
+                     "24"]) == 0
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True) in capsys.readouterr().out
+
+    text = "It was the best of times, it was the worst of times, it was the age of wisdom and of foolishness. " * 3
+    (tmp_path / "data.txt").write_text(text)
+    assert cli.main(["eval", "--model", str(directory), "--data", str(tmp_path / "data.txt"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    stream = tok(text, return_tensors="pt").input_ids  # no BOS for GPT-Neo: the document's own tokens
+    stream = torch.cat([torch.tensor([[tok.eos_token_id]]), stream], 1)  # documents open with <|endoftext|>
+    assert stream.shape[1] <= 96
+    with torch.no_grad():
+        loss = ref(stream, labels=stream).loss
+    ppl = float(next(line for line in out.splitlines() if line.startswith("perplexity:")).split()[1])
+    assert ppl == pytest.approx(torch.exp(loss).item(), rel=1e-5)  # float32 either side
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--model", str(directory), "--data", str(tmp_path / "data.txt"), "--out", str(run),
+                     "--block-size", "32", "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1",
+                     "--quiet"]) == 0
+    trained = transformers.AutoModelForCausalLM.from_pretrained(run / "checkpoint-00000002")
+    assert type(trained).__name__ == "GPTNeoForCausalLM"
+    assert cli.main(["info", str(run / "checkpoint-00000002")]) == 0
+    assert "model_type: gpt_neo" in capsys.readouterr().out
+
+
+def test_training_from_a_gpt_neo_preset_builds_that_family(text_model, tmp_path):
+    from optlm import cli
+
+    _, directory = text_model
+    (tmp_path / "data.txt").write_text("A small corpus of words, repeated. " * 40)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", "gpt-neo-125m", "--tokenizer", str(directory), "--set", "hidden_size=32",
+                     "--set", "num_layers=2", "--set", "num_heads=2", "--set", "max_position_embeddings=64",
+                     "--data", str(tmp_path / "data.txt"), "--out", str(run), "--block-size", "16",
+                     "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1", "--quiet"]) == 0
+    config = json.loads((run / "checkpoint-00000002" / "config.json").read_text())
+    assert config["model_type"] == "gpt_neo" and config["attention_types"] == [[["global", "local"], 1]]
+    assert config["vocab_size"] == 50264  # the tokenizer's 50257 entries padded to a multiple of 8

@@ -20,8 +20,9 @@ import httpx
 import openai
 import pytest
 import torch
-from helpers_generate import text_checkpoint
+from helpers_generate import FAMILIES, MLP_NAMES, text_checkpoint
 
+import optlm
 from optlm import LLM, SamplingParams
 
 KEY = "test-key-123"
@@ -53,9 +54,11 @@ def _start(model, *options: str, env: dict | None = None) -> tuple[subprocess.Po
     pytest.fail("the server did not come up")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model = text_checkpoint(tmp_path_factory.mktemp("serve_model"), max_position_embeddings=CONTEXT)
+@pytest.fixture(scope="module", params=FAMILIES)
+def server(request, tmp_path_factory):
+    """A real server process; every test on it runs once per model family."""
+    model = text_checkpoint(tmp_path_factory.mktemp("serve_model"), family=request.param,
+                            max_position_embeddings=CONTEXT)
     proc, base = _start(model, "--served-model-name", "tiny", "--max-num-seqs", "8", "--max-n", "4",
                         "--max-prompts", "8", "--max-body-mb", "1", env={**os.environ, "OPTLM_API_KEY": KEY})
     yield {"base": base, "model": model, "proc": proc}
@@ -359,7 +362,7 @@ def test_lm_eval_local_completions_loglikelihoods_equal_optlms_own_sums(server):
                              header={"Authorization": f"Bearer {KEY}"}, tokenizer_backend="huggingface",
                              tokenizer=str(server["model"]), tokenized_requests=True, num_concurrent=2,
                              max_length=CONTEXT)
-    model = optlm.OPTForCausalLM.from_pretrained(server["model"])
+    model = optlm.AutoModelForCausalLM.from_pretrained(server["model"])
 
     def total(ids: list[int]) -> float:  # optlm's own: the sum of log p over tokens 1.. of ids
         result = optlm.perplexity(model, torch.tensor(ids))
@@ -414,11 +417,11 @@ def test_an_engine_that_dies_mid_stream_sends_an_error_event_and_health_turns_50
 # ---- adapters: served by name, mixed in one batch, loaded at run time only under --lora-root ----------------
 
 def _make_lora(model_dir, out, seed: int, **kwargs):
-    from optlm.hf import OPTForCausalLM
+    from optlm.hf import AutoModelForCausalLM
     from optlm.peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    get_peft_model(OPTForCausalLM.from_pretrained(model_dir),
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                    LoraConfig(init_lora_weights=False, **kwargs)).save_pretrained(out)
     return out
 
@@ -428,7 +431,8 @@ def lora_server(server, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_root")
     model = server["model"]
     a = _make_lora(model, root / "a", 1, r=4, target_modules=["q_proj", "v_proj"])
-    b = _make_lora(model, root / "b", 2, r=8, target_modules=["fc1", "fc2"])
+    mlp = MLP_NAMES[optlm.models.read_config(model / "config.json").model_type]
+    b = _make_lora(model, root / "b", 2, r=8, target_modules=list(mlp))
     _make_lora(model, root / "later", 3, r=2, target_modules=["out_proj"])
     proc, base = _start(model, "--served-model-name", "tiny", "--lora-modules", f"a={a}", f"b={b}",
                         "--max-loras", "2", "--allow-runtime-lora", "--lora-root", str(root))
