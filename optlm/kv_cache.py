@@ -21,9 +21,9 @@ class KVCache:
     filled slots are real tokens, so a caller that feeds only new tokens does not have to repeat the mask.
 
     Layers with a local-attention window ``W`` (``windows``, per layer; GPT-Neo's local layers) never look
-    further back than ``W - 1`` slots, so their keys/values live in a ring of ``W - 1`` slots instead
-    (``ring_k``, ``ring_v``: ``(local layers, batch, heads, W - 1, head_dim)``; slot ``s`` sits at ``s % (W - 1)``):
-    their memory stays the same however long the generation runs.
+    further back than ``W - 1`` slots, so their keys/values live in a ring of ``W`` slots instead (``ring_k``,
+    ``ring_v``: ``(local layers, batch, heads, W, head_dim)``; slot ``s`` sits at ``s % W``): their memory
+    stays the same however long the generation runs.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, head_dim: int, capacity: int,
@@ -38,7 +38,7 @@ class KVCache:
         # layer -> (True, index into k/v) for full layers, (False, index into ring_k/ring_v) for local ones
         self._where = {**{layer: (True, i) for i, layer in enumerate(full)},
                        **{layer: (False, i) for i, layer in enumerate(local)}}
-        self.ring_size = max(w for w in windows if w is not None) - 1 if local else 0
+        self.ring_size = max(w for w in windows if w is not None) if local else 0
         shape = (len(full), batch_size, num_heads, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -117,43 +117,59 @@ class KVCache:
         return torch.cat([kl.narrow(2, 0, start), k], 2), torch.cat([vl.narrow(2, 0, start), v], 2)
 
     def _ring_update(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """A local layer: return the ring's keys/values then the new ones (the order :meth:`local_mask`
-        describes), and keep the newest ``ring_size`` of the new ones in the ring."""
+        """A local layer: keep the newest ``ring_size`` keys/values in the ring and return what the pass reads,
+        in the order :meth:`local_mask` describes. One new token (decoding) overwrites the slot that just left
+        its window and reads the ring in place; several read the ring's old entries then their own."""
         L, T, R = self.length, k.shape[2], self.ring_size
         rk, rv = self.ring_k[i], self.ring_v[i]  # (B, nh, R, hs)
+        if self._decoding(T):
+            rk[:, :, L % R] = k[:, :, 0]
+            rv[:, :, L % R] = v[:, :, 0]
+            n = min(L + 1, R)
+            return rk[:, :, :n], rv[:, :, :n]  # (B, nh, n, hs)
         # cat copies, so the ring can be overwritten below while this pass still reads the old entries
         keys, values = (k, v) if L == 0 else (torch.cat([rk, k], 2), torch.cat([rv, v], 2))  # (B, nh, R+T, hs)
         n = min(T, R)
-        if n:
-            at = torch.arange(L + T - n, L + T, device=rk.device) % R
-            with torch.no_grad():
-                rk.index_copy_(2, at, k[:, :, T - n:].to(rk.dtype))
-                rv.index_copy_(2, at, v[:, :, T - n:].to(rv.dtype))
+        at = torch.arange(L + T - n, L + T, device=rk.device) % R
+        with torch.no_grad():
+            rk.index_copy_(2, at, k[:, :, T - n:].to(rk.dtype))
+            rv.index_copy_(2, at, v[:, :, T - n:].to(rv.dtype))
         return keys, values
 
+    @staticmethod
+    def _decoding(T: int) -> bool:
+        # In-place ring writes would cut the graph from this token's own key, so gradients take the copy path.
+        return T == 1 and not torch.is_grad_enabled()
+
     def local_mask(self, frame: Frame, window: int) -> Tensor | None:
-        """What each new token of ``frame`` may attend to in a local layer of this cache: the ring's slots
-        (those filled, real, and less than ``window`` back) and the new tokens (causally, within the window).
-        ``(B|1, 1, T, ring_size + T)``, or ``(B|1, 1, T, T)`` on an empty cache; None: everything."""
+        """What each new token of ``frame`` may attend to in a local layer of this cache, over the keys
+        :meth:`_ring_update` returns: ring entries (filled, real, less than ``window`` slots back) and then, for
+        several new tokens, the new tokens themselves (causally, within the window). None: everything."""
         L, T, R = self.length, frame.positions.shape[1], self.ring_size
         dev = frame.positions.device
         valid = frame.valid  # (B, L + T) or None
-        t = torch.arange(T, device=dev)
-        allowed = (t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < window)  # (T, T) new keys
-        key_valid = None if valid is None else valid[:, L:]
-        if L > 0:
-            r = torch.arange(R, device=dev)
-            slot = r + R * torch.div(L - 1 - r, R, rounding_mode="floor")  # the newest slot at each ring entry
-            ring = (r <= L - 1)[None, :] & ((L + t)[:, None] - slot[None, :] < window)  # (T, R)
-            allowed = torch.cat([ring, allowed], 1)  # (T, R + T)
-            if valid is not None:
-                key_valid = torch.cat([valid[:, slot.clamp(min=0)], key_valid], 1)
-        allowed = allowed[None]  # (1, T, keys)
+        if self._decoding(T):
+            r = torch.arange(min(L + 1, R), device=dev)
+            slot = r + R * torch.div(L - r, R, rounding_mode="floor")  # (n,) the slot each entry now holds
+            allowed = (L - slot < window)[None, None]  # (1, 1, n)
+            key_valid = None if valid is None else valid[:, slot]  # (B, n)
+        else:
+            t = torch.arange(T, device=dev)
+            allowed = (t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < window)  # (T, T) new keys
+            key_valid = None if valid is None else valid[:, L:]
+            if L > 0:
+                r = torch.arange(R, device=dev)
+                slot = r + R * torch.div(L - 1 - r, R, rounding_mode="floor")  # the newest slot at each entry
+                ring = (r <= L - 1)[None, :] & ((L + t)[:, None] - slot[None, :] < window)  # (T, R)
+                allowed = torch.cat([ring, allowed], 1)  # (T, R + T)
+                if valid is not None:
+                    key_valid = torch.cat([valid[:, slot.clamp(min=0)], key_valid], 1)
+            allowed = allowed[None]  # (1, T, keys)
         if key_valid is not None:
             allowed = allowed & key_valid[:, None, :]  # (B, T, keys)
-        elif T == 1 and bool(allowed.all()):
+        elif bool(allowed.all()):
             return None
-        return allowed[:, None]
+        return allowed[:, None]  # (B|1, 1, T, keys)
 
     def _layer_views(self) -> list[tuple[Tensor, Tensor]]:
         # Per-layer (B, nh, capacity, hs) views, made once per buffer (a decode step indexes them per layer).

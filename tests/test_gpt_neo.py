@@ -2,7 +2,7 @@
 
 Invariants: every head equals the reference (float64 within 1e-10, float32 within 1e-5) on left-padded batches
 longer than the local-attention window; cached decoding, step by step or in chunks, equals one full forward
-beyond the window, while the local layers' cache stays a ring of window - 1 slots; greedy and beam search are
+beyond the window, while the local layers' cache stays a ring of window slots; greedy and beam search are
 token-identical to transformers' ``generate``; the tokenizer gives GPT2Tokenizer's ids without a BOS;
 checkpoints load in every layout the hub has (old mask buffers, ``.bin``, shards, a bare model's keys) and
 save in one transformers reads; quantization and peft's LoRA apply unchanged.
@@ -129,8 +129,8 @@ def test_cached_decoding_in_steps_and_chunks_equals_the_full_forward_beyond_the_
     assert (ours_steps - full)[m].abs().max() <= tol
     assert (ours_steps - ref_steps)[m].abs().max() <= tol
     assert (ref_steps - full)[m].abs().max() > 0  # the reference's own pieces are not bit-equal either
-    # the local layers kept a ring of window - 1 slots; the global layers every slot
-    assert cache.ring_k.shape == (2, 3, 4, WINDOW - 1, 8) and cache.k.shape[0] == 2 and cache.length == 30
+    # the local layers kept a ring of window slots; the global layers every slot
+    assert cache.ring_k.shape == (2, 3, 4, WINDOW, 8) and cache.k.shape[0] == 2 and cache.length == 30
 
 
 def test_local_layer_memory_follows_the_window_in_long_generations(tmp_path):
@@ -354,3 +354,44 @@ def test_training_from_a_gpt_neo_preset_builds_that_family(text_model, tmp_path)
     config = json.loads((run / "checkpoint-00000002" / "config.json").read_text())
     assert config["model_type"] == "gpt_neo" and config["attention_types"] == [[["global", "local"], 1]]
     assert config["vocab_size"] == 50264  # the tokenizer's 50257 entries padded to a multiple of 8
+
+
+def test_the_benchmarks_gpt2_stand_in_computes_what_gpt_neo_does(tmp_path):
+    """CTranslate2 cannot convert GPT-Neo, so ``optlm bench`` gives it the GPT-2 model that computes the same
+    function within the local window; the comparison is only fair if that holds."""
+    from optlm.benchmark import gpt2_equivalent
+
+    torch.manual_seed(0)
+    neo = transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(**{**TINY, "window_size": 32})).eval()
+    neo.save_pretrained(tmp_path / "neo")
+    gpt2 = transformers.GPT2LMHeadModel.from_pretrained(gpt2_equivalent(tmp_path / "neo")).eval()
+    ids = torch.randint(3, TINY["vocab_size"], (2, 32))
+    with torch.no_grad():
+        assert (gpt2(ids).logits - neo(ids).logits).abs().max() <= 1e-4  # float32; q·k rounds differently
+
+
+def test_classifier_training_on_gpt_neo_needs_a_pad_id_and_then_predicts(text_model, tmp_path, capsys):
+    from optlm import cli
+    from optlm.train.predict import load_classifier
+
+    _, directory = text_model
+    rows = [{"text": f"{word} " * (3 + i % 5), "label": label} for i in range(24)
+            for word, label in (("ship sea", "sea"), ("barn cow", "farm"))]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["train", "--task", "sequence-classification", "--model", str(directory), "--data",
+            str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "run"), "--batch-size", "8", "--max-steps", "2",
+            "--block-size", "64",
+            "--warmup-steps", "1", "--quiet"]
+    assert cli.main(argv) == 1
+    assert "pad_token_id=50256" in capsys.readouterr().err  # GPT-Neo has no pad token: the fix is named
+    assert cli.main([*argv, "--set", "pad_token_id=50256"]) == 0
+    classifier = load_classifier(tmp_path / "run" / "checkpoint-00000002")
+    assert isinstance(classifier.model, optlm.GPTNeoForSequenceClassification)
+    ref = transformers.GPTNeoForSequenceClassification.from_pretrained(tmp_path / "run" / "checkpoint-00000002")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "run" / "checkpoint-00000002")
+    tok.pad_token, tok.padding_side = tok.eos_token, "left"
+    enc = tok(["ship sea ship", "barn cow barn cow barn"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = ref(**enc).logits
+        got = classifier.model(enc.input_ids, attention_mask=enc.attention_mask).logits
+    assert (want - got).abs().max() <= 1e-5

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 _NAMES = {"int": "integer", "float": "number", "bool": "true or false", "str": "string", "dict": "JSON object",
@@ -34,8 +35,17 @@ def _kind(annotation: str) -> tuple[str | None, bool]:
     return (base if base in _CHECKS else None), "None" in parts
 
 
+@dataclass
 class ModelConfig:
-    """Base of the families' config dataclasses (see the module docstring)."""
+    """Base of the families' config dataclasses (see the module docstring): the task-head fields every family
+    shares, as transformers' PreTrainedConfig has them, and the unknown keys of a file (``extra``)."""
+
+    # Sequence classification head size (transformers derives it from id2label; both are accepted).
+    num_labels: int = 2
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    problem_type: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     model_type: ClassVar[str]
     family_name: ClassVar[str]  # as people write it: "OPT", "GPT-Neo"

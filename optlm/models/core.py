@@ -43,11 +43,16 @@ def positions_from_mask(mask: Tensor) -> Tensor:
     return torch.cumsum(mask, dim=1) * mask - 1
 
 
-def check_positions(positions: Tensor, limit: int) -> None:
-    """Every position a model is asked to embed fits its ``limit`` (max_position_embeddings); -1 is padding."""
+def frame_for(ids: Tensor, frame: Frame | None, limit: int) -> Frame:
+    """The frame a decoder runs ``ids`` ``(B, T)`` in: the one given, or the tokens alone, causally, without
+    padding; every position in it must fit ``limit`` (max_position_embeddings; -1 is padding)."""
+    if frame is None:
+        frame = Frame.causal(*ids.shape, ids.device)
+    positions = frame.positions
     if int(positions.max()) >= limit or int(positions.min()) < -1:
         raise ValueError(f"the input reaches position {int(positions.max())} (counting from 0); this model allows "
                          f"{limit} tokens (max_position_embeddings) — shorten or truncate it")
+    return frame
 
 
 class Frame:

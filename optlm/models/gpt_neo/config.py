@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import ModelConfig
@@ -43,11 +43,6 @@ class GPTNeoConfig(ModelConfig):
     # GPT-Neo has no pad token; batched generation pads with EOS, as transformers' pipelines do.
     pad_token_id: int | None = None
     tie_word_embeddings: bool = True
-    num_labels: int = 2
-    id2label: dict[int, str] | None = None
-    label2id: dict[str, int] | None = None
-    problem_type: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     model_type = "gpt_neo"
     family_name = "GPT-Neo"

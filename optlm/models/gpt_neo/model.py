@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core import Frame, SelfAttention, activation, check_positions
+from ..core import Frame, SelfAttention, activation, frame_for
 from .config import GPTNeoConfig
 
 
@@ -89,11 +89,8 @@ class GPTNeoStack(nn.Module):
 
     def forward(self, ids: Tensor, frame: Frame | None = None) -> Tensor:
         """ids ``(B, T)`` → hidden states ``(B, T, d)``. Without a frame: the tokens alone, causally, no padding."""
-        B, T = ids.shape
-        if frame is None:
-            frame = Frame.causal(B, T, ids.device)
+        frame = frame_for(ids, frame, self.config.max_position_embeddings)
         positions = frame.positions
-        check_positions(positions, self.config.max_position_embeddings)
         # Padding (position -1) reads row 0: its outputs are never attended to or used.
         x = self.wte(ids) + self.wpe(positions.clamp(min=0))  # (B, T, d)
         if self.training and self.embed_dropout > 0:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import ModelConfig
@@ -41,12 +41,6 @@ class OPTConfig(ModelConfig):
     enable_bias: bool = True
     layer_norm_elementwise_affine: bool = True
     tie_word_embeddings: bool = True
-    # Sequence classification head size (transformers derives it from id2label; both are accepted).
-    num_labels: int = 2
-    id2label: dict[int, str] | None = None
-    label2id: dict[str, int] | None = None
-    problem_type: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     model_type = "opt"
     family_name = "OPT"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core import Frame, SelfAttention, activation, check_positions
+from ..core import Frame, SelfAttention, activation, frame_for
 from .config import OPTConfig
 
 # fairseq legacy: learned positions are offset by 2 (ids 0 and 1 were reserved for padding in metaseq), so
@@ -82,11 +82,8 @@ class OPTDecoder(nn.Module):
 
     def forward(self, ids: Tensor, frame: Frame | None = None) -> Tensor:
         """ids ``(B, T)`` → hidden states ``(B, T, e)``. Without a frame: the tokens alone, causally, no padding."""
-        B, T = ids.shape
-        if frame is None:
-            frame = Frame.causal(B, T, ids.device)
+        frame = frame_for(ids, frame, self.config.max_position_embeddings)
         positions = frame.positions
-        check_positions(positions, self.config.max_position_embeddings)
 
         x = self.embed_tokens(ids)  # (B, T, e)
         if self.project_in is not None:
