@@ -11,6 +11,12 @@ instead of recomputed (prefix caching: repeated system prompts). Writing into a 
 (copy-on-write), so no sequence ever sees another's tokens. A freed block keeps its contents and its prefix
 key until the pool hands it out again, so a prompt repeated later can still find it.
 
+Local-attention layers (GPT-Neo's, which see only the last ``window`` tokens) keep their keys/values in a
+second pool: a sequence holds blocks there only for the tokens its next step can still see, and gives back
+each block the window has moved past, so their memory follows the window, not the sequence. Those blocks are
+published under the same prefix keys, so a shared prefix is reused only where the local pool still has the
+blocks at its end.
+
 The caller owns the cache: it registers sequences, reserves slots for the tokens it is about to run
 (``append``), and passes the model a :meth:`PagedKVCache.frame` of the batch; the model writes keys/values to
 those slots and reads each sequence's past by its block table. Nothing here advances on its own.
@@ -38,6 +44,8 @@ class _Seq:
     tokens: list[int] = field(default_factory=list)  # token ids whose keys/values are (or are about to be) cached
     keys: list[int] = field(default_factory=list)  # prefix key of each full block, in order
     salt: object = 0  # starts the key chain: what else decides the keys/values (the adapter a sequence runs with)
+    local: list[int] = field(default_factory=list)  # local-attention layers' blocks: the window's, oldest first
+    first: int = 0  # which of the sequence's blocks local[0] is (those before it slid out of the window)
 
 
 class BlockPool:
@@ -95,32 +103,67 @@ class PagedKVCache:
     """Keys and values of all layers in ``num_blocks`` blocks of ``block_size`` token slots.
 
     ``k`` and ``v`` are ``(layers, num_blocks * block_size, heads, head_dim)``: slot ``b * block_size + i`` is
-    token ``i`` of block ``b``. Sequences are named by any hashable id.
+    token ``i`` of block ``b``. Sequences are named by any hashable id. With ``windows`` (per layer: a
+    local-attention window, or None), the local layers live apart in ``lk`` / ``lv``, ``num_local_blocks``
+    blocks of their own, and ``k`` / ``v`` hold the other layers only.
     """
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, num_blocks: int, block_size: int = 16,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 windows: list[int | None] | None = None, num_local_blocks: int | None = None):
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
+        windows = [None] * num_layers if windows is None else list(windows)
+        if len(windows) != num_layers:
+            raise ValueError(f"{len(windows)} windows given for {num_layers} layers")
+        full = [i for i, w in enumerate(windows) if w is None]
+        local = [i for i, w in enumerate(windows) if w is not None]
+        # layer -> (True, its index in k/v) or (False, its index in lk/lv)
+        self._where = {**{layer: (True, i) for i, layer in enumerate(full)},
+                       **{layer: (False, i) for i, layer in enumerate(local)}}
+        self.window = max(windows[i] for i in local) if local else None
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
-        shape = (num_layers, num_blocks * block_size, num_heads, head_dim)
+        shape = (len(full), num_blocks * block_size, num_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.local_pool = None
+        self.lk = self.lv = None
+        if local:
+            n = num_blocks if num_local_blocks is None else num_local_blocks
+            self.local_pool = BlockPool(n)
+            self.lk = torch.zeros((len(local), n * block_size, num_heads, head_dim), dtype=dtype, device=device)
+            self.lv = torch.zeros_like(self.lk)
         self.seqs: dict[object, _Seq] = {}
         self.prefix_hit_tokens = 0  # prompt tokens found already cached (for metrics)
         self._scratch: list[Tensor] = []  # reused gather buffers (see PagedFrame.update)
 
     @classmethod
     def for_memory(cls, config, memory_bytes: int, block_size: int = 16, dtype: torch.dtype = torch.float32,
-                   device: torch.device | str | None = None) -> PagedKVCache:
-        """As many blocks as ``memory_bytes`` holds for a model with ``config`` (keys and values, all layers)."""
-        per_block = block_size * cls.bytes_per_token(config, dtype)
-        if memory_bytes < per_block:
-            raise ValueError(f"kv cache memory {memory_bytes} bytes is less than one block ({per_block} bytes: "
-                             f"{block_size} tokens x {config.num_hidden_layers} layers x keys and values)")
-        return cls(config.num_hidden_layers, config.num_attention_heads, config.head_dim, memory_bytes // per_block,
-                   block_size, dtype, device)
+                   device: torch.device | str | None = None, max_num_seqs: int | None = None,
+                   step_tokens: int | None = None) -> PagedKVCache:
+        """As many blocks as ``memory_bytes`` holds for a model with ``config`` (keys and values, all layers).
+
+        Local-attention layers get blocks enough for ``max_num_seqs`` sequences each holding its window plus
+        one step of ``step_tokens`` new tokens, and the rest of the memory goes to the other layers; without
+        those numbers (or when that is no fewer) both pools get the same number of blocks."""
+        windows = config.layer_windows
+        per_layer = 2 * block_size * config.num_attention_heads * config.head_dim * dtype.itemsize
+        n_local = sum(w is not None for w in windows)
+        full_cost, local_cost = (len(windows) - n_local) * per_layer, n_local * per_layer
+        if memory_bytes < full_cost + local_cost:
+            raise ValueError(f"kv cache memory {memory_bytes} bytes is less than one block ({full_cost + local_cost} "
+                             f"bytes: {block_size} tokens x {config.num_hidden_layers} layers x keys and values)")
+        num_blocks = memory_bytes // (full_cost + local_cost)
+        num_local = num_blocks
+        if n_local and max_num_seqs is not None and step_tokens is not None and full_cost:
+            window = max(w for w in windows if w is not None)
+            per_seq = -(-(window - 1 + step_tokens) // block_size) + 1  # +1: the window rarely starts a block
+            if max_num_seqs * per_seq < num_blocks:
+                num_local = max_num_seqs * per_seq
+                num_blocks = (memory_bytes - num_local * local_cost) // full_cost
+        return cls(config.num_hidden_layers, config.num_attention_heads, config.head_dim, num_blocks, block_size,
+                   dtype, device, windows, num_local if n_local else None)
 
     @staticmethod
     def bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -137,6 +180,11 @@ class PagedKVCache:
     def blocks_in_use(self) -> int:
         return self.num_blocks - self.pool.num_free
 
+    @property
+    def local_blocks_in_use(self) -> int:
+        """Blocks of the local-attention layers' pool held by sequences (0 without local layers)."""
+        return 0 if self.local_pool is None else len(self.local_pool.refs) - self.local_pool.num_free
+
     def length(self, seq) -> int:
         return len(self.seqs[seq].tokens)
 
@@ -151,26 +199,64 @@ class PagedKVCache:
             need += 1  # the shared, partly filled last block is copied before it is written
         return need
 
+    def local_blocks_needed(self, seq, n_new: int) -> int:
+        """:meth:`blocks_needed` for the local-attention layers' pool (0 without local layers)."""
+        s = self.seqs.get(seq)
+        if self.local_pool is None:
+            return 0
+        have = 0 if s is None else len(s.tokens)
+        held_to = 0 if s is None else s.first + len(s.local)
+        need = -(-(have + n_new) // self.block_size) - held_to
+        if s is not None and s.local and have % self.block_size and self.local_pool.refs[s.local[-1]] > 1:
+            need += 1
+        return need
+
+    def fits(self, seq, n_new: int, spare: int = 0) -> bool:
+        """Whether both pools have the blocks ``n_new`` more tokens of ``seq`` may take, plus ``spare`` each."""
+        if self.blocks_needed(seq, n_new) + spare > self.pool.num_free:
+            return False
+        return self.local_pool is None or self.local_blocks_needed(seq, n_new) + spare <= self.local_pool.num_free
+
     def add(self, seq, prompt: list[int], reuse: bool = True, salt: object = 0) -> int:
         """Register ``seq`` with its prompt's token ids; returns how many leading tokens are already cached
         (whole blocks shared with an earlier prompt; none with ``reuse=False``). At least the last prompt token
         is always left to run. Blocks are shared only between sequences with the same ``salt`` (hashable): the
-        same tokens run through a different adapter have different keys and values."""
+        same tokens run through a different adapter have different keys and values. With local-attention
+        layers, a prefix counts only as far as the local pool also still holds the blocks its window needs."""
         if seq in self.seqs:
             raise ValueError(f"sequence {seq!r} is already in the cache")
-        s = self.seqs[seq] = _Seq(salt=salt)
-        bs, key = self.block_size, salt
+        bs, key, found = self.block_size, salt, []
         for i in range((len(prompt) - 1) // bs if reuse else 0):
             key = hash((key, tuple(prompt[i * bs:(i + 1) * bs])))
             block = self.pool.by_key.get(key)
             if block is None:
                 break
+            found.append((block, key))
+        local, first = self._local_prefix([k for _, k in found])
+        found = found[:first + len(local)] if self.local_pool is not None else found
+        s = self.seqs[seq] = _Seq(salt=salt, local=local, first=first)
+        for block, key in found:
             self.pool.retain(block)
             s.blocks.append(block)
             s.keys.append(key)
-            s.tokens.extend(prompt[i * bs:(i + 1) * bs])
+        for block in local:
+            self.local_pool.retain(block)
+        s.tokens.extend(prompt[:len(found) * bs])
         self.prefix_hit_tokens += len(s.tokens)
         return len(s.tokens)
+
+    def _local_prefix(self, keys: list[int]) -> tuple[list[int], int]:
+        """The longest cached prefix (of the blocks named by ``keys``) whose last ``window - 1`` tokens the local
+        pool still holds: those local blocks, and the index of the first."""
+        if self.local_pool is None:
+            return [], 0
+        bs = self.block_size
+        for h in range(len(keys), 0, -1):
+            first = max(0, h * bs - (self.window - 1)) // bs
+            blocks = [self.local_pool.by_key.get(k) for k in keys[first:h]]
+            if all(b is not None for b in blocks):
+                return blocks, first
+        return [], 0
 
     def fork(self, parent, child) -> None:
         """``child`` starts as a copy of ``parent`` that shares its blocks until either writes."""
@@ -179,57 +265,90 @@ class PagedKVCache:
         p = self.seqs[parent]
         for b in p.blocks:
             self.pool.retain(b)
-        self.seqs[child] = _Seq(list(p.blocks), list(p.tokens), list(p.keys), p.salt)
+        for b in p.local:
+            self.local_pool.retain(b)
+        self.seqs[child] = _Seq(list(p.blocks), list(p.tokens), list(p.keys), p.salt, list(p.local), p.first)
 
     def free(self, seq) -> None:
         """Give back ``seq``'s blocks (finished or cancelled); unknown ids are ignored."""
         s = self.seqs.pop(seq, None)
         for b in [] if s is None else s.blocks:
             self.pool.release(b)
+        for b in [] if s is None else s.local:
+            self.local_pool.release(b)
 
     def append(self, seq, token_ids: list[int]) -> Tensor:
         """Reserve slots for ``token_ids`` after ``seq``'s cached tokens; returns their slot indices ``(n,)``.
 
-        All-or-nothing: when the pool runs out, :class:`CacheFull` is raised and ``seq`` is unchanged.
+        All-or-nothing: when a pool runs out, :class:`CacheFull` is raised and ``seq`` is unchanged.
         """
         s, bs = self.seqs[seq], self.block_size
-        if self.blocks_needed(seq, len(token_ids)) > self.pool.num_free:
-            raise CacheFull(f"sequence {seq!r} needs {self.blocks_needed(seq, len(token_ids))} more cache blocks "
-                            f"and {self.pool.num_free} are free")
+        if not self.fits(seq, len(token_ids)):
+            if self.blocks_needed(seq, len(token_ids)) > self.pool.num_free:
+                raise CacheFull(f"sequence {seq!r} needs {self.blocks_needed(seq, len(token_ids))} more cache blocks "
+                                f"and {self.pool.num_free} are free")
+            raise CacheFull(f"sequence {seq!r} needs {self.local_blocks_needed(seq, len(token_ids))} more blocks for "
+                            f"its local-attention layers and {self.local_pool.num_free} are free")
         start = len(s.tokens)
         if start % bs and self.pool.refs[s.blocks[-1]] > 1:
-            self._copy_last_block(s)
+            self._copy_last_block(self.pool, (self.k, self.v), s.blocks)
         while len(s.blocks) * bs < start + len(token_ids):
             s.blocks.append(self.pool.take())
+        if self.local_pool is not None:
+            if start % bs and s.local and self.local_pool.refs[s.local[-1]] > 1:
+                self._copy_last_block(self.local_pool, (self.lk, self.lv), s.local)
+            while (s.first + len(s.local)) * bs < start + len(token_ids):
+                s.local.append(self.local_pool.take())
         s.tokens.extend(token_ids)
         return self.slots(seq, start, len(token_ids))
 
     def publish(self, seq) -> None:
-        """Make ``seq``'s full blocks findable by later prompts. Call it once their keys/values are written: a
-        block reserved but not yet computed must not be shared."""
+        """Make ``seq``'s full blocks findable by later prompts, and give back the local-attention blocks the
+        window has moved past. Call it once the step's keys/values are written: a block reserved but not yet
+        computed must not be shared, and the next step reads the window from the sequence's length on."""
         s, bs = self.seqs[seq], self.block_size
         for i in range(len(s.keys), len(s.tokens) // bs):
             s.keys.append(hash((s.keys[-1] if s.keys else s.salt, tuple(s.tokens[i * bs:(i + 1) * bs]))))
             self.pool.publish(s.blocks[i], s.keys[-1])
+            if self.local_pool is not None and i >= s.first:
+                self.local_pool.publish(s.local[i - s.first], s.keys[-1])
+        if self.local_pool is not None:
+            # The next step's first query sits at len(tokens) and sees back to len(tokens) - (window - 1).
+            while s.local and (s.first + 1) * bs <= len(s.tokens) - (self.window - 1):
+                self.local_pool.release(s.local.pop(0))
+                s.first += 1
 
     def truncate(self, seq, length: int) -> None:
-        """Forget ``seq``'s tokens from ``length`` on (a preempted or rolled-back sequence), freeing blocks."""
+        """Forget ``seq``'s tokens from ``length`` on (a preempted or rolled-back sequence), freeing blocks.
+        Local-attention layers cannot go back past the blocks their window already gave up."""
         s, bs = self.seqs[seq], self.block_size
+        if self.local_pool is not None and length and s.first * bs > max(0, length - (self.window - 1)):
+            raise ValueError(f"sequence {seq!r} cannot be cut back to {length} tokens: its local-attention layers "
+                             f"kept only the blocks from token {s.first * bs} on; free it and run it again")
         keep = -(-length // bs)
         for b in s.blocks[keep:]:
             self.pool.release(b)
         if length % bs and self.pool.refs[s.blocks[keep - 1]] == 1:
             self.pool.unpublish(s.blocks[keep - 1])  # it will be written again: no longer the prefix it was
+        if self.local_pool is not None:
+            local_keep = max(keep - s.first, 0)
+            for b in s.local[local_keep:]:
+                self.local_pool.release(b)
+            if length % bs and local_keep and self.local_pool.refs[s.local[local_keep - 1]] == 1:
+                self.local_pool.unpublish(s.local[local_keep - 1])
+            del s.local[local_keep:]
+            if not s.local:
+                s.first = keep
         del s.blocks[keep:], s.tokens[length:], s.keys[length // bs:]
 
-    def _copy_last_block(self, s: _Seq) -> None:
-        old, bs = s.blocks[-1], self.block_size
-        new = self.pool.take()
+    def _copy_last_block(self, pool: BlockPool, buffers: tuple[Tensor, Tensor], table: list[int]) -> None:
+        old, bs = table[-1], self.block_size
+        new = pool.take()
         src, dst = slice(old * bs, (old + 1) * bs), slice(new * bs, (new + 1) * bs)
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
-        self.pool.release(old)
-        s.blocks[-1] = new
+        for buf in buffers:
+            buf[:, dst] = buf[:, src]
+        pool.release(old)
+        table[-1] = new
 
     # ---- what the model reads and writes ---------------------------------------------------------------------
 
@@ -254,15 +373,42 @@ class PagedKVCache:
         valid = pos[None, :] < lengths[:, None]
         return slots.masked_fill(~valid, 0).to(self.k.device), valid.to(self.k.device)
 
+    def local_slot_table(self, seqs: list, starts: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Slots in the local-attention pool of each sequence's tokens ``starts[b] … starts[b] + length - 1``
+        (those it still holds), right-padded: ``(B, length)`` indices and a ``(B, length)`` bool mask of real
+        tokens."""
+        bs = self.block_size
+        lengths = torch.tensor([len(self.seqs[s].tokens) for s in seqs])
+        pos = starts[:, None] + torch.arange(length)[None, :]  # (B, length)
+        valid = pos < lengths[:, None]
+        slots = torch.zeros(len(seqs), length, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            seq = self.seqs[s]
+            table = torch.tensor(seq.local, dtype=torch.long)
+            p = pos[row][valid[row]]
+            slots[row, :len(p)] = table[p // bs - seq.first] * bs + p % bs
+        return slots.to(self.k.device), valid.to(self.k.device)
+
+    def buffers(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Layer ``layer``'s key and value buffers ``(slots, heads, head_dim)``, in whichever pool it lives."""
+        full, i = self._where[layer]
+        return (self.k[i], self.v[i]) if full else (self.lk[i], self.lv[i])
+
+    def is_local(self, layer: int) -> bool:
+        return not self._where[layer][0]
+
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        """Store keys/values ``(n, heads, head_dim)`` of ``n`` tokens at ``slots`` ``(n,)``."""
-        slots = slots.to(self.k.device)
-        self.k[layer].index_copy_(0, slots, k.to(self.k.dtype))
-        self.v[layer].index_copy_(0, slots, v.to(self.v.dtype))
+        """Store keys/values ``(n, heads, head_dim)`` of ``n`` tokens at ``slots`` ``(n,)`` of a layer of the
+        main pool."""
+        kb, vb = self.buffers(layer)
+        slots = slots.to(kb.device)
+        kb.index_copy_(0, slots, k.to(kb.dtype))
+        vb.index_copy_(0, slots, v.to(vb.dtype))
 
     def read(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values at ``slots`` ``(B, S)``, as ``(B, heads, S, head_dim)`` each."""
-        return self.k[layer][slots].transpose(1, 2), self.v[layer][slots].transpose(1, 2)
+        kb, vb = self.buffers(layer)
+        return kb[slots].transpose(1, 2), vb[slots].transpose(1, 2)
 
     def scratch(self, n: int, shape: tuple[int, ...]) -> list[Tensor]:
         """``n`` buffers of ``shape`` reused from call to call (their contents are overwritten by the next
@@ -285,6 +431,16 @@ class PagedKVCache:
         return PagedFrame(self, rows)
 
 
+@dataclass
+class _Keys:
+    """The keys one pool gives a pass: row ``b``'s keys are its tokens ``start[b] … start[b] + S - 1``."""
+
+    slots: Tensor  # (B, S) slot of each key in the pool (padding points at slot 0)
+    valid: Tensor  # (B, S) real keys
+    start: Tensor  # (B,) position of each row's first key
+    write: Tensor  # (N,) slots of the new tokens, in row order
+
+
 class PagedFrame(Frame):
     """A batch of sequences at different lengths running different numbers of new tokens over one paged cache.
 
@@ -292,7 +448,8 @@ class PagedFrame(Frame):
     (attention consumes them at once; gradients do not flow through a paged cache).
 
     Row ``b`` has ``past_b`` cached tokens and ``n_b`` new ones at positions ``past_b … past_b + n_b - 1``;
-    new token ``t`` attends to the row's keys ``0 … past_b + t``. Padding queries (``t >= n_b``) get position
+    new token ``t`` attends to the row's keys ``0 … past_b + t`` (a local layer: the last ``window`` of those,
+    read from the local pool from ``past_b - (window - 1)`` on). Padding queries (``t >= n_b``) get position
     -1 and attend to the row's real keys; their outputs are ignored and their keys/values are never stored.
     """
 
@@ -305,13 +462,17 @@ class PagedFrame(Frame):
         past = lengths - n
         T = int(n.max())
         S = int(lengths.max())
-        self.slots, key_valid = cache.slot_table(seqs, S)  # (B, S) each
         t = torch.arange(T)
         self.new = (t[None, :] < n[:, None]).to(dev)  # (B, T) real new tokens
         self.padded = bool((n < T).any())  # False: every (row, column) is a real new token
-        q_pos = past[:, None] + t[None, :]  # (B, T)
-        self.write_slots = self.slots.gather(1, q_pos.clamp(max=S - 1).to(dev))[self.new]  # (N,)
-        positions = q_pos.masked_fill(~self.new.cpu(), -1).to(dev)
+        self.q_pos = past[:, None] + t[None, :]  # (B, T)
+        slots, valid = cache.slot_table(seqs, S)  # (B, S) each
+        self.keys = self._keys(slots, valid, torch.zeros_like(past))
+        self.local_keys = None
+        if cache.local_pool is not None:
+            start = (past - (cache.window - 1)).clamp(min=0)  # the oldest token a new one can still see
+            self.local_keys = self._keys(*cache.local_slot_table(seqs, start, int((lengths - start).max())), start)
+        positions = self.q_pos.masked_fill(~self.new.cpu(), -1).to(dev)
         # Only the new tokens themselves, from an empty past: their own keys, causally (no gather needed).
         self.own = bool((past == 0).all()) and T == S
         # One new token per row on a float32 CPU cache: optlm's kernel reads each row's slots in place.
@@ -319,77 +480,91 @@ class PagedFrame(Frame):
         self.kernel = (T == 1 and dev.type == "cpu" and cache.k.dtype == torch.float32 and not self.own
                        and kernels.enabled())
         self.positions, self.valid = positions, None
-        self._mask_inputs = (n, lengths, q_pos, key_valid)
+        self._n = n
         self._allowed: Tensor | None | bool = False  # built on first use: the kernel path never needs it
-        self._local: dict[int, Tensor] = {}
+        self._local: dict[int, Tensor | None] = {}
+
+    def _keys(self, slots: Tensor, valid: Tensor, start: Tensor) -> _Keys:
+        cols = (self.q_pos - start[:, None]).clamp(max=slots.shape[1] - 1).to(slots.device)  # (B, T)
+        return _Keys(slots, valid, start, slots.gather(1, cols)[self.new])
+
+    @property
+    def slots(self) -> Tensor:
+        """The main pool's slots of every row's tokens ``(B, S)``."""
+        return self.keys.slots
 
     @property
     def allowed(self) -> Tensor | None:
         if self._allowed is False:
-            n, lengths, q_pos, key_valid = self._mask_inputs
-            T, S = q_pos.shape[1], self.slots.shape[1]
-            if T == 1 and bool((lengths == S).all()):
+            T, S = self.q_pos.shape[1], self.keys.slots.shape[1]
+            if T == 1 and bool((self.lengths == S).all()):
                 self._allowed = None  # one query per row and every row's keys all real: attend to everything
-            elif self.own and bool((n == T).all()):
+            elif self.own and bool((self._n == T).all()):
                 self._allowed = None  # plain causal attention over equal-length prompts
             else:
-                self._allowed = self._mask(None)
+                self._allowed = self._mask(self.keys, None)
         return self._allowed
 
     def local(self, window: int) -> Tensor | None:
-        if int(self.lengths.max()) <= window:
-            return self.allowed  # no row has a key far enough back to leave the window
+        # a cache without a local pool keeps every key of local layers with the others
+        keys = self.keys if self.local_keys is None else self.local_keys
         if window not in self._local:
-            self._local[window] = self._mask(window)
+            span = self.lengths - keys.start  # (B,) keys each row reads
+            if self.q_pos.shape[1] == 1 and bool((span == keys.slots.shape[1]).all()) and int(span.max()) <= window:
+                self._local[window] = None  # one query per row, every key real and inside the window
+            else:
+                self._local[window] = self._mask(keys, window)
         return self._local[window]
 
-    def _mask(self, window: int | None) -> Tensor:
-        n, lengths, q_pos, key_valid = self._mask_inputs
-        S = self.slots.shape[1]
-        s = torch.arange(S)
-        q = q_pos.clamp(max=S - 1)[:, :, None]  # (B, T, 1)
-        allowed = s[None, None, :] <= q  # (B, T, S)
+    def _mask(self, keys: _Keys, window: int | None) -> Tensor:
+        S = keys.slots.shape[1]
+        k_pos = keys.start[:, None] + torch.arange(S)[None, :]  # (B, S) position of each key
+        q = self.q_pos[:, :, None]  # (B, T, 1)
+        allowed = k_pos[:, None, :] <= q  # (B, T, S)
         if window is not None:
-            allowed = allowed & (q - s[None, None, :] < window)
+            allowed = allowed & (q - k_pos[:, None, :] < window)
         # Padding queries attend to the row's real keys (any non-empty set, so softmax stays finite).
-        mask = (allowed | ~self.new.cpu()[:, :, None]) & key_valid.cpu()[:, None, :]
+        mask = (allowed | ~self.new.cpu()[:, :, None]) & keys.valid.cpu()[:, None, :]
         return mask[:, None].to(self.cache.k.device)  # (B, 1, T, S)
 
+    def _pool(self, layer: int) -> tuple[Tensor, Tensor, _Keys]:
+        local = self.local_keys is not None and self.cache.is_local(layer)
+        return (*self.cache.buffers(layer), self.local_keys if local else self.keys)
+
     def _store(self, layer: int, k: Tensor, v: Tensor) -> None:
-        c = self.cache
+        kb, vb, keys = self._pool(layer)
         if self.padded:
             new_k = k.transpose(1, 2)[self.new]  # (N, nh, hs): the real new tokens, in row order
             new_v = v.transpose(1, 2)[self.new]
         else:  # no padding (decoding rows): a reshape, not a boolean gather
             new_k = k.transpose(1, 2).reshape(-1, *k.shape[1:2], k.shape[3])
             new_v = v.transpose(1, 2).reshape(-1, *v.shape[1:2], v.shape[3])
-        c.k[layer].index_copy_(0, self.write_slots, new_k.to(c.k.dtype))
-        c.v[layer].index_copy_(0, self.write_slots, new_v.to(c.v.dtype))
+        kb.index_copy_(0, keys.write, new_k.to(kb.dtype))
+        vb.index_copy_(0, keys.write, new_v.to(vb.dtype))
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor | None:
         if not self.kernel:
             return None
         self._store(layer, k, v)
-        c = self.cache
-        slots, lengths = self.slots, self.lengths
+        kb, vb, keys = self._pool(layer)
+        slots, lengths = keys.slots, self.lengths - keys.start
         if window is not None and int(lengths.max()) > window:
             # A local layer reads each row's last `window` keys: shift every row's slot table to start there.
             start = (lengths - window).clamp(min=0)  # (B,)
             cols = (start[:, None] + torch.arange(window)).clamp(max=slots.shape[1] - 1)  # (B, window)
             slots, lengths = slots.gather(1, cols.to(slots.device)), lengths - start
         # check=False: the slots and lengths come from the cache's own tables
-        out = kernels.paged_decode_attention(q[:, :, 0].float().contiguous(), c.k[layer], c.v[layer], slots,
-                                             lengths, check=False)
+        out = kernels.paged_decode_attention(q[:, :, 0].float().contiguous(), kb, vb, slots, lengths, check=False)
         return out[:, :, None]  # (B, nh, 1, hs)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        c = self.cache
         self._store(layer, k, v)
+        kb, vb, keys = self._pool(layer)
         if self.own:
-            return k.to(c.k.dtype), v.to(c.v.dtype)
-        B, S = self.slots.shape
-        flat = self.slots.reshape(-1)
-        k_all, v_all = c.scratch(2, (B * S, *c.k.shape[2:]))
-        torch.index_select(c.k[layer], 0, flat, out=k_all)
-        torch.index_select(c.v[layer], 0, flat, out=v_all)
-        return k_all.view(B, S, *c.k.shape[2:]).transpose(1, 2), v_all.view(B, S, *c.v.shape[2:]).transpose(1, 2)
+            return k.to(kb.dtype), v.to(vb.dtype)
+        B, S = keys.slots.shape
+        flat = keys.slots.reshape(-1)
+        k_all, v_all = self.cache.scratch(2, (B * S, *kb.shape[1:]))
+        torch.index_select(kb, 0, flat, out=k_all)
+        torch.index_select(vb, 0, flat, out=v_all)
+        return k_all.view(B, S, *kb.shape[1:]).transpose(1, 2), v_all.view(B, S, *vb.shape[1:]).transpose(1, 2)

@@ -4,6 +4,7 @@ Invariants: what a sequence reads back is exactly what was written for it, token
 sequences do (append, fork, free, share a prefix, get cut back); blocks are shared only between equal prefixes
 whose keys/values are already written, and copied before a shared block is written; every block returns to the
 pool when its sequences are freed; a request the pool cannot hold fails as a whole, leaving the cache as it was.
+Local-attention layers read back their window the same way, while holding only the blocks it covers.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ import torch
 from optlm.cache import CacheFull, PagedKVCache
 
 L, H, D = 2, 2, 3
+WINDOW = 6  # of layer 1 in the caches with a local layer
 
 
-def _cache(num_blocks: int = 64, block_size: int = 4) -> PagedKVCache:
-    return PagedKVCache(L, H, D, num_blocks, block_size, dtype=torch.float64)
+def _cache(num_blocks: int = 64, block_size: int = 4, local: bool = False,
+           num_local_blocks: int | None = None) -> PagedKVCache:
+    return PagedKVCache(L, H, D, num_blocks, block_size, dtype=torch.float64,
+                        windows=[None, WINDOW] if local else None, num_local_blocks=num_local_blocks)
 
 
 def _kv(tokens: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,24 +39,36 @@ def _run(cache: PagedKVCache, seq, tokens: list[int]) -> None:
     slots = cache.append(seq, tokens)
     k, v = _kv(tokens, list(range(start, start + len(tokens))))
     for layer in range(L):
+        if cache.is_local(layer):  # the local pool: its own slots for the same tokens
+            slots, _ = cache.local_slot_table([seq], torch.tensor([start]), len(tokens))
+            slots = slots[0]
         cache.write(layer, slots, k + layer, v - layer)
     cache.publish(seq)
 
 
 def _check(cache: PagedKVCache, seqs: dict) -> None:
-    """Every live sequence reads back keys/values made from its own tokens at its own positions."""
+    """Every live sequence reads back keys/values made from its own tokens at its own positions: all of them
+    in the main pool (read as one padded batch), the last WINDOW - 1 (all a next token can see) in the local one."""
     names = list(seqs)
     if not names:
         return
     slots, valid = cache.slot_table(names)
     for layer in range(L):
-        k, v = cache.read(layer, slots)  # (B, H, S, D)
+        if not cache.is_local(layer):
+            k, v = cache.read(layer, slots)  # (B, H, S, D)
         for row, name in enumerate(names):
             n = len(seqs[name])
             assert int(valid[row].sum()) == n == cache.length(name)
-            want_k, want_v = _kv(seqs[name], list(range(n)))
-            assert torch.equal(k[row, :, :n].transpose(0, 1), want_k + layer)
-            assert torch.equal(v[row, :, :n].transpose(0, 1), want_v - layer)
+            start = 0
+            if cache.is_local(layer):
+                start = max(0, n - (WINDOW - 1))
+                local, ok = cache.local_slot_table([name], torch.tensor([start]), n - start)
+                assert bool(ok.all())
+                k, v = cache.read(layer, local)
+                row = 0
+            want_k, want_v = _kv(seqs[name][start:], list(range(start, n)))
+            assert torch.equal(k[row, :, :n - start].transpose(0, 1), want_k + layer)
+            assert torch.equal(v[row, :, :n - start].transpose(0, 1), want_v - layer)
 
 
 def test_sequences_of_any_length_read_back_their_own_tokens():
@@ -143,9 +159,10 @@ def test_a_request_the_pool_cannot_hold_fails_whole():
     _check(cache, {"a": list(range(8)), "b": [1]})
 
 
-def test_memory_returns_to_zero_after_many_random_requests():
+@pytest.mark.parametrize("local", [False, True], ids=["global", "with_local_layer"])
+def test_memory_returns_to_zero_after_many_random_requests(local):
     rng = random.Random(0)
-    cache, live, count = _cache(num_blocks=40), {}, 0
+    cache, live, count = _cache(num_blocks=40, local=local, num_local_blocks=40 if local else None), {}, 0
     seen = {"prefix hit": 0, "pool full": 0, "fork": 0}
     for _ in range(1000):
         op = rng.random()
@@ -186,3 +203,48 @@ def test_memory_returns_to_zero_after_many_random_requests():
     for name in list(live):
         cache.free(name)
     assert cache.blocks_in_use == 0 and all(r == 0 for r in cache.pool.refs)
+    assert cache.local_blocks_in_use == 0
+
+
+def test_local_layers_hold_only_their_window_and_share_only_what_they_still_hold():
+    cache = _cache(local=True, num_local_blocks=12)  # blocks of 4 tokens, a window of 6: at most 3 local blocks
+    # per sequence (the window, the token being added, the block boundary)
+    prompt = list(range(1, 14))
+    cache.add("a", prompt)
+    _run(cache, "a", prompt)
+    tokens = list(prompt)
+    for step in range(30):
+        _run(cache, "a", [60 + step])
+        tokens.append(60 + step)
+        assert cache.local_blocks_in_use <= 3 < cache.blocks_in_use
+    _check(cache, {"a": tokens})
+    # The first blocks of the prompt left the local pool long ago, but stay findable there until it reuses
+    # them (nothing else ran): the whole prefix is shared, the window's local blocks with it.
+    assert cache.add("b", prompt + [7]) == 12
+    _run(cache, "b", [13, 7])
+    _check(cache, {"a": tokens, "b": prompt + [7]})
+    # Once other sequences have reused those local blocks, only the main pool still has the prefix: a hit
+    # would leave the local layers without the window's keys, so nothing is shared.
+    cache.free("b")
+    for i in range(12):
+        cache.add(f"x{i}", [90 + i] * 9)
+        _run(cache, f"x{i}", [90 + i] * 9)
+        cache.free(f"x{i}")
+    assert cache.add("c", prompt + [7]) == 0
+    # Cutting a sequence back past the blocks its window gave up is refused, not silently wrong.
+    with pytest.raises(ValueError, match="cannot be cut back"):
+        cache.truncate("a", 20)
+
+
+def test_for_memory_gives_local_layers_their_window_per_sequence_and_the_rest_to_the_others():
+    from optlm.models import GPTNeoConfig
+
+    config = GPTNeoConfig(hidden_size=64, num_layers=4, num_heads=4, window_size=32, max_position_embeddings=512)
+    per_block = 2 * 16 * 4 * 16 * 4  # keys and values, 16 tokens, 4 heads of 16, float32: per layer
+    memory = 1000 * 4 * per_block  # an even split: 1000 blocks for each pool
+    cache = PagedKVCache.for_memory(config, memory, 16, max_num_seqs=4, step_tokens=64)
+    local_per_seq = -(-(32 - 1 + 64) // 16) + 1  # the window behind a step's first token, the step, a boundary
+    assert cache.local_pool is not None and len(cache.local_pool.refs) == 4 * local_per_seq == 28
+    # the two global layers get all the local ones do not need
+    assert cache.num_blocks == (memory - 28 * 2 * per_block) // (2 * per_block) == 1972
+    assert PagedKVCache.for_memory(config, memory, 16).num_blocks == 1000  # sizes unknown: an even split

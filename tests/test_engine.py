@@ -538,3 +538,26 @@ def test_adapter_requests_are_checked_and_slots_are_reused(pair, adapters, tmp_p
     assert engine.list_loras() == ["wide"]
     assert _run(engine, {})["b"].finished
     assert engine.cache.blocks_in_use == 0 and engine.adapters.users == {"wide": 0}
+
+
+def test_local_attention_layers_hold_only_their_window_of_cache_blocks(tmp_path):
+    """GPT-Neo's local layers give back each block their 16-token window has passed: a 300-token prompt run in
+    64-token steps, then decoded, keeps at most the window plus one step of them, while the global layers keep
+    every token — and the tokens are still transformers'."""
+    ref, ours = reference_pair(tmp_path, family="gpt_neo", max_position_embeddings=CONTEXT)
+    prompt = _prompts(3)[2]  # 300 tokens
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, pad_token_id=1,
+                            eos_token_id=2)[0, len(prompt):].tolist()
+    engine = _engine(ours, max_num_seqs=4, max_num_batched_tokens=64)
+    engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=40))
+    most_local, most_global, out = 0, 0, None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out = o
+        most_local = max(most_local, engine.cache.local_blocks_in_use)
+        most_global = max(most_global, engine.cache.blocks_in_use)
+    assert out.outputs[0].token_ids == want
+    assert most_local <= -(-(16 - 1 + 64) // 8) + 1 == 11  # the window behind a 64-token step, and the step
+    assert most_global == -(-(300 + len(want) - 1) // 8)  # every token but the last sampled (never run)
+    assert engine.cache.local_blocks_in_use == engine.cache.blocks_in_use == 0

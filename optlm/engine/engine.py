@@ -119,7 +119,8 @@ class LLMEngine:
         if not isinstance(kv_cache_memory, int) or isinstance(kv_cache_memory, bool) or kv_cache_memory < 1:
             raise ValueError(f"kv_cache_memory must be a number of bytes (int >= 1), got {kv_cache_memory!r}")
         device = next(model.parameters()).device
-        self.cache = PagedKVCache.for_memory(config, kv_cache_memory, block_size, dtype, device)
+        self.cache = PagedKVCache.for_memory(config, kv_cache_memory, block_size, dtype, device, max_num_seqs,
+                                             max_num_batched_tokens)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
         self.requests: dict[str, _Request] = {}
         self._detok: dict[int, StreamDecoder] = {}

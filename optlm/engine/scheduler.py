@@ -119,7 +119,7 @@ class Scheduler:
                                               salt=("adapter", seq.adapter) if seq.adapter else 0)
             n = min(seq.pending, budget)
             # Keep a block in hand for each running sequence, so admitting does not force a preemption next step.
-            if self.cache.blocks_needed(seq.id, n) + len(self.running) > self.cache.pool.num_free:
+            if not self.cache.fits(seq.id, n, spare=len(self.running)):
                 self.cache.free(seq.id)  # do not hold on to its prefix blocks while it waits
                 break
             self.cache.append(seq.id, seq.tokens[seq.computed:seq.computed + n])
