@@ -60,8 +60,8 @@ def publish(table: str, markdown: Path | None) -> int:
 
 
 def random_checkpoint(shape: str, directory: Path | None = None) -> Path:
-    """A random-weight checkpoint of a published OPT shape, written once (with a synthetic full-size
-    vocabulary so CTranslate2's converter has token strings for every id)."""
+    """A random-weight checkpoint of a published shape (``opt-125m``, ``gpt-neo-125m`` ...), written once (with a
+    synthetic full-size vocabulary so CTranslate2's converter has token strings for every id)."""
     from .hf import AutoModelForCausalLM
     from .models import config_from_name
 
@@ -72,31 +72,90 @@ def random_checkpoint(shape: str, directory: Path | None = None) -> Path:
     return directory
 
 
-def _synthetic_tokenizer(directory: Path, vocab_size: int) -> None:
-    # CTranslate2 takes token strings; "t<id>" names every id. Specials sit at OPT's ids (0 <s>, 1 <pad>, 2 </s>).
+# Each family's special tokens at their ids, and the names transformers' tokenizer gives them.
+_SPECIALS = {
+    "opt": ({0: "<s>", 1: "<pad>", 2: "</s>", 3: "<unk>"},
+            dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")),
+    "gpt_neo": ({50256: "<|endoftext|>"},
+                dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")),
+}
+
+
+def _synthetic_tokenizer(directory: Path, vocab_size: int, model_type: str) -> None:
+    # CTranslate2 takes token strings; "t<id>" names every id but the family's special tokens.
     if (directory / "tokenizer.json").is_file():
         return
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    specials = {0: "<s>", 1: "<pad>", 2: "</s>", 3: "<unk>"}
+    specials, names = _SPECIALS[model_type]
     vocab = {specials.get(i, f"t{i}"): i for i in range(vocab_size)}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=names["unk_token"])),
+                                  **names)
     tok.save_pretrained(directory)
 
 
 def ct2_model(checkpoint: Path, quantization: str) -> Path:
-    """The checkpoint converted by CTranslate2's own converter (cached beside it)."""
+    """The checkpoint converted by CTranslate2's own converter (cached beside it). CTranslate2 has no GPT-Neo
+    converter, so a GPT-Neo checkpoint goes in as the GPT-2 model that computes the same function
+    (:func:`gpt2_equivalent`)."""
     import ctranslate2
+
+    from .models import read_config
 
     out = checkpoint.parent / f"{checkpoint.name}-ct2-{quantization}"
     if not (out / "model.bin").is_file():
-        from .models import read_config
-
-        _synthetic_tokenizer(checkpoint, read_config(checkpoint / "config.json").vocab_size)
-        ctranslate2.converters.TransformersConverter(str(checkpoint)).convert(
+        config = read_config(checkpoint / "config.json")
+        _synthetic_tokenizer(checkpoint, config.vocab_size, config.model_type)
+        source = gpt2_equivalent(checkpoint) if config.model_type == "gpt_neo" else checkpoint
+        ctranslate2.converters.TransformersConverter(str(source)).convert(
             str(out), quantization=quantization, force=True)
+    return out
+
+
+GPT2_POSITIONS = 1024  # what the GPT-2 stand-in for a GPT-Neo model keeps of its position table
+
+
+def gpt2_equivalent(checkpoint: Path) -> Path:
+    """A GPT-2 checkpoint computing what the GPT-Neo ``checkpoint`` computes on sequences no longer than its
+    local-attention window: the same blocks (pre-LN, gelu_new MLP, learned positions, tied head) with q scaled
+    by √head_dim, which cancels GPT-2's 1/√head_dim score scaling (GPT-Neo does not scale), zero q/k/v biases
+    (GPT-Neo has none), and GPT-2's transposed (Conv1D) weight layout. Cached beside the checkpoint."""
+    import transformers
+    from safetensors.torch import load_file
+
+    out = checkpoint.parent / f"{checkpoint.name}-as-gpt2"
+    if (out / "config.json").is_file():
+        return out
+    neo = transformers.GPTNeoConfig.from_pretrained(checkpoint)
+    hs = neo.hidden_size // neo.num_heads
+    config = transformers.GPT2Config(
+        vocab_size=neo.vocab_size, n_positions=min(neo.max_position_embeddings, GPT2_POSITIONS),
+        n_embd=neo.hidden_size, n_layer=neo.num_layers, n_head=neo.num_heads, n_inner=neo.intermediate_size,
+        activation_function=neo.activation_function, layer_norm_epsilon=neo.layer_norm_epsilon,
+        bos_token_id=neo.bos_token_id, eos_token_id=neo.eos_token_id)
+    w = {k.removeprefix("transformer."): v for k, v in load_file(checkpoint / "model.safetensors").items()}
+    state = {"wte.weight": w["wte.weight"], "wpe.weight": w["wpe.weight"][:config.n_positions],
+             "ln_f.weight": w["ln_f.weight"], "ln_f.bias": w["ln_f.bias"]}
+    for i in range(neo.num_layers):
+        a, h = f"h.{i}.attn.attention.", f"h.{i}."
+        qkv = torch.cat([w[a + "q_proj.weight"] * hs**0.5, w[a + "k_proj.weight"], w[a + "v_proj.weight"]])
+        state.update({
+            h + "attn.c_attn.weight": qkv.T.contiguous(), h + "attn.c_attn.bias": torch.zeros(qkv.shape[0]),
+            h + "attn.c_proj.weight": w[a + "out_proj.weight"].T.contiguous(),
+            h + "attn.c_proj.bias": w[a + "out_proj.bias"],
+            h + "mlp.c_fc.weight": w[h + "mlp.c_fc.weight"].T.contiguous(), h + "mlp.c_fc.bias": w[h + "mlp.c_fc.bias"],
+            h + "mlp.c_proj.weight": w[h + "mlp.c_proj.weight"].T.contiguous(),
+            h + "mlp.c_proj.bias": w[h + "mlp.c_proj.bias"]})
+        for norm in ("ln_1", "ln_2"):
+            state.update({h + f"{norm}.weight": w[h + f"{norm}.weight"], h + f"{norm}.bias": w[h + f"{norm}.bias"]})
+    model = transformers.GPT2LMHeadModel(config)
+    model.transformer.load_state_dict(state, strict=True)
+    model.tie_weights()
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (checkpoint / name).is_file():
+            (out / name).write_bytes((checkpoint / name).read_bytes())
     return out
 
 
@@ -120,13 +179,17 @@ def load_optlm(checkpoint: Path, precision: str) -> Callable:
 def load_transformers(checkpoint: Path) -> Callable:
     import transformers
 
+    config = transformers.AutoConfig.from_pretrained(checkpoint)
+    # SDPA where the family has it (OPT); GPT-Neo's reference has only its eager attention.
+    attn = "sdpa" if config.model_type == "opt" else "eager"
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
-                                                        attn_implementation="sdpa").eval()
+                                                              attn_implementation=attn).eval()
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
 
     def run(ids: torch.Tensor, n: int) -> list[list[int]]:
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, pad_token_id=1)
+                                 do_sample=False, pad_token_id=pad)
         return out[:, ids.shape[1]:].tolist()
 
     return run
@@ -289,6 +352,13 @@ def run_benchmark(shapes: list[str], precisions: list[str], prompt: int = 128, n
     for shape in shapes:
         checkpoint = random_checkpoint(shape)
         names = engine_names(precisions, peers)
+        window = json.loads((checkpoint / "config.json").read_text()).get("window_size")
+        if window is not None and prompt + new > window and any(n.startswith("ctranslate2") for n in names):
+            # CTranslate2 runs GPT-Neo as its GPT-2 equivalent, which holds only within the local window
+            names = [n for n in names if not n.startswith("ctranslate2")]
+            report.append(f"{shape}: CTranslate2 left out (it has no GPT-Neo converter; the GPT-2 stand-in computes "
+                          f"the same only up to the {window}-token window, and {prompt} + {new} tokens exceed it)")
+            log(report[-1])
         log(f"{shape}: loading {', '.join(names)}")
         engines = {n: load_engine(n, checkpoint, threads) for n in names}
         vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
@@ -318,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--shapes", default="opt-125m,opt-350m", help="comma-separated OPT shapes (random weights)")
+    parser.add_argument("--shapes", default="opt-125m,opt-350m",
+                        help="comma-separated published shapes, random weights (opt-125m … opt-175b, gpt-neo-125m, "
+                             "gpt-neo-1.3b, gpt-neo-2.7b)")
     parser.add_argument("--precisions", default=",".join(OPTLM_PRECISIONS), help="optlm precisions to measure")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -512,7 +512,7 @@ def _add_generation_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    """Speed against transformers and CTranslate2 (those installed) on random-weight OPT shapes."""
+    """Speed against transformers and CTranslate2 (those installed) on random-weight OPT and GPT-Neo shapes."""
     from .benchmark import run_from_args
 
     return run_from_args(args)

@@ -20,7 +20,7 @@ from conftest import TOKENIZER_FILES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text("utf-8"), flags=re.S)
-HUB_IDS = sorted(set(re.findall(r"\"(facebook/opt-[\w.]+)\"", "".join(BLOCKS))))
+HUB_IDS = sorted(set(re.findall(r"\"((?:facebook/opt|EleutherAI/gpt-neo)-[\w.]+)\"", "".join(BLOCKS))))
 
 
 def _fill_hub_cache(cache: Path, repo_id: str) -> None:
@@ -31,11 +31,18 @@ def _fill_hub_cache(cache: Path, repo_id: str) -> None:
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / commit
     torch.manual_seed(0)
-    config = transformers.OPTConfig(vocab_size=50272, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                    num_attention_heads=4, max_position_embeddings=128)
-    transformers.OPTForCausalLM(config).save_pretrained(snapshot)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(TOKENIZER_FILES / "opt" / name, snapshot / name)
+    if repo_id.startswith("EleutherAI/"):  # a GPT-Neo repo: its weights and GPT-2's tokenizer files and configs
+        config = transformers.GPTNeoConfig(vocab_size=50257, hidden_size=32, num_layers=2, num_heads=4,
+                                           attention_types=[[["global", "local"], 1]], max_position_embeddings=128)
+        transformers.GPTNeoForCausalLM(config).save_pretrained(snapshot)
+        gpt2 = TOKENIZER_FILES / "gpt2"
+        transformers.GPT2Tokenizer(str(gpt2 / "vocab.json"), str(gpt2 / "merges.txt")).save_pretrained(snapshot)
+    else:
+        config = transformers.OPTConfig(vocab_size=50272, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                        num_attention_heads=4, max_position_embeddings=128)
+        transformers.OPTForCausalLM(config).save_pretrained(snapshot)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(TOKENIZER_FILES / "opt" / name, snapshot / name)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
 

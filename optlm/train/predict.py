@@ -18,7 +18,7 @@ from ..checkpoint import CheckpointError, resolve
 from ..hf import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 from ..tokenizer import Tokenizer
 from . import labelled, metrics, qa
-from .tasks import QuestionAnswering, SequenceClassification, classifier_logits, qa_logits
+from .tasks import TASKS, QuestionAnswering, SequenceClassification, classifier_logits, qa_logits
 
 TASK_FILE = "task.json"  # beside an adapter trained on a task: the head's config fields (labels, problem type)
 TASK_FIELDS = ("num_labels", "id2label", "label2id", "problem_type")
@@ -120,7 +120,9 @@ def _load(cls: type, head: str, task: str, model: str | os.PathLike | None, adap
         net = PeftModel.from_pretrained(net, adapter).base_model
     if net.config.pad_token_id is None:
         raise CheckpointError(f"{model} has no pad_token_id in its config; batches need one")
-    return net.eval(), Tokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    TASKS[task]().align_pad(net, tokenizer, str(model))
+    return net.eval(), tokenizer
 
 
 def _length(net: nn.Module, max_length: int | None, default: int) -> int:

@@ -49,8 +49,23 @@ class Task:
         """Refuse a built model the task cannot use (the message names the fix): a task head reads padded
         batches, so it needs a pad token."""
         if self.heads and model.config.pad_token_id is None:
-            raise ValueError(f"{source} has no pad_token_id in its config; padded batches need one "
-                             "(--set pad_token_id=1 for OPT's tokenizer)")
+            eos = model.config.eos_token_id
+            raise ValueError(f"{source} has no pad_token_id in its config; padded batches need one (--set "
+                             f"pad_token_id=1 for OPT's tokenizer; a family without a pad token, like GPT-Neo, "
+                             f"pads with its EOS: --set pad_token_id={eos})")
+
+    def align_pad(self, model: nn.Module, tokenizer: Any, source: str) -> None:
+        """Batches must be padded with the id the head skips (``config.pad_token_id``): a tokenizer without a
+        pad token (GPT-Neo's) takes the config's; one with a different pad token is refused."""
+        if not self.heads:
+            return
+        pad = model.config.pad_token_id
+        if tokenizer.pad_token_id is None:
+            tokenizer.special_tokens_map["pad_token"] = tokenizer.convert_ids_to_tokens(pad)
+        elif tokenizer.pad_token_id != pad:
+            raise ValueError(f"{source}: the tokenizer pads with id {tokenizer.pad_token_id} but the model's config "
+                             f"says pad_token_id={pad}; the head would read padding as text — set pad_token_id="
+                             f"{tokenizer.pad_token_id} (--set) or use the model's own tokenizer")
 
     def hold_out(self, items: list, args: Any, what: str) -> tuple[list, list]:
         """Training and validation items without --val-data: a --val-fraction drawn with the seed (from an

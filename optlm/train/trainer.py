@@ -483,6 +483,7 @@ def _build(args: TrainArgs, task: Task, resume_from: Path | None) -> tuple[nn.Mo
         model = task.model_class.from_config(config)
     _check_fit(args, model, tokenizer)
     task.check_model(model, str(args.model or args.config))
+    task.align_pad(model, tokenizer, str(args.model or args.config))
     return model, tokenizer
 
 
@@ -687,11 +688,17 @@ def _train(args: TrainArgs) -> TrainResult:
         warnings.warn(f"--warmup-steps {args.warmup_steps} is not shorter than --max-steps {args.max_steps}: the "
                       f"learning rate only reaches {peak:.3g}, short of --lr {args.lr:g}; lower --warmup-steps "
                       "(a few percent of the steps is usual)", stacklevel=2)
+    fresh = not (Path(args.out_dir) / "run.json").exists()
     out, resume_from = _prepare_out_dir(args)
     task = TASKS[args.task]()
-    model, tokenizer = _build(args, task, resume_from)
+    try:
+        model, tokenizer = _build(args, task, resume_from)
+        train_data, val_data = task.datasets(args, tokenizer, out)
+    except Exception:
+        if fresh:  # a run that could not start leaves nothing that would block running it again, fixed
+            (out / "run.json").unlink(missing_ok=True)
+        raise
     device = torch.device(args.device)
-    train_data, val_data = task.datasets(args, tokenizer, out)
     metrics = out / "metrics.jsonl"
     best_metric = task.default_best_metric() if args.best_metric == "auto" else args.best_metric
 
