@@ -148,6 +148,8 @@ class KVCache:
         L, T, R = self.length, frame.positions.shape[1], self.ring_size
         dev = frame.positions.device
         valid = frame.valid  # (B, L + T) or None
+        if self._decoding(T) and valid is None and window >= R:
+            return None  # every entry of a ring no longer than the window is inside it, and real
         if self._decoding(T):
             r = torch.arange(min(L + 1, R), device=dev)
             slot = r + R * torch.div(L - r, R, rounding_mode="floor")  # (n,) the slot each entry now holds
