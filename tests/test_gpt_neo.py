@@ -133,6 +133,20 @@ def test_cached_decoding_in_steps_and_chunks_equals_the_full_forward_beyond_the_
     assert cache.ring_k.shape == (2, 3, 4, WINDOW, 8) and cache.k.shape[0] == 2 and cache.length == 30
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_tracks_float64_as_closely_as_the_reference_does(tmp_path, dtype):
+    ref, exact = build_pair(tmp_path, initializer_range=0.02)
+    low = optlm.GPTNeoForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    ref_low = transformers.GPTNeoForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
+    ids, mask = batch()
+    m = mask.bool()
+    with torch.no_grad():
+        want = exact(ids, attention_mask=mask).logits[m]
+        ours = (low(ids, attention_mask=mask).logits[m].double() - want).abs().max()
+        theirs = (ref_low(input_ids=ids, attention_mask=mask).logits[m].double() - want).abs().max()
+    assert torch.isfinite(ours) and ours <= max(2 * theirs, 1e-3)
+
+
 def test_local_layer_memory_follows_the_window_in_long_generations(tmp_path):
     _, ours = build_pair(tmp_path)
     cache = KVCache.for_model(ours.config, 1, 4, torch.float64)
