@@ -151,6 +151,25 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 _UNWRAP_HELP = "join hard-wrapped lines of .txt files into paragraphs (e.g. Project Gutenberg books)"
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    """A checkpoint in another layout (metaseq's model-parallel pickles) written as a Hugging Face directory."""
+    from pathlib import Path
+
+    from .convert import convert_metaseq
+    from .hf import parse_dtype
+    from .tokenizer import Tokenizer
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"{out} is not empty; pass --overwrite to replace its files, or choose another --out")
+    convert_metaseq(args.path, out, args.config, parse_dtype(args.dtype))
+    if args.tokenizer is not None:
+        Tokenizer.from_pretrained(args.tokenizer).save_pretrained(out)
+    note = "" if args.tokenizer else " (no tokenizer: add one with --tokenizer, e.g. facebook/opt-125m)"
+    print(f"converted {args.path} ({args.source}) to {out}{note}")
+    return 0
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     """Fold a LoRA adapter into its base model and save the result as a plain checkpoint."""
     import shutil
@@ -273,6 +292,18 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unwrap", action="store_true", help=_UNWRAP_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train_tokenizer)
+
+    p = sub.add_parser("convert", help="convert an original metaseq OPT checkpoint into a Hugging Face directory")
+    p.add_argument("path", help="the metaseq checkpoint: a .pt file, or the directory of its *model_part-K.pt files")
+    p.add_argument("--from", dest="source", choices=["metaseq"], required=True, help="the checkpoint's layout")
+    p.add_argument("--out", required=True, help="directory for config.json and the safetensors weights")
+    p.add_argument("--config", default=None,
+                   help="the architecture, for checkpoints that do not record it: a preset (opt-125m …) or a "
+                        "config.json (default: read from the checkpoint)")
+    p.add_argument("--tokenizer", default=None, help="also save this tokenizer (a directory or hub id) in --out")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model (a plain HF checkpoint)")
     p.add_argument("--adapter", required=True, help="the adapter directory (or hub id), peft's format")
