@@ -390,7 +390,26 @@ def _generation_params(args: argparse.Namespace) -> dict:
 def _load_lm(args: argparse.Namespace):
     from .lm import load
 
-    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, adapter=args.adapter)
+    lm = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, adapter=args.adapter)
+    if getattr(args, "tensor_parallel", False):
+        from .fast import optimize
+        from .parallel import tensor_parallel
+
+        optimize(tensor_parallel(lm.model))  # the speed-ups again, on the slices
+    return lm
+
+
+def _tensor_parallel_generate(rank: int, world: int, args: argparse.Namespace) -> None:
+    """One rank of ``optlm generate --tensor-parallel-size N``: every rank runs the same generation on its slice
+    of the model (the logits are gathered, and the seed is shared, so all draw the same tokens); rank 0 prints."""
+    import contextlib
+
+    args.tensor_parallel, args.tensor_parallel_size = True, 1
+    if rank == 0:
+        _cmd_generate(args)
+        return
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        _cmd_generate(args)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -401,6 +420,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if prompt == "-":
         prompt = _read_stdin(whole=True).removesuffix("\n")  # the newline that `echo` and editors add
     params = _generation_params(args)
+    from .parallel import joined
+
+    if joined() and not getattr(args, "tensor_parallel", False):  # one of torchrun's processes
+        import random
+
+        import torch
+        import torch.distributed as dist
+
+        from .parallel.launch import init_from_env
+
+        rank, world = init_from_env()
+        seed = torch.tensor([random.randrange(2**31) if args.seed is None else args.seed])
+        dist.broadcast(seed, 0)  # every rank must sample alike
+        args.prompt, args.seed = prompt, int(seed)
+        _tensor_parallel_generate(rank, world, args)
+        return 0
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
+    if args.tensor_parallel_size > 1:
+        import random
+
+        from .parallel import run
+
+        # every rank must sample alike: one seed, drawn here when none is given
+        args.prompt, args.seed = prompt, random.randrange(2**31) if args.seed is None else args.seed
+        run(_tensor_parallel_generate, args.tensor_parallel_size, args)
+        return 0
     lm = _load_lm(args)
     if params.get("num_beams", 1) > 1:  # beam search ranks whole hypotheses: nothing to stream
         start = time.perf_counter()
@@ -524,6 +570,9 @@ def _add_generation_commands(sub: argparse._SubParsersAction) -> None:
                                    "told otherwise; --temperature 0 decodes greedily, --seed makes it repeatable.")
     p.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     _add_generation_args(p)
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model across N processes on this machine (started here; under torchrun, "
+                        "its processes are used)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print text as it is generated (default: on)")
     p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True,

@@ -23,6 +23,7 @@ from torch import Tensor
 from . import sampling
 from .fast import attention_modules
 from .kv_cache import KVCache
+from .models.core import kv_heads
 
 MIN_TEMPERATURE = 1e-5  # temperatures below this decode greedily
 NEG = -1.0e9  # the reference's "impossible" beam score: finite, so sums and divisions stay ordered
@@ -203,7 +204,8 @@ def new_cache(model, batch_size: int, capacity: int) -> KVCache:
 
     Where half-precision attention runs in fp32 (``optlm.fast.upcast_half_attention``) the cache holds fp32:
     the same values (bf16/fp16 widen exactly), converted once when written instead of at every step."""
-    return KVCache.for_model(model.config, batch_size, capacity, cache_dtype(model), _float_weight(model).device)
+    return KVCache.for_model(model.config, batch_size, capacity, cache_dtype(model), _float_weight(model).device,
+                             kv_heads(model))
 
 
 def cache_dtype(model) -> torch.dtype:

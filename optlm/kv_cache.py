@@ -51,9 +51,12 @@ class KVCache:
 
     @classmethod
     def for_model(cls, config, batch_size: int, capacity: int, dtype: torch.dtype,
-                  device: torch.device | str | None = None) -> KVCache:
-        return cls(config.num_hidden_layers, batch_size, config.num_attention_heads, config.head_dim,
-                   capacity, dtype, device, config.layer_windows)
+                  device: torch.device | str | None = None, heads: int | None = None) -> KVCache:
+        """A cache for a model with ``config``; ``heads``: the heads this process caches, when not all of them
+        (a tensor-parallel rank's share; ``optlm.models.core.kv_heads``)."""
+        heads = config.num_attention_heads if heads is None else heads
+        return cls(config.num_hidden_layers, batch_size, heads, config.head_dim, capacity, dtype, device,
+                   config.layer_windows)
 
     @property
     def batch_size(self) -> int:

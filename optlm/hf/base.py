@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from .. import checkpoint as ckpt
 from ..kv_cache import KVCache
 from ..models.config import ModelConfig
-from ..models.core import Frame, set_attn_implementation
+from ..models.core import Frame, kv_heads, set_attn_implementation
 from ..quantize import finish_quantized, prepare_quantized, quantization_config, saved_state
 from ..quantize import quantize as quantize_model
 
@@ -105,6 +105,9 @@ class PreTrainedModel(nn.Module):
     # decoder layer whose outputs bottleneck adapters follow.
     default_lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     bottleneck_points: dict[str, str] = {}
+    # What tensor parallelism needs (optlm.parallel): each decoder layer's linear layers by name, split by output
+    # ("column": q/k/v and the MLP's first) or by input ("row": each block's output projections).
+    tp_plan: dict[str, str] = {}
     # How forward() places tokens when no position_ids are given: True counts real tokens only (OPT derives
     # positions from the attention mask); False numbers slots from the cache length, padding included (GPT-Neo).
     positions_follow_mask = True
@@ -290,7 +293,7 @@ class PreTrainedModel(nn.Module):
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if cache is None and use_cache:
-            cache = KVCache.for_model(self.config, B, T, self.dtype, input_ids.device)
+            cache = KVCache.for_model(self.config, B, T, self.dtype, input_ids.device, kv_heads(self))
         if attention_mask is not None:
             attention_mask = torch.as_tensor(attention_mask, device=input_ids.device)
         if cache is None:

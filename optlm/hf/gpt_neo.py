@@ -26,6 +26,8 @@ class GPTNeoPreTrainedModel(PreTrainedModel):
     # Checkpoints saved by older transformers carry each attention layer's causal-mask buffers.
     _ignore_checkpoint_keys = (r"\.attn\.attention\.(bias|masked_bias)$",)
     bottleneck_points = {"attention": "attn", "mlp": "mlp"}
+    tp_plan = {"q_proj": "column", "k_proj": "column", "v_proj": "column", "out_proj": "row", "c_fc": "column",
+               "c_proj": "row"}
     # transformers' GPTNeoModel numbers positions from the cache length, padding included, unless given
     # position_ids (its generate() passes them, derived from the attention mask, as optlm's generation does).
     positions_follow_mask = False

@@ -15,6 +15,8 @@ class OPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _ignore_checkpoint_keys = (r"\.version$",)  # fairseq bookkeeping buffers, not weights
     bottleneck_points = {"attention": "self_attn", "mlp": "fc2"}
+    tp_plan = {"q_proj": "column", "k_proj": "column", "v_proj": "column", "out_proj": "row", "fc1": "column",
+               "fc2": "row"}
     positions_follow_mask = True
 
 

@@ -164,7 +164,8 @@ class SelfAttention(nn.Module):
         self.upcast_attention = False
 
     def forward(self, x: Tensor, frame: Frame) -> Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
+        C = self.num_heads * self.head_dim  # the model width, or this rank's share of the heads (optlm.parallel)
         fused = self.fused_qkv
         if fused is not None and not torch.is_grad_enabled() and fused.matches(self):
             q, k, v = fused(x, self).split(C, dim=-1)  # 3 x (B, T, C)
@@ -214,6 +215,12 @@ class SelfAttention(nn.Module):
         # (one decode query per sequence attending to its whole past).
         causal = allowed is None and T > 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, is_causal=causal, scale=1.0)
+
+
+def kv_heads(model: nn.Module) -> int:
+    """Attention heads whose keys/values this process caches: the model's, or its rank's share under tensor
+    parallelism (``optlm.parallel``)."""
+    return next(m.num_heads for m in model.modules() if isinstance(m, SelfAttention))
 
 
 def set_attn_implementation(model: nn.Module, name: str) -> None:

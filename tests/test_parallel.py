@@ -1,0 +1,115 @@
+"""Tensor parallelism on torch.distributed (gloo, 2 processes on this CPU).
+
+Invariants: a model split across 2 ranks gives the logits of the whole model (float32, within 1e-5) — for
+OPT pre-LN, OPT's post-LN layout with embedding projections (opt-350m), and GPT-Neo with an odd vocabulary —
+on left-padded batches and through the KV cache (each rank caching only its heads), and its greedy tokens are
+the whole model's; `optlm generate --tensor-parallel-size 2` and the same command under torchrun print the
+single process's text (greedy and seeded sampling); a head count the ranks do not divide is refused, naming
+both numbers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import hf_config, left_padded_batch
+
+import optlm
+from optlm.models.core import kv_heads
+from optlm.parallel import run, tensor_parallel
+
+CASES = {
+    "opt_pre_ln": lambda: transformers.OPTForCausalLM(hf_config()),
+    "opt_post_ln_proj": lambda: transformers.OPTForCausalLM(hf_config(do_layer_norm_before=False,
+                                                                      word_embed_proj_dim=16)),
+    "gpt_neo": lambda: transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+        vocab_size=127, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        window_size=4, max_position_embeddings=64, bos_token_id=2, eos_token_id=2)),
+}
+
+
+def _outputs(model) -> dict[str, torch.Tensor]:
+    """Logits of a left-padded batch, the same batch's next step through the KV cache, and greedy tokens."""
+    ids, mask = left_padded_batch(vocab=120)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=True)
+        nxt = full.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        step = model(nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
+                     past_key_values=full.past_key_values).logits
+        greedy = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=1)
+    return {"logits": full.logits, "step": step, "greedy": greedy, "cache_heads": torch.tensor(
+        full.past_key_values.k.shape[2])}
+
+
+def _worker(rank: int, world: int, directories: dict, out) -> None:
+    torch.set_num_threads(1)
+    results = {}
+    for name, directory in directories.items():
+        model = tensor_parallel(optlm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32))
+        assert kv_heads(model) == model.config.num_attention_heads // world
+        results[name] = _outputs(model)
+    if rank == 0:
+        torch.save(results, out)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    dirs = {}
+    for i, (name, make) in enumerate(CASES.items()):
+        torch.manual_seed(i)
+        make().save_pretrained(root / name)
+        dirs[name] = str(root / name)
+    return dirs
+
+
+def test_two_ranks_give_the_whole_models_logits_cache_steps_and_greedy_tokens(checkpoints, tmp_path):
+    run(_worker, 2, checkpoints, str(tmp_path / "out.pt"))
+    got = torch.load(tmp_path / "out.pt")
+    for name, directory in checkpoints.items():
+        want = _outputs(optlm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32))
+        ids, mask = left_padded_batch(vocab=120)
+        m = mask.bool()
+        assert (got[name]["logits"] - want["logits"])[m].abs().max() <= 1e-5, name
+        assert (got[name]["step"] - want["step"]).abs().max() <= 1e-5, name
+        assert torch.equal(got[name]["greedy"], want["greedy"]), name
+        assert int(got[name]["cache_heads"]) * 2 == int(want["cache_heads"]), name  # each rank: half the heads
+
+
+def _refuse(rank: int, world: int, directory: str) -> None:
+    tensor_parallel(optlm.AutoModelForCausalLM.from_pretrained(directory))
+
+
+def test_a_head_count_the_ranks_do_not_divide_is_refused(tmp_path):
+    transformers.OPTForCausalLM(hf_config(num_attention_heads=1, hidden_size=32)).save_pretrained(tmp_path)
+    with pytest.raises(Exception, match="1 attention heads do not divide among 2 ranks"):
+        run(_refuse, 2, str(tmp_path))
+
+
+def test_optlm_generate_with_two_ranks_prints_the_single_process_text(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers_generate import text_checkpoint
+
+    model = text_checkpoint(tmp_path / "m", max_position_embeddings=64)
+    base = [sys.executable, "-m", "optlm.cli", "generate", "The old house at the end of the lane", "--model",
+            str(model), "--max-new-tokens", "16", "--no-stream"]
+    runs = {}
+    for flags in (["--temperature", "0"], ["--temperature", "0", "--tensor-parallel-size", "2"],
+                  ["--temperature", "0.8", "--seed", "5"],
+                  ["--temperature", "0.8", "--seed", "5", "--tensor-parallel-size", "2"]):
+        r = subprocess.run(base + flags, capture_output=True, text=True, timeout=300,
+                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+        runs[" ".join(flags)] = r.stdout
+    assert runs["--temperature 0 --tensor-parallel-size 2"] == runs["--temperature 0"]
+    # sampling: every rank draws from the same gathered logits with the same seed, as the single process does
+    assert runs["--temperature 0.8 --seed 5 --tensor-parallel-size 2"] == runs["--temperature 0.8 --seed 5"]
+    # under torchrun the command joins the group torchrun made (one text, from rank 0)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "optlm.cli",
+                        *base[3:], "--temperature", "0"], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == runs["--temperature 0"]
