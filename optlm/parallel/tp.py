@@ -133,5 +133,14 @@ def tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) ->
             weight = nn.Parameter(torch.cat([own, own.new_zeros(rows - own.shape[0], own.shape[1])]),
                                   requires_grad=False)
         model.set_output_embeddings(VocabParallelHead(weight, vocab, group))
+    # The replicated tensors (norms, positions, biases) still point into the memory-mapped checkpoint, which keeps
+    # every page the slicing read resident: copy them, so the mapping goes and the rank holds only its share.
+    sliced = {id(p) for m in model.modules() if isinstance(m, (RowParallelLinear, VocabParallelEmbedding,
+                                                                  VocabParallelHead)) for p in m.parameters()}
+    sliced |= {id(p) for parent in model.get_decoder().modules() for name, child in parent.named_children()
+               if name in plan for p in child.parameters()}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in sliced:
+            t.data = t.data.clone()
     model.tensor_parallel = (rank, world)
     return model.eval()
