@@ -48,7 +48,7 @@ def _worker(rank: int, world: int, directories: dict, out) -> None:
     for name, directory in directories.items():
         model = tensor_parallel(optlm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32))
         assert kv_heads(model) == model.config.num_attention_heads // world
-        results[name] = _outputs(model)
+        results[name] = {**_outputs(model), "params": torch.tensor(sum(p.numel() for p in model.parameters()))}
     if rank == 0:
         torch.save(results, out)
 
@@ -75,6 +75,8 @@ def test_two_ranks_give_the_whole_models_logits_cache_steps_and_greedy_tokens(ch
         assert (got[name]["step"] - want["step"]).abs().max() <= 1e-5, name
         assert torch.equal(got[name]["greedy"], want["greedy"]), name
         assert int(got[name]["cache_heads"]) * 2 == int(want["cache_heads"]), name  # each rank: half the heads
+        whole = optlm.AutoModelForCausalLM.from_pretrained(directory).num_parameters()
+        assert int(got[name]["params"]) < 0.6 * whole, name  # and little more than half the weights
 
 
 def _refuse(rank: int, world: int, directory: str) -> None:
