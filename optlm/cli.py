@@ -399,6 +399,16 @@ def _load_lm(args: argparse.Namespace):
     return lm
 
 
+def _model_config(args: argparse.Namespace):
+    """The config of the model ``args`` names (the bundled model's when none), without loading weights."""
+    from . import checkpoint as ckpt
+    from .bundled import bundled_model_path
+    from .models import read_config
+
+    directory = bundled_model_path() if args.model is None else ckpt.resolve(args.model, weights=False)
+    return read_config(directory / "config.json")
+
+
 def _tensor_parallel_generate(rank: int, world: int, args: argparse.Namespace) -> None:
     """One rank of ``optlm generate --tensor-parallel-size N``: every rank runs the same generation on its slice
     of the model (the logits are gathered, and the seed is shared, so all draw the same tokens); rank 0 prints."""
@@ -442,6 +452,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         import random
 
         from .parallel import run
+        from .parallel.tp import check_divisible
+
+        check_divisible(_model_config(args), args.tensor_parallel_size)  # before starting any process
 
         # every rank must sample alike: one seed, drawn here when none is given
         args.prompt, args.seed = prompt, random.randrange(2**31) if args.seed is None else args.seed

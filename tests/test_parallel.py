@@ -83,10 +83,21 @@ def _refuse(rank: int, world: int, directory: str) -> None:
     tensor_parallel(optlm.AutoModelForCausalLM.from_pretrained(directory))
 
 
-def test_a_head_count_the_ranks_do_not_divide_is_refused(tmp_path):
-    transformers.OPTForCausalLM(hf_config(num_attention_heads=1, hidden_size=32)).save_pretrained(tmp_path)
-    with pytest.raises(Exception, match="1 attention heads do not divide among 2 ranks"):
-        run(_refuse, 2, str(tmp_path))
+def test_a_head_count_the_ranks_do_not_divide_is_refused(tmp_path, capsys):
+    from helpers_generate import text_checkpoint
+
+    from optlm import cli
+
+    transformers.OPTForCausalLM(hf_config(num_attention_heads=1, hidden_size=32)).save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match="rank [01] of 2: the model's 1 attention heads do not divide among 2 ranks"):
+        run(_refuse, 2, str(tmp_path / "a"))
+    # the command line checks before it starts any process, and says so in one line
+    model = text_checkpoint(tmp_path / "b", max_position_embeddings=64)  # 2 heads
+    capsys.readouterr()
+    assert cli.main(["generate", "Hi", "--model", str(model), "--tensor-parallel-size", "3"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["optlm generate: error: the model's 2 attention heads do not divide among 3 ranks; use a "
+                   "tensor-parallel size that divides 2"]
 
 
 def test_optlm_generate_with_two_ranks_prints_the_single_process_text(tmp_path):

@@ -69,6 +69,14 @@ class VocabParallelHead(nn.Module):
         return torch.cat(parts, -1)[..., :self.vocab]  # (..., vocab): the padding rows of the last rank dropped
 
 
+def check_divisible(config, world: int) -> None:
+    """A model splits across ``world`` ranks only if they divide its heads and its MLP width."""
+    for what, n in (("attention heads", config.num_attention_heads), ("MLP width (ffn)", config.ffn_dim)):
+        if n % world:
+            raise ValueError(f"the model's {n} {what} do not divide among {world} ranks; use a tensor-parallel size "
+                             f"that divides {n}")
+
+
 def _column(linear: nn.Linear, rank: int, world: int) -> nn.Linear:
     rows = linear.out_features // world
     part = nn.Linear(linear.in_features, rows, bias=linear.bias is not None, device="meta")
@@ -97,10 +105,7 @@ def tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) ->
     config, plan = model.config, getattr(model, "tp_plan", {})
     if not plan:
         raise ValueError(f"{type(model).__name__} does not say how to split its layers (tp_plan)")
-    for what, n in (("attention heads", config.num_attention_heads), ("MLP width (ffn)", config.ffn_dim)):
-        if n % world:
-            raise ValueError(f"the model's {n} {what} do not divide among {world} ranks; use a tensor-parallel size "
-                             f"that divides {n}")
+    check_divisible(config, world)
     if world == 1:
         return model
     for attn in (m for m in model.modules() if isinstance(m, SelfAttention)):
