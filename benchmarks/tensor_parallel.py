@@ -6,7 +6,8 @@ Every configuration gets the same cores: with 2 threads in all, one rank runs 2 
 so the table shows what splitting the model costs or gains at equal compute (on CPU the all-reduces are pure
 overhead; the gain is that each rank holds a share of the weights). Greedy decoding of a 128-token random
 prompt; decode tok/s from a 1-token and an N-token run, as ``optlm bench`` does; memory is each rank's resident
-set after the runs and its peak (VmHWM), the model built from the memory-mapped checkpoint and sliced.
+set after the runs and its peak (VmHWM), each rank reading only its share of the checkpoint, split into private
+memory and pages of the memory-mapped checkpoint (page cache, shared between the ranks and reclaimable).
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ def _mib(key: str) -> float:
 def _worker(rank: int, world: int, checkpoint: str, threads: int, prompt: int, new: int, repeats: int,
             out: str) -> None:
     from optlm.fast import optimize
-    from optlm.hf import AutoModelForCausalLM
-    from optlm.parallel import tensor_parallel
+    from optlm.parallel.tp import load_tensor_parallel
 
     torch.set_num_threads(threads)
-    model = optimize(tensor_parallel(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)))
+    model = optimize(load_tensor_parallel(checkpoint, dtype=torch.float32))  # each rank reads its share
     ids = torch.randint(4, 50000, (1, prompt), generator=torch.Generator().manual_seed(0))
     decode, prefill = [], []
     with torch.inference_mode():
@@ -52,7 +52,7 @@ def _worker(rank: int, world: int, checkpoint: str, threads: int, prompt: int, n
                 prefill.append(prompt / t1)
                 decode.append((new - 1) / (tn - t1))
     result = {"decode": statistics.median(decode), "prefill": statistics.median(prefill),
-              "rss": _mib("VmRSS:"), "peak": _mib("VmHWM:")}
+              "rss": _mib("VmRSS:"), "peak": _mib("VmHWM:"), "anon": _mib("RssAnon:"), "file": _mib("RssFile:")}
     Path(f"{out}.{rank}").write_text(json.dumps(result))
 
 
@@ -71,8 +71,8 @@ def main() -> int:
     checkpoint = random_checkpoint(args.shape)
     lines = [f"{args.shape}, fp32, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy, batch 1, "
              f"{args.threads} threads in all, medians of {args.repeats}", "",
-             "| ranks | threads/rank | decode tok/s | prefill tok/s | RSS per rank MiB (peak) |",
-             "|---:|---:|---:|---:|---|"]
+             "| ranks | threads/rank | decode tok/s | prefill tok/s | RSS per rank MiB (peak) | of it: private + "
+             "file-backed MiB |", "|---:|---:|---:|---:|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for world in [int(n) for n in args.ranks.split(",")]:
             out = str(Path(tmp) / f"r{world}")
@@ -80,7 +80,9 @@ def main() -> int:
             run(_worker, world, str(checkpoint), threads, args.prompt_tokens, args.new_tokens, args.repeats, out)
             ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
             mem = ", ".join(f"{r['rss']:.0f} ({r['peak']:.0f})" for r in ranks)
-            lines.append(f"| {world} | {threads} | {ranks[0]['decode']:.1f} | {ranks[0]['prefill']:.0f} | {mem} |")
+            kinds = ", ".join(f"{r['anon']:.0f} + {r['file']:.0f}" for r in ranks)
+            lines.append(f"| {world} | {threads} | {ranks[0]['decode']:.1f} | {ranks[0]['prefill']:.0f} | {mem} | "
+                         f"{kinds} |")
             print(lines[-1], file=sys.stderr)
     print("\n".join(lines))
     return 0

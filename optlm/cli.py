@@ -390,13 +390,8 @@ def _generation_params(args: argparse.Namespace) -> dict:
 def _load_lm(args: argparse.Namespace):
     from .lm import load
 
-    lm = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, adapter=args.adapter)
-    if getattr(args, "tensor_parallel", False):
-        from .fast import optimize
-        from .parallel import tensor_parallel
-
-        optimize(tensor_parallel(lm.model))  # the speed-ups again, on the slices
-    return lm
+    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, adapter=args.adapter,
+                tensor_parallel=getattr(args, "tensor_parallel", False))
 
 
 def _model_config(args: argparse.Namespace):

@@ -162,7 +162,7 @@ class LM:
 
 def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
          device: torch.device | str | None = None, quantize: str | None = None, revision: str | None = None,
-         tokenizer: Any = None, adapter: str | os.PathLike | None = None) -> LM:
+         tokenizer: Any = None, adapter: str | os.PathLike | None = None, tensor_parallel: bool = False) -> LM:
     """Load a checkpoint directory or hub id (None: the bundled default model, or the adapter's base model)
     with its tokenizer.
 
@@ -170,6 +170,8 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
     precision is slow and partly unsupported). ``quantize`` ("int8" / "int4" / "int8-dynamic") converts the
     linear layers with :func:`optlm.quantize.quantize`.
     ``tokenizer`` (a path or a Tokenizer) overrides the checkpoint's.
+    ``tensor_parallel=True``: inside a ``torch.distributed`` group, this rank's share of the model
+    (:mod:`optlm.parallel`), read as such from the checkpoint; every rank calls ``load`` alike.
     ``adapter``: a LoRA or bottleneck adapter directory (or hub id) in peft's format. A LoRA is merged into the
     floating-point weights before any quantization (same outputs, the base model's speed); a bottleneck
     adapter stays a pair of small layers.
@@ -194,7 +196,15 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
         path, name = bundled_model_path(), BUNDLED_MODEL_NAME
     else:
         path, name = path_or_hub_id, str(path_or_hub_id)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device, revision=revision)
+    if tensor_parallel:
+        if quantize is not None or adapter is not None:
+            raise ValueError("tensor parallelism splits floating-point layers; quantized models and adapters are "
+                             "not supported with it yet — load without --quantize / --adapter")
+        from .parallel.tp import load_tensor_parallel
+
+        model = load_tensor_parallel(path, dtype=dtype, revision=revision)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device, revision=revision)
     if dtype is None and model.dtype == torch.float16 and model.device.type == "cpu":
         model = model.float()
     lora = adapter_config is not None and adapter_config.peft_type == "LORA"

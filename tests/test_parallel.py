@@ -1,6 +1,7 @@
 """Tensor parallelism on torch.distributed (gloo, 2 processes on this CPU).
 
-Invariants: a model split across 2 ranks gives the logits of the whole model (float32, within 1e-5) — for
+Invariants: a model split across 2 ranks — split after loading, or each rank reading only its share of the
+checkpoint — gives the logits of the whole model (float32, within 1e-5) — for
 OPT pre-LN, OPT's post-LN layout with embedding projections (opt-350m), and GPT-Neo with an odd vocabulary —
 on left-padded batches and through the KV cache (each rank caching only its heads), and its greedy tokens are
 the whole model's; `optlm generate --tensor-parallel-size 2` and the same command under torchrun print the
@@ -18,6 +19,7 @@ from conftest import hf_config, left_padded_batch
 import optlm
 from optlm.models.core import kv_heads
 from optlm.parallel import run, tensor_parallel
+from optlm.parallel.tp import load_tensor_parallel
 
 CASES = {
     "opt_pre_ln": lambda: transformers.OPTForCausalLM(hf_config()),
@@ -46,9 +48,13 @@ def _worker(rank: int, world: int, directories: dict, out) -> None:
     torch.set_num_threads(1)
     results = {}
     for name, directory in directories.items():
-        model = tensor_parallel(optlm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32))
-        assert kv_heads(model) == model.config.num_attention_heads // world
-        results[name] = {**_outputs(model), "params": torch.tensor(sum(p.numel() for p in model.parameters()))}
+        # a built model split in place, and the same share read as such from the checkpoint
+        split = tensor_parallel(optlm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32))
+        read = load_tensor_parallel(directory, dtype=torch.float32)
+        for how, model in (("split", split), ("read", read)):
+            assert kv_heads(model) == model.config.num_attention_heads // world
+            results[f"{name}/{how}"] = {**_outputs(model),
+                                        "params": torch.tensor(sum(p.numel() for p in model.parameters()))}
     if rank == 0:
         torch.save(results, out)
 
@@ -66,17 +72,19 @@ def checkpoints(tmp_path_factory):
 
 def test_two_ranks_give_the_whole_models_logits_cache_steps_and_greedy_tokens(checkpoints, tmp_path):
     run(_worker, 2, checkpoints, str(tmp_path / "out.pt"))
-    got = torch.load(tmp_path / "out.pt")
-    for name, directory in checkpoints.items():
+    runs = torch.load(tmp_path / "out.pt")
+    assert len(runs) == 2 * len(checkpoints)
+    for key, got in runs.items():  # "<case>/split" and "<case>/read"
+        directory = checkpoints[key.split("/")[0]]
         want = _outputs(optlm.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32))
         ids, mask = left_padded_batch(vocab=120)
         m = mask.bool()
-        assert (got[name]["logits"] - want["logits"])[m].abs().max() <= 1e-5, name
-        assert (got[name]["step"] - want["step"]).abs().max() <= 1e-5, name
-        assert torch.equal(got[name]["greedy"], want["greedy"]), name
-        assert int(got[name]["cache_heads"]) * 2 == int(want["cache_heads"]), name  # each rank: half the heads
+        assert (got["logits"] - want["logits"])[m].abs().max() <= 1e-5, key
+        assert (got["step"] - want["step"]).abs().max() <= 1e-5, key
+        assert torch.equal(got["greedy"], want["greedy"]), key
+        assert int(got["cache_heads"]) * 2 == int(want["cache_heads"]), key  # each rank: half the heads
         whole = optlm.AutoModelForCausalLM.from_pretrained(directory).num_parameters()
-        assert int(got[name]["params"]) < 0.6 * whole, name  # and little more than half the weights
+        assert int(got["params"]) < 0.6 * whole, key  # and little more than half the weights
 
 
 def _refuse(rank: int, world: int, directory: str) -> None:

@@ -39,8 +39,8 @@ class VocabParallelEmbedding(nn.Module):
     lookups are summed."""
 
     def __init__(self, weight: Tensor, start: int, vocab: int, group: dist.ProcessGroup | None):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # (rows, d), zero-padded on the last rank
+        super().__init__()  # weight: (rows, d), zero-padded on the last rank
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.start, self.vocab, self.group = start, vocab, group
         self.num_embeddings, self.embedding_dim = vocab, weight.shape[1]
         self.padding_idx = None
@@ -77,23 +77,42 @@ def check_divisible(config, world: int) -> None:
                              f"that divides {n}")
 
 
+def _part(t: Tensor, dim: int, start: int, stop: int) -> nn.Parameter:
+    """A copy of ``t[start:stop]`` along ``dim`` that remembers where it came from (``load_tensor_parallel``
+    reads just that from a checkpoint into a model sliced while still on the meta device)."""
+    p = nn.Parameter(t.detach().narrow(dim, start, stop - start).clone(), requires_grad=False)
+    p.tp_slice = (dim, start, stop)
+    return p
+
+
 def _column(linear: nn.Linear, rank: int, world: int) -> nn.Linear:
     rows = linear.out_features // world
     part = nn.Linear(linear.in_features, rows, bias=linear.bias is not None, device="meta")
-    part.weight = nn.Parameter(linear.weight.detach()[rank * rows:(rank + 1) * rows].clone(), requires_grad=False)
+    part.weight = _part(linear.weight, 0, rank * rows, (rank + 1) * rows)
     if linear.bias is not None:
-        part.bias = nn.Parameter(linear.bias.detach()[rank * rows:(rank + 1) * rows].clone(), requires_grad=False)
+        part.bias = _part(linear.bias, 0, rank * rows, (rank + 1) * rows)
     return part
 
 
 def _row(linear: nn.Linear, rank: int, world: int, group: dist.ProcessGroup | None) -> RowParallelLinear:
     cols = linear.in_features // world
     part = RowParallelLinear(cols, linear.out_features, bias=linear.bias is not None, device="meta")
-    part.weight = nn.Parameter(linear.weight.detach()[:, rank * cols:(rank + 1) * cols].clone(), requires_grad=False)
+    part.weight = _part(linear.weight, 1, rank * cols, (rank + 1) * cols)
     if linear.bias is not None:
         part.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     part.group = group
     return part
+
+
+def _vocab_rows(weight: Tensor, start: int, rows: int) -> nn.Parameter:
+    """Rows ``start … start + rows - 1`` of an embedding-shaped matrix, zero rows past its end."""
+    stop = min(start + rows, weight.shape[0])
+    table = weight.detach()[start:stop].clone()
+    if table.shape[0] < rows:  # the last rank's share of a vocabulary the ranks do not divide
+        table = torch.cat([table, table.new_zeros(rows - table.shape[0], table.shape[1])])
+    p = nn.Parameter(table, requires_grad=False)
+    p.tp_slice = (0, start, stop)
+    return p
 
 
 @torch.no_grad()
@@ -125,18 +144,11 @@ def tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) ->
     vocab = emb.weight.shape[0]
     rows = -(-vocab // world)
     start = rank * rows
-    table = emb.weight.detach()[start:start + rows].clone()
-    if table.shape[0] < rows:  # the last rank's share of a vocabulary the ranks do not divide: zero rows
-        table = torch.cat([table, table.new_zeros(rows - table.shape[0], table.shape[1])])
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = head is not None and head.weight is emb.weight
-    model.set_input_embeddings(VocabParallelEmbedding(table, start, vocab, group))
+    model.set_input_embeddings(VocabParallelEmbedding(_vocab_rows(emb.weight, start, rows), start, vocab, group))
     if head is not None:
-        weight = model.get_input_embeddings().weight
-        if not tied:
-            own = head.weight.detach()[start:start + rows].clone()
-            weight = nn.Parameter(torch.cat([own, own.new_zeros(rows - own.shape[0], own.shape[1])]),
-                                  requires_grad=False)
+        weight = model.get_input_embeddings().weight if tied else _vocab_rows(head.weight, start, rows)
         model.set_output_embeddings(VocabParallelHead(weight, vocab, group))
     # The replicated tensors (norms, positions, biases) still point into the memory-mapped checkpoint, which keeps
     # every page the slicing read resident: copy them, so the mapping goes and the rank holds only its share.
@@ -149,3 +161,67 @@ def tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) ->
             t.data = t.data.clone()
     model.tensor_parallel = (rank, world)
     return model.eval()
+
+
+def load_tensor_parallel(path_or_hub_id, dtype: torch.dtype | str | None = None, task: str = "causal-lm",
+                         group: dist.ProcessGroup | None = None, revision: str | None = None) -> nn.Module:
+    """This rank's share of a checkpoint, read as such: the model is built and split on the meta device, then
+    each parameter reads just its slice from the memory-mapped safetensors (a ``.bin`` checkpoint is loaded
+    whole and split). Inside a process group, every rank calls it with the same arguments."""
+    from .. import checkpoint as ckpt
+    from ..hf import model_class
+    from ..hf.base import _ShapesOnly, parse_dtype
+    from ..models import read_config
+
+    directory = ckpt.resolve(path_or_hub_id, revision)
+    files = ckpt.weight_files(directory)
+    cls = model_class(read_config(directory / "config.json").model_type, task)
+    if any(f.suffix != ".safetensors" for f in files) or ckpt.QUANTIZED_STEM in files[0].name:
+        return tensor_parallel(cls.from_pretrained(directory, dtype=dtype), group)
+    config = read_config(directory / "config.json")
+    with torch.device("meta"), _ShapesOnly():
+        model = cls(config, init=False)
+    model.tie_weights()
+    tensor_parallel(model, group)
+    where = _keys_by_file(files)
+    # checkpoint key of each model name (the same mapping from_pretrained applies to the checkpoint's names)
+    source = ckpt.normalize_keys({k: k for k in where}, set(model.state_dict()), cls.base_model_prefix,
+                                 cls._ignore_checkpoint_keys)
+    target = parse_dtype(dtype)
+    from safetensors import safe_open
+
+    handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in files}
+    for name, p in list(model.named_parameters()):
+        key = source.get(name)
+        if key is None:
+            raise ckpt.CheckpointError(f"{directory} has no {name}; check that it is a {config.family_name} "
+                                       "checkpoint")
+        dim, start, stop = getattr(p, "tp_slice", (0, 0, None))
+        sl = handles[where[key]].get_slice(key)
+        stop = sl.get_shape()[dim] if stop is None else stop
+        index = tuple([slice(None)] * dim + [slice(start, stop)])
+        t = sl[index]  # may be a view of the mapped file: page cache the ranks share, not a private copy
+        if t.shape[0] < p.shape[0] and dim == 0:  # the last rank's share of an uneven vocabulary
+            t = torch.cat([t, t.new_zeros(p.shape[0] - t.shape[0], *t.shape[1:])])
+        if tuple(t.shape) != tuple(p.shape):
+            raise ckpt.CheckpointError(f"{key} in {directory} has shape {tuple(sl.get_shape())}, which does not fit "
+                                       f"the config (this rank expects {tuple(p.shape)}); fix config.json")
+        new = nn.Parameter(t.to(target) if target is not None else t, requires_grad=False)
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, new)
+    model.tie_weights()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, VocabParallelHead) and head.weight.is_meta:  # tied: the embedding's rows, now loaded
+        head.weight = model.get_input_embeddings().weight
+    model.name_or_path = str(path_or_hub_id)
+    return model.eval()
+
+
+def _keys_by_file(files) -> dict[str, object]:
+    from safetensors import safe_open
+
+    where = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as h:
+            where.update(dict.fromkeys(h.keys(), f))
+    return where
