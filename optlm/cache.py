@@ -140,14 +140,16 @@ class PagedKVCache:
     @classmethod
     def for_memory(cls, config, memory_bytes: int, block_size: int = 16, dtype: torch.dtype = torch.float32,
                    device: torch.device | str | None = None, max_num_seqs: int | None = None,
-                   step_tokens: int | None = None) -> PagedKVCache:
+                   step_tokens: int | None = None, heads: int | None = None) -> PagedKVCache:
         """As many blocks as ``memory_bytes`` holds for a model with ``config`` (keys and values, all layers).
 
         Local-attention layers get blocks enough for ``max_num_seqs`` sequences each holding its window plus
         one step of ``step_tokens`` new tokens, and the rest of the memory goes to the other layers; without
-        those numbers (or when that is no fewer) both pools get the same number of blocks."""
+        those numbers (or when that is no fewer) both pools get the same number of blocks. ``heads``: the heads
+        this process caches, when not all (a tensor-parallel rank's share)."""
         windows = config.layer_windows
-        per_layer = 2 * block_size * config.num_attention_heads * config.head_dim * dtype.itemsize
+        heads = config.num_attention_heads if heads is None else heads
+        per_layer = 2 * block_size * heads * config.head_dim * dtype.itemsize
         n_local = sum(w is not None for w in windows)
         full_cost, local_cost = (len(windows) - n_local) * per_layer, n_local * per_layer
         if memory_bytes < full_cost + local_cost:
@@ -161,13 +163,14 @@ class PagedKVCache:
             if max_num_seqs * per_seq < num_blocks:
                 num_local = max_num_seqs * per_seq
                 num_blocks = (memory_bytes - num_local * local_cost) // full_cost
-        return cls(config.num_hidden_layers, config.num_attention_heads, config.head_dim, num_blocks, block_size,
-                   dtype, device, windows, num_local if n_local else None)
+        return cls(config.num_hidden_layers, heads, config.head_dim, num_blocks, block_size, dtype, device, windows,
+                   num_local if n_local else None)
 
     @staticmethod
-    def bytes_per_token(config, dtype: torch.dtype) -> int:
-        """Cache bytes one token takes: keys and values of every layer and head."""
-        return 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * dtype.itemsize
+    def bytes_per_token(config, dtype: torch.dtype, heads: int | None = None) -> int:
+        """Cache bytes one token takes: keys and values of every layer and head (or of ``heads`` per layer)."""
+        heads = config.num_attention_heads if heads is None else heads
+        return 2 * config.num_hidden_layers * heads * config.head_dim * dtype.itemsize
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------
 

@@ -11,10 +11,12 @@ both numbers.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import transformers
-from conftest import hf_config, left_padded_batch
+from conftest import TOKENIZER_FILES, hf_config, left_padded_batch
 
 import optlm
 from optlm.models.core import kv_heads
@@ -66,6 +68,8 @@ def checkpoints(tmp_path_factory):
     for i, (name, make) in enumerate(CASES.items()):
         torch.manual_seed(i)
         make().save_pretrained(root / name)
+        for f in ("vocab.json", "merges.txt"):  # LLM loads a tokenizer with the model (prompts here are ids)
+            shutil.copy(TOKENIZER_FILES / "opt" / f, root / name / f)
         dirs[name] = str(root / name)
     return dirs
 
@@ -134,3 +138,25 @@ def test_optlm_generate_with_two_ranks_prints_the_single_process_text(tmp_path):
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert r.stdout == runs["--temperature 0"]
+
+
+def test_llm_with_two_ranks_answers_as_the_single_process_engine(checkpoints):
+    from optlm import LLM, SamplingParams
+
+    prompts = [[5, 9, 11, 40, 7], [3] * 20, list(range(4, 60))]
+    params = [SamplingParams(temperature=0, max_tokens=10), SamplingParams(temperature=0.9, seed=3, max_tokens=12),
+              SamplingParams(temperature=0.7, top_p=0.9, seed=8, max_tokens=8, n=2)]
+    for name in ("opt_pre_ln", "gpt_neo"):
+        want = LLM(checkpoints[name], block_size=8).generate(prompts, params, use_tqdm=False)
+        llm = LLM(checkpoints[name], block_size=8, tensor_parallel_size=2)
+        try:
+            got = llm.generate(prompts, params, use_tqdm=False)
+            again = llm.generate(prompts[:1], params[0], use_tqdm=False)  # the ranks stay up between calls
+            with pytest.raises(ValueError, match="prompt 0"):
+                llm.generate([[10**6]], params[0])  # a bad request comes back as the engine's own error
+        finally:
+            llm.close()
+        assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
+        assert again[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="do not divide among 3 ranks"):
+        LLM(checkpoints["opt_pre_ln"], tensor_parallel_size=3)

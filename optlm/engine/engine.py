@@ -18,6 +18,7 @@ import torch
 from ..adapters.state import adapter_index, state_of
 from ..cache import PagedKVCache
 from ..generate import cache_dtype, check_finite, check_fits, stop_prefix_length
+from ..models.core import kv_heads
 from ..tokenizer import StreamDecoder
 from .lora import AdapterTable, LoRARequest
 from .params import SamplingParams
@@ -112,7 +113,8 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len or limit
         dtype = cache_dtype(model)
-        per_token = PagedKVCache.bytes_per_token(config, dtype)
+        heads = kv_heads(model)  # all of them, or a tensor-parallel rank's share
+        per_token = PagedKVCache.bytes_per_token(config, dtype, heads)
         if kv_cache_memory is None:
             kv_cache_memory = min(DEFAULT_KV_CACHE_MEMORY, per_token * max_num_seqs * self.max_model_len)
             kv_cache_memory = max(kv_cache_memory, per_token * (self.max_model_len + block_size))
@@ -120,7 +122,7 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory must be a number of bytes (int >= 1), got {kv_cache_memory!r}")
         device = next(model.parameters()).device
         self.cache = PagedKVCache.for_memory(config, kv_cache_memory, block_size, dtype, device, max_num_seqs,
-                                             max_num_batched_tokens)
+                                             max_num_batched_tokens, heads)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
         self.requests: dict[str, _Request] = {}
         self._detok: dict[int, StreamDecoder] = {}

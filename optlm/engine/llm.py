@@ -27,13 +27,25 @@ class LLM:
     ``kv_cache_memory`` (bytes), ``block_size`` and ``max_num_batched_tokens`` size the engine
     (:class:`LLMEngine`). ``enable_lora=True`` lets each prompt run with its own adapter
     (``generate(..., lora_request=LoRARequest(name, id, path))``), ``max_loras`` of them loaded at once.
+    ``tensor_parallel_size=N`` splits the model across N worker processes started here (a checkpoint path or
+    hub id; :mod:`optlm.parallel`): ``generate`` runs on all of them and answers as one; ``close()`` stops them.
     """
 
     def __init__(self, model: str | os.PathLike | torch.nn.Module | None = None, tokenizer: Any = None, *,
                  dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
                  quantize: str | None = None, revision: str | None = None, max_num_seqs: int = 64,
                  max_model_len: int | None = None, kv_cache_memory: int | None = None, block_size: int = 16,
-                 max_num_batched_tokens: int = 512, enable_lora: bool = False, max_loras: int = 8):
+                 max_num_batched_tokens: int = 512, enable_lora: bool = False, max_loras: int = 8,
+                 tensor_parallel_size: int = 1):
+        self._workers = None
+        self._counter = 0
+        if tensor_parallel_size != 1:
+            self._start_workers(model, tokenizer, tensor_parallel_size, enable_lora, quantize,
+                                dict(dtype=dtype, device=device, revision=revision, tokenizer=tokenizer),
+                                dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                     kv_cache_memory=kv_cache_memory, block_size=block_size,
+                                     max_num_batched_tokens=max_num_batched_tokens))
+            return
         if isinstance(model, torch.nn.Module):
             if isinstance(tokenizer, (str, os.PathLike)):
                 from ..tokenizer import Tokenizer
@@ -48,10 +60,39 @@ class LLM:
                                     kv_cache_memory=kv_cache_memory, block_size=block_size,
                                     max_num_batched_tokens=max_num_batched_tokens, enable_lora=enable_lora,
                                     max_loras=max_loras)
-        self._counter = 0
+
+    def _start_workers(self, model: Any, tokenizer: Any, world: int, enable_lora: bool, quantize: str | None,
+                       load_kwargs: dict, engine_kwargs: dict) -> None:
+        """``tensor_parallel_size > 1``: the model lives in ``world`` worker processes (optlm.parallel.workers)."""
+        from .. import checkpoint as ckpt
+        from ..bundled import bundled_model_path
+        from ..models import read_config
+        from ..parallel.tp import check_divisible
+        from ..parallel.workers import Workers
+        from ..tokenizer import Tokenizer
+
+        if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {world!r}")
+        if isinstance(model, torch.nn.Module):
+            raise ValueError("tensor_parallel_size > 1 needs a checkpoint path or hub id (each rank reads its share); "
+                             "got a built model")
+        if enable_lora or quantize is not None:
+            raise ValueError("tensor parallelism does not take adapters or quantization yet; drop enable_lora / "
+                             "quantize")
+        directory = bundled_model_path() if model is None else ckpt.resolve(model, load_kwargs["revision"])
+        check_divisible(read_config(directory / "config.json"), world)
+        source = tokenizer if tokenizer is not None else directory
+        self.tokenizer = source if not isinstance(source, (str, os.PathLike)) else Tokenizer.from_pretrained(source)
+        self.llm_engine = None  # the engines live in the worker processes
+        self._workers = Workers(world, directory, load_kwargs, engine_kwargs)
+
+    def close(self) -> None:
+        """Stop the worker processes of a tensor-parallel model (also done when it is garbage-collected)."""
+        if self._workers is not None:
+            self._workers.close()
 
     def get_tokenizer(self) -> Any:
-        return self.llm_engine.tokenizer
+        return self.tokenizer if self.llm_engine is None else self.llm_engine.tokenizer
 
     def generate(self, prompts: str | Seq[str] | Seq[int] | Seq[Seq[int]] | Seq[dict],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -61,6 +102,9 @@ class LLM:
         [...]}`` dicts), with one ``SamplingParams`` for all or one per prompt, and one adapter for all or one
         per prompt (None: the base model); finished ``RequestOutput``s in prompt order. A bad prompt or setting
         raises ValueError naming the prompt before anything runs."""
+        if self._workers is not None:
+            return self._workers.call("generate", prompts, sampling_params, use_tqdm=False,
+                                      lora_request=lora_request)
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
                                                 and all(isinstance(i, int) for i in prompts)):
             prompts = [prompts]  # one prompt (text or token ids)
