@@ -91,6 +91,13 @@ class _ShapesOnly(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def empty_model(cls: type[nn.Module], config: ModelConfig) -> nn.Module:
+    """``cls`` built for ``config`` on the meta device: shapes only, no memory, no random initialisation (the
+    weights are assigned afterwards, from a checkpoint)."""
+    with torch.device("meta"), _ShapesOnly():
+        return cls(config, init=False)
+
+
 class PreTrainedModel(nn.Module):
     """Shared loading, saving and bookkeeping. A family's base class sets the class attributes below; a head
     sets ``_optional_keys`` (weights it may initialise itself)."""
@@ -213,8 +220,7 @@ class PreTrainedModel(nn.Module):
             config.id2label = config.label2id = None
         state = ckpt.read_state_dict(ckpt.weight_files(directory))
 
-        with torch.device("meta"), _ShapesOnly():
-            model = cls(config, init=False)
+        model = empty_model(cls, config)
         qc = quantization_config(config)
         if qc is not None:
             if quantize is not None:

@@ -45,16 +45,24 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple
         dist.destroy_process_group()
 
 
-def run(fn: Callable[..., Any], world: int, *args: Any) -> None:
-    """``fn(rank, world, *args)`` in each of ``world`` new processes of one group (``fn`` must be importable)."""
+def start(fn: Callable[..., Any], world: int, *args: Any) -> mp.ProcessContext:
+    """Start ``fn(rank, world, *args)`` in each of ``world`` new processes of one group (``fn`` must be
+    importable) and return at once; the processes are ``.processes`` of the result."""
     if world < 1:
         raise ValueError(f"the number of processes must be at least 1, got {world}")
+    return mp.start_processes(_entry, args=(fn, world, _free_port(), args), nprocs=world, join=False,
+                              start_method="spawn")
+
+
+def run(fn: Callable[..., Any], world: int, *args: Any) -> None:
+    """``fn(rank, world, *args)`` in each of ``world`` new processes of one group; returns when all have."""
     spawn_log = logging.getLogger("torch.multiprocessing.spawn")
     level = spawn_log.level
     spawn_log.setLevel(logging.ERROR)  # not a warning per sibling it stops after one failed: the error says it
     try:
-        mp.start_processes(_entry, args=(fn, world, _free_port(), args), nprocs=world, join=True,
-                           start_method="spawn")
+        context = start(fn, world, *args)
+        while not context.join():
+            pass
     except mp.ProcessRaisedException as e:
         # The child's traceback ends with its error: raise that (a user's mistake stays a ValueError, reported
         # in one line), naming the rank.

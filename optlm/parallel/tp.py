@@ -170,7 +170,7 @@ def load_tensor_parallel(path_or_hub_id, dtype: torch.dtype | str | None = None,
     whole and split). Inside a process group, every rank calls it with the same arguments."""
     from .. import checkpoint as ckpt
     from ..hf import model_class
-    from ..hf.base import _ShapesOnly, parse_dtype
+    from ..hf.base import empty_model, parse_dtype
     from ..models import read_config
 
     directory = ckpt.resolve(path_or_hub_id, revision)
@@ -179,8 +179,7 @@ def load_tensor_parallel(path_or_hub_id, dtype: torch.dtype | str | None = None,
     if any(f.suffix != ".safetensors" for f in files) or ckpt.QUANTIZED_STEM in files[0].name:
         return tensor_parallel(cls.from_pretrained(directory, dtype=dtype), group)
     config = read_config(directory / "config.json")
-    with torch.device("meta"), _ShapesOnly():
-        model = cls(config, init=False)
+    model = empty_model(cls, config)
     model.tie_weights()
     tensor_parallel(model, group)
     where = _keys_by_file(files)

@@ -20,11 +20,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .launch import USER_ERRORS, _entry, _free_port
+from .launch import USER_ERRORS, start
 
 
-def _serve(rank: int, world: int, conn: Connection | None, model: str, load_kwargs: dict, engine_kwargs: dict,
+def _serve(rank: int, world: int, conn: Connection, model: str, load_kwargs: dict, engine_kwargs: dict,
            seed: int) -> None:
+    """One rank's life: load its share, build the engine, then run every call rank 0 receives on ``conn`` (the
+    other ranks hold the same pipe end unused) until it receives None."""
     from ..engine.llm import LLM
     from ..lm import load
 
@@ -57,9 +59,7 @@ class Workers:
         parent, child = mp.get_context("spawn").Pipe()
         self._conn = parent
         seed = random.randrange(2**31)
-        args = (world, _free_port(), (_serve_rank, (child, str(model), load_kwargs, engine_kwargs, seed)))
-        self._context = mp.start_processes(_entry_with_pipe, args=args, nprocs=world, join=False,
-                                           start_method="spawn")
+        self._context = start(_serve, world, child, str(model), load_kwargs, engine_kwargs, seed)
         self._finalizer = weakref.finalize(self, Workers._stop, self._conn, self._context.processes)
 
     @staticmethod
@@ -93,13 +93,3 @@ class Workers:
     def close(self) -> None:
         self._context = None
         self._finalizer()  # runs _stop once, whichever of close() and garbage collection comes first
-
-
-def _serve_rank(rank: int, world: int, child: Connection, model: str, load_kwargs: dict, engine_kwargs: dict,
-                seed: int) -> None:
-    _serve(rank, world, child if rank == 0 else None, model, load_kwargs, engine_kwargs, seed)
-
-
-def _entry_with_pipe(rank: int, world: int, port: int, job: tuple) -> None:
-    fn, args = job
-    _entry(rank, fn, world, port, args)
