@@ -436,10 +436,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         from .parallel.launch import init_from_env
 
         rank, world = init_from_env()
-        seed = torch.tensor([random.randrange(2**31) if args.seed is None else args.seed])
-        dist.broadcast(seed, 0)  # every rank must sample alike
-        args.prompt, args.seed = prompt, int(seed)
-        _tensor_parallel_generate(rank, world, args)
+        try:
+            seed = torch.tensor([random.randrange(2**31) if args.seed is None else args.seed])
+            dist.broadcast(seed, 0)  # every rank must sample alike
+            args.prompt, args.seed = prompt, int(seed)
+            _tensor_parallel_generate(rank, world, args)
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()  # gloo's threads stopped here, not torn down at interpreter exit
         return 0
     if args.tensor_parallel_size < 1:
         raise ValueError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")

@@ -78,16 +78,20 @@ class Workers:
         if self._context is None:
             raise RuntimeError("this tensor-parallel model is closed")
         self._conn.send((name, args, kwargs))
+        processes = self._context.processes
         while not self._conn.poll(1.0):
-            dead = [i for i, p in enumerate(self._context.processes) if not p.is_alive()]
+            dead = [i for i, p in enumerate(processes) if not p.is_alive()]
             if dead:
                 self.close()
-                raise RuntimeError(f"tensor-parallel rank {dead[0]} stopped (exit code "
-                                   f"{self._context.processes[dead[0]].exitcode}); the model is closed")
+                raise RuntimeError(f"tensor-parallel rank {dead[0]} stopped (exit code {processes[dead[0]].exitcode}); "
+                                   "the model is closed")
         result = self._conn.recv()
-        if isinstance(result, Exception):
-            error = ValueError if type(result).__name__ in USER_ERRORS else type(result)
-            raise error(str(result)) from None
+        if isinstance(result, Exception):  # the engine's own error, raised here as a user would expect it
+            if isinstance(result, TypeError):
+                raise TypeError(str(result)) from None
+            if isinstance(result, ValueError) or type(result).__name__ in USER_ERRORS:
+                raise ValueError(str(result)) from None
+            raise RuntimeError(f"{type(result).__name__}: {result}") from None
         return result
 
     def close(self) -> None:
