@@ -34,7 +34,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     """The config in a ``config.json`` file, of whichever family it names."""
     d = read_json(path)
     cls = config_class(d.get("model_type", "opt")) if isinstance(d, dict) else OPTConfig
-    return cls.from_json_file(path)
+    return cls.from_json_file(path, d)
 
 
 def config_from_name(name: str, **overrides: Any) -> ModelConfig:

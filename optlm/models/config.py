@@ -131,8 +131,9 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> ModelConfig:
-        d = read_json(path)
+    def from_json_file(cls, path: str | os.PathLike, d: Any = None) -> ModelConfig:
+        """The config in ``path``; ``d``: its contents, when the caller has read them already."""
+        d = read_json(path) if d is None else d
         try:
             return cls.from_dict(d)
         except (ValueError, TypeError) as e:

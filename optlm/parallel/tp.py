@@ -175,10 +175,10 @@ def load_tensor_parallel(path_or_hub_id, dtype: torch.dtype | str | None = None,
 
     directory = ckpt.resolve(path_or_hub_id, revision)
     files = ckpt.weight_files(directory)
-    cls = model_class(read_config(directory / "config.json").model_type, task)
+    config = read_config(directory / "config.json")
+    cls = model_class(config.model_type, task)
     if any(f.suffix != ".safetensors" for f in files) or ckpt.QUANTIZED_STEM in files[0].name:
         return tensor_parallel(cls.from_pretrained(directory, dtype=dtype), group)
-    config = read_config(directory / "config.json")
     model = empty_model(cls, config)
     model.tie_weights()
     tensor_parallel(model, group)
