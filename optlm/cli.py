@@ -56,11 +56,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from .adapters.spec import parse_spec
 
         fields["adapter"] = parse_spec(spec, "lora").to_dict()
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports for all
     try:
         result = train(TrainArgs(**{**fields, "config_overrides": overrides, "progress": not args.quiet}))
     except TrainingError as e:
-        print(f"optlm train: error: {e}", file=sys.stderr)
+        if main:
+            print(f"optlm train: error: {e}", file=sys.stderr)
         return 1
+    if not main:
+        return 0
     print(f"checkpoint: {result.checkpoint}")
     if result.best is not None:
         print(f"best: {os.path.join(args.out_dir, 'best')} ({result.best['metric']} {result.best['value']:.4f} at "
@@ -278,6 +282,11 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
                         "(or lora,… as --lora)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="with --lora/--adapter: quantize the frozen base (QLoRA-style; CPU)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state across the processes torchrun starts "
+                        "(FSDP2): `torchrun --nproc-per-node N --no-python optlm train ... --fsdp`; --batch-size is "
+                        "per process; --dtype bf16 also gathers the weights in bf16; resumes on any number of "
+                        "processes that keeps N x --batch-size")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

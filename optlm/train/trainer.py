@@ -51,6 +51,8 @@ from ..checkpoint import CheckpointError, resolve
 from ..data import check_file
 from ..hf import parse_device
 from ..models import ModelConfig, config_from_dict, config_from_name, read_config
+from ..parallel.fsdp import (RNG_SHARD, Direct, Ranks, ShardedRun, full_model, load_optimizer_shards,
+                             save_optimizer_shard, save_rng_shard, shard, shard_files)
 from ..tokenizer import Tokenizer
 from . import metrics as task_metrics
 from .labelled import PROBLEM_TYPES
@@ -110,6 +112,7 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     adapter: dict[str, Any] | None = None  # an adapter config (LoraConfig / BottleneckConfig .to_dict()) to train
     quantize: str | None = None       # with an adapter: quantize the frozen base ("int8" / "int4")
+    fsdp: bool = False                # shard across the torchrun processes (optlm.parallel.fsdp); batch_size per rank
     # ---- below: may change between a run and its resume ----
     max_steps: int = 1000
     decay_steps: int | None = None    # wsd: steps of the final decay (default a fifth of max_steps)
@@ -129,11 +132,14 @@ class TrainArgs:
 
     _ADDED_LATER = {"unwrap": False, "schedule": "cosine", "adapter": None, "quantize": None, "task": "causal-lm",
                     "label_key": "label", "problem_type": None, "class_weights": None, "best_metric": "auto",
-                    "doc_stride": 128, "max_answer_length": 30}
+                    "doc_stride": 128, "max_answer_length": 30, "fsdp": False}
 
-    def identity(self) -> dict[str, Any]:
-        """The fields that make two runs the same run (absolute paths, so a changed cwd still matches)."""
+    def identity(self, world: int = 1) -> dict[str, Any]:
+        """The fields that make two runs the same run (absolute paths, so a changed cwd still matches). A sharded
+        run is the same run on any number of ranks that keeps the global batch (``world`` x ``batch_size``)."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._RESUMABLE}
+        if self.fsdp:
+            d["global_batch_size"] = d.pop("batch_size") * world
         d["data"] = [str(Path(p).resolve()) for p in self.data]
         d["val_data"] = None if self.val_data is None else [str(Path(p).resolve()) for p in self.val_data]
         d.pop("out_dir")  # the directory may move; what is in it is the run
@@ -247,33 +253,57 @@ def _fsync_tree(directory: Path) -> None:
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: Tokenizer,
-                    opt: torch.optim.Optimizer, state: dict[str, Any], keep_last: int, task: Task) -> Path:
-    """Write ``checkpoint-<step>`` atomically (temp dir + rename), then prune to the last ``keep_last``."""
+                    opt: torch.optim.Optimizer, state: dict[str, Any], keep_last: int, task: Task,
+                    ranks: Ranks | None = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically (temp dir + rename), then prune to the last ``keep_last``.
+
+    Sharded (``ranks`` of an FSDP run; every rank calls this): the weights are gathered and written by rank 0,
+    and each rank writes its share of the optimizer state and its RNG state (optlm.parallel.fsdp)."""
+    ranks = Ranks() if ranks is None else ranks
     final = out_dir / f"{CKPT_PREFIX}{step:08d}"
     tmp = out_dir / f"{TMP_PREFIX}{final.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _write_model(model, tokenizer, tmp, task)
-    _test_save_sleep(step)
-    tensors, opt_meta = _optimizer_tensors(opt)
-    save_file(tensors, tmp / "optimizer.safetensors")
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, tmp / "rng.safetensors")
-    (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta},
-                                                       indent=1) + "\n", "utf-8")
-    _fsync_tree(tmp)
-    if final.exists():  # a re-save of the same step (resume after a kill between save and prune)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
-        # Renamed first: a kill during rmtree leaves a .trash- directory, never a damaged checkpoint.
-        trash = out_dir / f"{TRASH_PREFIX}{old.name}"
-        os.rename(old, trash)
-        shutil.rmtree(trash)
-    return final
+    whole = full_model(model, ranks) if ranks.sharded else model
+
+    def write_model() -> None:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write_model(whole, tokenizer, tmp, task)
+        _test_save_sleep(step)
+
+    ranks.first(write_model)
+    if ranks.sharded:
+        ranks.each(_write_shards, opt, model, tmp, ranks)
+
+    def finish() -> Path:
+        if ranks.sharded:
+            opt_meta = {"world_size": ranks.world}
+        else:
+            tensors, opt_meta = _optimizer_tensors(opt)
+            save_file(tensors, tmp / "optimizer.safetensors")
+            rng = {"torch_cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+            save_file(rng, tmp / "rng.safetensors")
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_meta},
+                                                           indent=1) + "\n", "utf-8")
+        _fsync_tree(tmp)
+        if final.exists():  # a re-save of the same step (resume after a kill between save and prune)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
+            # Renamed first: a kill during rmtree leaves a .trash- directory, never a damaged checkpoint.
+            trash = out_dir / f"{TRASH_PREFIX}{old.name}"
+            os.rename(old, trash)
+            shutil.rmtree(trash)
+        return final
+
+    return ranks.first(finish)
+
+
+def _write_shards(opt: torch.optim.Optimizer, model: nn.Module, directory: Path, ranks: Ranks) -> None:
+    save_optimizer_shard(opt, model, directory, ranks)
+    save_rng_shard(directory, ranks)
 
 
 def _write_model(model: nn.Module, tokenizer: Tokenizer, directory: Path, task: Task) -> None:
@@ -304,6 +334,8 @@ def _restore_rng(path: Path) -> None:
     rng = load_file(path)
     torch.set_rng_state(rng["torch_cpu"])
     if torch.cuda.is_available():
+        if "torch_cuda" in rng:  # one rank of a sharded run: its own device's
+            torch.cuda.set_rng_state(rng["torch_cuda"])
         states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
         if states:
             torch.cuda.set_rng_state_all(states)
@@ -311,7 +343,7 @@ def _restore_rng(path: Path) -> None:
 
 # ---- the output directory --------------------------------------------------------------------------
 
-def _prepare_out_dir(args: TrainArgs) -> tuple[Path, Path | None]:
+def _prepare_out_dir(args: TrainArgs, world: int = 1) -> tuple[Path, Path | None]:
     """Check the directory against ``resume``/``overwrite``; return it and the checkpoint to resume from."""
     out = Path(args.out_dir)
     run_file = out / "run.json"
@@ -329,7 +361,7 @@ def _prepare_out_dir(args: TrainArgs) -> tuple[Path, Path | None]:
     out.mkdir(parents=True, exist_ok=True)
     for p in [*out.glob(f"{TMP_PREFIX}*"), *out.glob(f"{TRASH_PREFIX}*")]:
         shutil.rmtree(p)  # leftovers of a run killed while saving or pruning
-    identity = args.identity()
+    identity = args.identity(world)
     if run_file.is_file():
         previous = json.loads(run_file.read_text("utf-8"))
         changed = sorted(k for k in {*identity, *previous} if previous.get(k) != identity.get(k))
@@ -372,7 +404,9 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
         return f"trainer_state.json is unreadable: {e}"
     weights = "adapter_model.safetensors" if (ckpt / "adapter_config.json").is_file() else "model.safetensors"
-    for name in ("optimizer.safetensors", "rng.safetensors", weights):
+    world = state["optimizer"].get("world_size") if isinstance(state["optimizer"], dict) else None
+    resume_files = shard_files(world) if isinstance(world, int) else ["optimizer.safetensors", "rng.safetensors"]
+    for name in (*resume_files, weights):
         try:
             with safe_open(str(ckpt / name), framework="pt"):
                 pass
@@ -638,6 +672,9 @@ def check_args(args: TrainArgs) -> None:
         if parse_device(args.device).type != "cpu":
             raise ValueError("--quantize uses optlm's CPU int8/int4 kernels; train on --device cpu, or without "
                              "--quantize on a GPU")
+    if args.fsdp and args.adapter is not None:
+        raise ValueError("--fsdp shards a model trained in full; an adapter's few weights train in one process "
+                         "(drop --fsdp, or train the whole model)")
 
 
 def train(args: TrainArgs) -> TrainResult:
@@ -646,13 +683,24 @@ def train(args: TrainArgs) -> TrainResult:
     One writer per output directory: a second run on the same directory is refused while the first holds it.
     """
     check_args(args)
+    ranks = Ranks.join() if args.fsdp else Ranks()
     out = Path(args.out_dir)
+    lock = contextlib.ExitStack()
+
+    def hold() -> None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"cannot create the output directory {out} ({e.strerror}); choose another --out") \
+                from e
+        lock.enter_context(_exclusive(out))
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainingError(f"cannot create the output directory {out} ({e.strerror}); choose another --out") from e
-    with _exclusive(out):
-        return _train(args)
+        with lock:
+            ranks.first(hold)  # rank 0 holds the directory for all
+            return _train(args, ranks)
+    finally:
+        ranks.close()
 
 
 @contextlib.contextmanager
@@ -682,25 +730,28 @@ def _exclusive(out: Path):
             f.truncate()
 
 
-def _train(args: TrainArgs) -> TrainResult:
-    if args.warmup_steps >= args.max_steps:
+def _train(args: TrainArgs, ranks: Ranks) -> TrainResult:
+    if args.warmup_steps >= args.max_steps and ranks.main:
         peak = lr_at(args.max_steps - 1, args)
         warnings.warn(f"--warmup-steps {args.warmup_steps} is not shorter than --max-steps {args.max_steps}: the "
                       f"learning rate only reaches {peak:.3g}, short of --lr {args.lr:g}; lower --warmup-steps "
                       "(a few percent of the steps is usual)", stacklevel=2)
     fresh = not (Path(args.out_dir) / "run.json").exists()
-    out, resume_from = _prepare_out_dir(args)
+    out, resume_from = ranks.first(_prepare_out_dir, args, ranks.world)
     task = TASKS[args.task]()
     try:
         model, tokenizer = _build(args, task, resume_from)
-        train_data, val_data = task.datasets(args, tokenizer, out)
+        # Rank 0 tokenizes into the cache first; the other ranks then read it.
+        train_data, val_data = ranks.main_first(task.datasets, args, tokenizer, out)
     except Exception:
-        if fresh:  # a run that could not start leaves nothing that would block running it again, fixed
+        if fresh and ranks.main:  # a run that could not start leaves nothing that would block running it again
             (out / "run.json").unlink(missing_ok=True)
         raise
-    device = torch.device(args.device)
+    device = _device(args, ranks)
     metrics = out / "metrics.jsonl"
     best_metric = task.default_best_metric() if args.best_metric == "auto" else args.best_metric
+    # Validation runs on every rank, over the global batch, so its numbers do not depend on the number of ranks.
+    val_args = dataclasses.replace(args, batch_size=args.batch_size * ranks.world, progress=args.progress and ranks.main)
 
     step, elapsed, tokens_seen, best = 0, 0.0, 0, None
     if resume_from is not None:
@@ -710,21 +761,28 @@ def _train(args: TrainArgs) -> TrainResult:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         return_freed_memory()
+    amp = autocast_dtype(args, device)
+    # Sharded: bf16 also for the gathered weights and the computation (half the traffic); fp32 master weights.
+    run = shard(model, device, ranks.world, amp) if ranks.sharded else Direct(model)
     opt = make_optimizer(model, args)
     if resume_from is not None:
-        _load_optimizer(opt, resume_from / "optimizer.safetensors", state["optimizer"])
-        _restore_rng(resume_from / "rng.safetensors")
-        _truncate_metrics(metrics, step)
-        print(f"resuming from {resume_from} (step {step})", file=sys.stderr)
+        if ranks.sharded:
+            _resume_shards(opt, model, resume_from, state, args, ranks)
+        else:
+            _load_optimizer(opt, resume_from / "optimizer.safetensors", state["optimizer"])
+            _restore_rng(resume_from / "rng.safetensors")
+        if ranks.main:
+            _truncate_metrics(metrics, step)
+            print(f"resuming from {resume_from} (step {step})", file=sys.stderr)
     else:
-        _truncate_metrics(metrics, 0)
-        torch.manual_seed(args.seed + 1)  # dropout stream, independent of the init stream
-    amp = autocast_dtype(args, device)
-    if step >= args.max_steps:
+        if ranks.main:
+            _truncate_metrics(metrics, 0)
+        torch.manual_seed(args.seed + 1 + ranks.rank)  # dropout stream, independent of the init stream
+    if step >= args.max_steps and ranks.main:
         print(f"nothing to do: the run is at step {step} and --max-steps is {args.max_steps}", file=sys.stderr)
 
     params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
-    bar = _progress(args, step)
+    bar = _progress(args, step) if ranks.main else None
     loss_value, val_metrics = None, {}
     last_ckpt = list_checkpoints(out)[-1] if list_checkpoints(out) else None
     t_mark = time.perf_counter()
@@ -736,18 +794,22 @@ def _train(args: TrainArgs) -> TrainResult:
             g["lr"] = lr
         loss_sum, tokens_per_step = 0.0, 0
         for micro in range(args.grad_accum):
-            first = (step * args.grad_accum + micro) * args.batch_size
+            # The step's global batch, in the order of a single process; this rank takes its slice of it.
+            first = ((step * args.grad_accum + micro) * ranks.world + ranks.rank) * args.batch_size
             batch = {k: v.to(device) for k, v in task.train_batch(train_data, first, args.batch_size).items()}
             mask = batch.get("attention_mask")
             tokens_per_step += batch["input_ids"].numel() if mask is None else int(mask.sum())
             with _autocast(device, amp):
-                loss = task.loss(model, batch)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the training loss is {loss.item()} at step {step + 1}; stopping. Lower --lr, "
-                                    "raise --warmup-steps or resume from an earlier checkpoint")
+                loss = run(task.loss, batch)
             (loss / args.grad_accum).backward()
             loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+        loss_sum, tokens_per_step = ranks.sum(loss_sum / ranks.world, tokens_per_step)  # the mean over the ranks
+        tokens_per_step = int(tokens_per_step)
+        if not math.isfinite(loss_sum):
+            raise TrainingError(f"the training loss is {loss_sum / args.grad_accum} at step {step + 1}; stopping. "
+                                "Lower --lr, raise --warmup-steps or resume from an earlier checkpoint")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         if not math.isfinite(grad_norm):
             raise TrainingError(f"the gradient norm is {grad_norm} at step {step + 1}; stopping. Lower --lr or "
                                 "resume from an earlier checkpoint")
@@ -758,7 +820,7 @@ def _train(args: TrainArgs) -> TrainResult:
         dt = time.perf_counter() - t0
         elapsed += dt
         loss_value = loss_sum / args.grad_accum
-        if step % args.log_every == 0 or step == end:
+        if (step % args.log_every == 0 or step == end) and ranks.main:
             _append_metrics(metrics, {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                                       "tokens": tokens_seen, "tokens_per_s": tokens_per_step / dt,
                                       "elapsed_s": round(elapsed, 3)})
@@ -766,9 +828,10 @@ def _train(args: TrainArgs) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
         if step % args.eval_every == 0 or step == end:
-            val_metrics = _validate(task, model, val_data, args, amp, device)
-            _append_metrics(metrics, {"step": step, **val_metrics})
-            task.after_validation(val_metrics, out)
+            val_metrics = _validate(task, run, val_data, val_args, amp, device)
+            if ranks.main:
+                _append_metrics(metrics, {"step": step, **val_metrics})
+                task.after_validation(val_metrics, out)
             msg = f"step {step}: train loss {loss_value:.4f}, {task.summary(val_metrics)}"
             # Only scheduled validations compete for best/ (not one at the end of a --stop-after session), so
             # where a run was stopped and resumed never changes which checkpoint is best.
@@ -780,44 +843,74 @@ def _train(args: TrainArgs) -> TrainResult:
                 value = val_metrics[best_metric]
                 if task_metrics.better(best_metric, value, None if best is None else best["value"]):
                     best = {"metric": best_metric, "value": value, "step": step}
-                    _save_best(out, model, tokenizer, task, best, val_metrics)
+                    whole = full_model(model, ranks) if ranks.sharded else model
+                    ranks.first(_save_best, out, whole, tokenizer, task, best, val_metrics)
                     msg += f" (best {best_metric} so far: saved to {out / BEST_DIR})"
-            (bar.write if bar is not None else print)(msg)
+            if ranks.main:
+                (bar.write if bar is not None else print)(msg)
         if step % args.save_every == 0 or step == end:
             try:
                 progress = {"elapsed": elapsed, "tokens": tokens_seen, "train_loss": loss_value,
                             "val_loss": val_metrics.get("val_loss"), "best": best}
-                last_ckpt = save_checkpoint(out, step, model, tokenizer, opt, progress, args.keep_last, task)
+                last_ckpt = save_checkpoint(out, step, model, tokenizer, opt, progress, args.keep_last, task, ranks)
             except (OSError, SafetensorError) as e:
-                shutil.rmtree(out / f"{TMP_PREFIX}{CKPT_PREFIX}{step:08d}", ignore_errors=True)
+                if ranks.main:
+                    shutil.rmtree(out / f"{TMP_PREFIX}{CKPT_PREFIX}{step:08d}", ignore_errors=True)
                 last = f"the last complete checkpoint is {last_ckpt.name}; --resume continues from it" if last_ckpt \
                     else "no checkpoint was written yet"
                 raise TrainingError(f"could not write the checkpoint of step {step} to {out} ({e}); free disk "
                                     f"space or raise the file-size limit, then run again — {last}") from e
             try:
-                plot_metrics(metrics, out / "loss.png")
+                if ranks.main:
+                    plot_metrics(metrics, out / "loss.png")
             except OSError as e:  # the curve is a convenience: never stop a run over it
                 warnings.warn(f"could not draw {out / 'loss.png'} ({e})", stacklevel=2)
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t_mark
-    print(f"done: step {step}, {tokens_seen:,} tokens, {elapsed:.0f}s of training ({wall:.0f}s this session); "
-          f"checkpoint {last_ckpt}", file=sys.stderr)
+    if ranks.main:
+            print(f"done: step {step}, {tokens_seen:,} tokens, {elapsed:.0f}s of training ({wall:.0f}s this session); "
+              f"checkpoint {last_ckpt}", file=sys.stderr)
     return TrainResult(checkpoint=last_ckpt, step=step, train_loss=loss_value, val_loss=val_metrics.get("val_loss"),
                        metrics=val_metrics, best=best)
+
+
+def _device(args: TrainArgs, ranks: Ranks) -> torch.device:
+    """``--device``; a sharded run on GPUs gives each rank the one torchrun assigns it (LOCAL_RANK)."""
+    device = torch.device(args.device)
+    if ranks.sharded and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", ranks.rank)))
+        torch.cuda.set_device(device)
+    return device
+
+
+def _resume_shards(opt: torch.optim.Optimizer, model: nn.Module, ckpt: Path, state: dict[str, Any],
+                   args: TrainArgs, ranks: Ranks) -> None:
+    """A sharded run's optimizer and RNG state, written by any number of ranks. On a different number of ranks
+    each rank draws a new dropout stream (seeded by the run's seed, the rank and the step): with dropout the
+    losses then differ from an uninterrupted run's, without it they do not."""
+    saved = state["optimizer"]["world_size"]
+    load_optimizer_shards(opt, model, ckpt, saved, ranks)
+    if saved == ranks.world:
+        _restore_rng(ckpt / RNG_SHARD.format(rank=ranks.rank, world=saved))
+    else:
+        torch.manual_seed(args.seed + 1 + ranks.rank + 1_000_003 * state["step"])
+        if ranks.main:
+            print(f"resuming a run of {saved} ranks on {ranks.world}", file=sys.stderr)
 
 
 def _autocast(device: torch.device, amp: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
-def _validate(task: Task, model: nn.Module, val: Any, args: TrainArgs, amp: torch.dtype | None,
+def _validate(task: Task, run: Direct | ShardedRun, val: Any, args: TrainArgs, amp: torch.dtype | None,
               device: torch.device) -> dict[str, Any]:
+    model = run.model
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), _autocast(device, amp):
-            return task.validate(model, val, args, device)
+            return run(task.validate, val, args, device)
     finally:
         model.train(was_training)
 
