@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -23,26 +22,12 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.utils.class_weight import compute_class_weight
+from train_fixtures import write_rows
 
 from optlm.cli import main
 from optlm.train import labelled, metrics
 from optlm.train.predict import load_classifier
 from optlm.train.tasks import parse_class_weights
-
-TOPICS = {"sea": "ship wave sailor harbour", "war": "soldier battle cannon siege", "farm": "cow harvest plough barn"}
-FILLER = "the a of and to in is was he she it that".split()
-
-
-def write_rows(path: Path, n: int, seed: int, label=lambda topic, r: topic) -> Path:
-    """Texts of filler words and topic words; each row's topic decides its label (a separable task)."""
-    r = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            topic = r.choice(sorted(TOPICS))
-            words = TOPICS[topic].split()
-            text = " ".join(r.choice(FILLER + words) for _ in range(r.randint(4, 16))) + " " + r.choice(words)
-            f.write(json.dumps({"text": text, "label": label(topic, r)}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

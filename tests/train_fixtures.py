@@ -46,3 +46,19 @@ def tiny_config(directory: Path, **overrides) -> Path:
                   dropout=0.1, **overrides)
     path.write_text(json.dumps(config), encoding="utf-8")
     return path
+
+
+TOPICS = {"sea": "ship wave sailor harbour", "war": "soldier battle cannon siege", "farm": "cow harvest plough barn"}
+FILLER = "the a of and to in is was he she it that".split()
+
+
+def write_rows(path: Path, n: int, seed: int, label=lambda topic, r: topic) -> Path:
+    """Texts of filler words and topic words; each row's topic decides its label (a separable task)."""
+    r = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            topic = r.choice(sorted(TOPICS))
+            words = TOPICS[topic].split()
+            text = " ".join(r.choice(FILLER + words) for _ in range(r.randint(4, 16))) + " " + r.choice(words)
+            f.write(json.dumps({"text": text, "label": label(topic, r)}) + "\n")
+    return path

@@ -233,7 +233,7 @@ def load_optimizer_shards(opt: torch.optim.Optimizer, model: nn.Module, director
                 continue
             start, stop = _rows(p.shape[0], ranks.rank, ranks.world) if isinstance(p, DTensor) else (0, p.shape[0])
             pieces = []
-            for h, layout in zip(handles, layouts):
+            for h, layout in zip(handles, layouts, strict=True):
                 at, rows = layout[full_key][0], h.get_slice(full_key).get_shape()[0]
                 lo, hi = max(start, at), min(stop, at + rows)
                 if lo < hi:

@@ -51,8 +51,7 @@ from ..checkpoint import CheckpointError, resolve
 from ..data import check_file
 from ..hf import parse_device
 from ..models import ModelConfig, config_from_dict, config_from_name, read_config
-from ..parallel.fsdp import (RNG_SHARD, Direct, Ranks, ShardedRun, full_model, load_optimizer_shards,
-                             save_optimizer_shard, save_rng_shard, shard, shard_files)
+from ..parallel import fsdp
 from ..tokenizer import Tokenizer
 from . import metrics as task_metrics
 from .labelled import PROBLEM_TYPES
@@ -254,15 +253,15 @@ def _fsync_tree(directory: Path) -> None:
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: Tokenizer,
                     opt: torch.optim.Optimizer, state: dict[str, Any], keep_last: int, task: Task,
-                    ranks: Ranks | None = None) -> Path:
+                    ranks: fsdp.Ranks | None = None) -> Path:
     """Write ``checkpoint-<step>`` atomically (temp dir + rename), then prune to the last ``keep_last``.
 
     Sharded (``ranks`` of an FSDP run; every rank calls this): the weights are gathered and written by rank 0,
     and each rank writes its share of the optimizer state and its RNG state (optlm.parallel.fsdp)."""
-    ranks = Ranks() if ranks is None else ranks
+    ranks = fsdp.Ranks() if ranks is None else ranks
     final = out_dir / f"{CKPT_PREFIX}{step:08d}"
     tmp = out_dir / f"{TMP_PREFIX}{final.name}"
-    whole = full_model(model, ranks) if ranks.sharded else model
+    whole = fsdp.full_model(model, ranks) if ranks.sharded else model
 
     def write_model() -> None:
         if tmp.exists():
@@ -301,9 +300,9 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, tokenizer: Token
     return ranks.first(finish)
 
 
-def _write_shards(opt: torch.optim.Optimizer, model: nn.Module, directory: Path, ranks: Ranks) -> None:
-    save_optimizer_shard(opt, model, directory, ranks)
-    save_rng_shard(directory, ranks)
+def _write_shards(opt: torch.optim.Optimizer, model: nn.Module, directory: Path, ranks: fsdp.Ranks) -> None:
+    fsdp.save_optimizer_shard(opt, model, directory, ranks)
+    fsdp.save_rng_shard(directory, ranks)
 
 
 def _write_model(model: nn.Module, tokenizer: Tokenizer, directory: Path, task: Task) -> None:
@@ -405,7 +404,7 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         return f"trainer_state.json is unreadable: {e}"
     weights = "adapter_model.safetensors" if (ckpt / "adapter_config.json").is_file() else "model.safetensors"
     world = state["optimizer"].get("world_size") if isinstance(state["optimizer"], dict) else None
-    resume_files = shard_files(world) if isinstance(world, int) else ["optimizer.safetensors", "rng.safetensors"]
+    resume_files = fsdp.shard_files(world) if isinstance(world, int) else ["optimizer.safetensors", "rng.safetensors"]
     for name in (*resume_files, weights):
         try:
             with safe_open(str(ckpt / name), framework="pt"):
@@ -683,7 +682,7 @@ def train(args: TrainArgs) -> TrainResult:
     One writer per output directory: a second run on the same directory is refused while the first holds it.
     """
     check_args(args)
-    ranks = Ranks.join() if args.fsdp else Ranks()
+    ranks = fsdp.Ranks.join() if args.fsdp else fsdp.Ranks()
     out = Path(args.out_dir)
     lock = contextlib.ExitStack()
 
@@ -730,7 +729,7 @@ def _exclusive(out: Path):
             f.truncate()
 
 
-def _train(args: TrainArgs, ranks: Ranks) -> TrainResult:
+def _train(args: TrainArgs, ranks: fsdp.Ranks) -> TrainResult:
     if args.warmup_steps >= args.max_steps and ranks.main:
         peak = lr_at(args.max_steps - 1, args)
         warnings.warn(f"--warmup-steps {args.warmup_steps} is not shorter than --max-steps {args.max_steps}: the "
@@ -751,7 +750,8 @@ def _train(args: TrainArgs, ranks: Ranks) -> TrainResult:
     metrics = out / "metrics.jsonl"
     best_metric = task.default_best_metric() if args.best_metric == "auto" else args.best_metric
     # Validation runs on every rank, over the global batch, so its numbers do not depend on the number of ranks.
-    val_args = dataclasses.replace(args, batch_size=args.batch_size * ranks.world, progress=args.progress and ranks.main)
+    val_args = dataclasses.replace(args, batch_size=args.batch_size * ranks.world,
+                                   progress=args.progress and ranks.main)
 
     step, elapsed, tokens_seen, best = 0, 0.0, 0, None
     if resume_from is not None:
@@ -763,7 +763,7 @@ def _train(args: TrainArgs, ranks: Ranks) -> TrainResult:
         return_freed_memory()
     amp = autocast_dtype(args, device)
     # Sharded: bf16 also for the gathered weights and the computation (half the traffic); fp32 master weights.
-    run = shard(model, device, ranks.world, amp) if ranks.sharded else Direct(model)
+    run = fsdp.shard(model, device, ranks.world, amp) if ranks.sharded else fsdp.Direct(model)
     opt = make_optimizer(model, args)
     if resume_from is not None:
         if ranks.sharded:
@@ -843,7 +843,7 @@ def _train(args: TrainArgs, ranks: Ranks) -> TrainResult:
                 value = val_metrics[best_metric]
                 if task_metrics.better(best_metric, value, None if best is None else best["value"]):
                     best = {"metric": best_metric, "value": value, "step": step}
-                    whole = full_model(model, ranks) if ranks.sharded else model
+                    whole = fsdp.full_model(model, ranks) if ranks.sharded else model
                     ranks.first(_save_best, out, whole, tokenizer, task, best, val_metrics)
                     msg += f" (best {best_metric} so far: saved to {out / BEST_DIR})"
             if ranks.main:
@@ -875,7 +875,7 @@ def _train(args: TrainArgs, ranks: Ranks) -> TrainResult:
                        metrics=val_metrics, best=best)
 
 
-def _device(args: TrainArgs, ranks: Ranks) -> torch.device:
+def _device(args: TrainArgs, ranks: fsdp.Ranks) -> torch.device:
     """``--device``; a sharded run on GPUs gives each rank the one torchrun assigns it (LOCAL_RANK)."""
     device = torch.device(args.device)
     if ranks.sharded and device.type == "cuda":
@@ -885,14 +885,14 @@ def _device(args: TrainArgs, ranks: Ranks) -> torch.device:
 
 
 def _resume_shards(opt: torch.optim.Optimizer, model: nn.Module, ckpt: Path, state: dict[str, Any],
-                   args: TrainArgs, ranks: Ranks) -> None:
+                   args: TrainArgs, ranks: fsdp.Ranks) -> None:
     """A sharded run's optimizer and RNG state, written by any number of ranks. On a different number of ranks
     each rank draws a new dropout stream (seeded by the run's seed, the rank and the step): with dropout the
     losses then differ from an uninterrupted run's, without it they do not."""
     saved = state["optimizer"]["world_size"]
-    load_optimizer_shards(opt, model, ckpt, saved, ranks)
+    fsdp.load_optimizer_shards(opt, model, ckpt, saved, ranks)
     if saved == ranks.world:
-        _restore_rng(ckpt / RNG_SHARD.format(rank=ranks.rank, world=saved))
+        _restore_rng(ckpt / fsdp.RNG_SHARD.format(rank=ranks.rank, world=saved))
     else:
         torch.manual_seed(args.seed + 1 + ranks.rank + 1_000_003 * state["step"])
         if ranks.main:
@@ -903,7 +903,7 @@ def _autocast(device: torch.device, amp: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
-def _validate(task: Task, run: Direct | ShardedRun, val: Any, args: TrainArgs, amp: torch.dtype | None,
+def _validate(task: Task, run: fsdp.Direct | fsdp.ShardedRun, val: Any, args: TrainArgs, amp: torch.dtype | None,
               device: torch.device) -> dict[str, Any]:
     model = run.model
     was_training = model.training
