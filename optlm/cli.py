@@ -400,7 +400,8 @@ def _load_lm(args: argparse.Namespace):
     from .lm import load
 
     return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, adapter=args.adapter,
-                tensor_parallel=getattr(args, "tensor_parallel", False))
+                tensor_parallel=getattr(args, "tensor_parallel", False), offload=getattr(args, "offload", False),
+                max_memory=getattr(args, "max_memory", None))
 
 
 def _model_config(args: argparse.Namespace):
@@ -582,6 +583,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                    help="int8 or int4: weight-only (int8: fastest batch-1 decoding on AVX2 CPUs); "
                         "int8-dynamic: activations too (fastest prompts and batches)")
+    p.add_argument("--offload", action="store_true",
+                   help="a model larger than memory: keep 2 decoder layers in memory and stream the others from "
+                        "the checkpoint's safetensors as they run (slow: the weights are read once per token)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="like --offload, keeping as many layers as fit in SIZE (e.g. 6GB) beside the embeddings; "
+                        "the whole model when it fits")
 
 
 def _add_generation_commands(sub: argparse._SubParsersAction) -> None:

@@ -82,7 +82,10 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
 
     Works on float and quantized projections (all three of one kind). Call it before building an optimizer:
     the q/k/v parameters become new (view) tensors. Gradient-enabled forwards keep using three matmuls.
+    A model that streams its layers (optlm.parallel.offload) is left as it is: its weights are read per pass.
     """
+    if getattr(model, "offload", None) is not None:
+        return model
     for attn in attention_modules(model):
         if attn.fused_qkv is not None and attn.fused_qkv.matches(attn):
             continue

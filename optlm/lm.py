@@ -162,7 +162,8 @@ class LM:
 
 def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
          device: torch.device | str | None = None, quantize: str | None = None, revision: str | None = None,
-         tokenizer: Any = None, adapter: str | os.PathLike | None = None, tensor_parallel: bool = False) -> LM:
+         tokenizer: Any = None, adapter: str | os.PathLike | None = None, tensor_parallel: bool = False,
+         offload: bool | int = False, max_memory: int | str | None = None) -> LM:
     """Load a checkpoint directory or hub id (None: the bundled default model, or the adapter's base model)
     with its tokenizer.
 
@@ -175,6 +176,8 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
     ``adapter``: a LoRA or bottleneck adapter directory (or hub id) in peft's format. A LoRA is merged into the
     floating-point weights before any quantization (same outputs, the base model's speed); a bottleneck
     adapter stays a pair of small layers.
+    ``offload`` / ``max_memory``: a model larger than memory streams its decoder layers from the checkpoint
+    (see ``from_pretrained``; :mod:`optlm.parallel.offload`).
     """
     from .tokenizer import Tokenizer
 
@@ -196,7 +199,18 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
         path, name = bundled_model_path(), BUNDLED_MODEL_NAME
     else:
         path, name = path_or_hub_id, str(path_or_hub_id)
-    if tensor_parallel:
+    if offload or max_memory is not None:
+        if tensor_parallel or quantize is not None or adapter is not None:
+            raise ValueError("streaming layers (--offload / --max-memory) runs a floating-point model in one "
+                             "process; it does not combine with tensor parallelism, quantization or adapters yet")
+        if dtype is None:  # keep load()'s rule (float16 runs as float32 on the CPU) without converting afterwards
+            from . import checkpoint as ckpt
+
+            _, stored = ckpt.count_parameters(ckpt.weight_files(ckpt.resolve(path, revision)))
+            dtype = torch.float32 if stored == {"F16"} and device in (None, "cpu") else None
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device, revision=revision,
+                                                     offload=offload, max_memory=max_memory)
+    elif tensor_parallel:
         if quantize is not None or adapter is not None:
             raise ValueError("tensor parallelism splits floating-point layers; quantized models and adapters are "
                              "not supported with it yet — load without --quantize / --adapter")

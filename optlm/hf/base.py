@@ -198,6 +198,7 @@ class PreTrainedModel(nn.Module):
                         device: torch.device | str | None = None, attn_implementation: str | None = None,
                         revision: str | None = None, config: ModelConfig | None = None,
                         torch_dtype: torch.dtype | str | None = None, quantize: str | None = None,
+                        max_memory: int | str | dict | None = None, offload: bool | int = False,
                         **config_overrides: Any):
         """Load a Hugging Face checkpoint of this class's family (directory or hub id).
 
@@ -206,6 +207,11 @@ class PreTrainedModel(nn.Module):
         (transformers' "auto"); ``config_overrides`` (e.g. ``num_labels=3``) edit the loaded config.
         ``quantize="int8"`` or ``"int4"`` swaps the linear layers for weight-only quantized ones
         (:func:`optlm.quantize.quantize`).
+
+        Larger than memory (inference, CPU, safetensors): ``max_memory`` ("4GB", a byte count, or
+        accelerate's ``{"cpu": "4GB"}``) keeps as many decoder layers resident as fit beside the embeddings and
+        streams the rest from the files (:mod:`optlm.parallel.offload`; the whole model when it fits);
+        ``offload=True`` streams through 2 layers, the least memory, ``offload=N`` through N.
         """
         dtype = parse_dtype(dtype if dtype is not None else torch_dtype)
         device = parse_device(device)
@@ -218,6 +224,13 @@ class PreTrainedModel(nn.Module):
             setattr(config, key, value)
         if "id2label" not in config_overrides and "num_labels" in config_overrides:
             config.id2label = config.label2id = None
+        if max_memory is not None or offload:
+            model = _offloaded(cls, directory, config, dtype, device, quantize, max_memory, offload)
+            if model is not None:
+                if attn_implementation is not None:
+                    model.set_attn_implementation(attn_implementation)
+                model.name_or_path = str(path_or_hub_id)
+                return model
         state = ckpt.read_state_dict(ckpt.weight_files(directory))
 
         model = empty_model(cls, config)
@@ -269,6 +282,9 @@ class PreTrainedModel(nn.Module):
         """Write config.json and safetensors weights (sharded above ``max_shard_size``) as transformers does."""
         if not safe_serialization:
             raise ValueError("optlm saves safetensors only (no pickle); drop safe_serialization=False")
+        if getattr(self, "offload", None) is not None:
+            raise ValueError("this model streams its layers from its checkpoint (offload / max_memory): its weights "
+                             "are not all in memory to save; the checkpoint it reads is already saved")
         directory = Path(save_directory)
         quantized = quantization_config(self.config) is not None
         state = saved_state(self) if quantized else self.state_dict()
@@ -316,6 +332,27 @@ class PreTrainedModel(nn.Module):
         if cache is not None:
             cache.commit(frame)
         return hidden, cache
+
+
+def _offloaded(cls: type, directory: Path, config: ModelConfig, dtype: torch.dtype | None, device: torch.device | None,
+               quantize: str | None, max_memory: int | str | dict | None, offload: bool | int) -> nn.Module | None:
+    """``from_pretrained`` streaming its decoder layers (None: ``max_memory`` holds the whole model)."""
+    from ..parallel import offload as streaming
+
+    if quantize is not None or quantization_config(config) is not None:
+        raise ValueError("streaming layers (offload / max_memory) reads floating-point weights; it does not combine "
+                         "with quantization yet — load without quantize, or quantize a model that fits")
+    if device is not None and device.type != "cpu":
+        raise ValueError("streaming layers (offload / max_memory) runs on the CPU; load without device=")
+    if max_memory is not None and offload:
+        raise ValueError("give max_memory (the layers that fit are kept) or offload (a fixed window), not both")
+    if isinstance(max_memory, dict):
+        if set(max_memory) - {"cpu"}:
+            raise ValueError(f"max_memory {max_memory}: streaming layers budgets the CPU only ({{'cpu': '4GB'}})")
+        max_memory = max_memory["cpu"]
+    if max_memory is not None:
+        return streaming.offloaded(cls, directory, config, dtype, max_memory=ckpt.parse_size(max_memory))
+    return streaming.offloaded(cls, directory, config, dtype, window=2 if offload is True else int(offload))
 
 
 def read_family_config(directory: Path, self_family: type[ModelConfig], loader: str) -> ModelConfig:
