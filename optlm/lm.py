@@ -211,12 +211,14 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device, revision=revision,
                                                      offload=offload, max_memory=max_memory)
     elif tensor_parallel:
-        if quantize is not None or adapter is not None:
-            raise ValueError("tensor parallelism splits floating-point layers; quantized models and adapters are "
-                             "not supported with it yet — load without --quantize / --adapter")
-        from .parallel.tp import load_tensor_parallel
+        if adapter is not None:
+            raise ValueError("tensor parallelism does not carry adapters yet: merge a LoRA into its base "
+                             "(optlm merge-lora) and load the merged model, or load without --adapter")
+        from .parallel.tp import load_tensor_parallel, quantize_tensor_parallel
 
         model = load_tensor_parallel(path, dtype=dtype, revision=revision)
+        if quantize is not None:  # each rank quantizes its slices as the whole model's quantization would
+            model, quantize = quantize_tensor_parallel(model, quantize), None
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device, revision=revision)
     if dtype is None and model.dtype == torch.float16 and model.device.type == "cpu":

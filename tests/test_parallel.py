@@ -160,3 +160,77 @@ def test_llm_with_two_ranks_answers_as_the_single_process_engine(checkpoints):
         assert again[0].outputs[0].token_ids == want[0].outputs[0].token_ids
     with pytest.raises(ValueError, match="do not divide among 3 ranks"):
         LLM(checkpoints["opt_pre_ln"], tensor_parallel_size=3)
+
+
+# ---- quantized weights under tensor parallelism --------------------------------------------------------------
+
+WIDE = {  # inputs that divide into int4 groups of 64 on each of 2 ranks
+    "opt_pre_ln": lambda: transformers.OPTForCausalLM(hf_config(hidden_size=128, ffn_dim=256)),
+    "gpt_neo": lambda: transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+        vocab_size=127, hidden_size=128, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        window_size=4, max_position_embeddings=64, bos_token_id=2, eos_token_id=2)),
+}
+MODES = ("int8", "int4", "int8-dynamic")
+
+
+def _quantized_worker(rank: int, world: int, directories: dict, out) -> None:
+    from optlm.parallel.tp import quantize_tensor_parallel
+
+    torch.set_num_threads(1)
+    results = {}
+    for name, directory in directories.items():
+        for mode in MODES:
+            model = quantize_tensor_parallel(load_tensor_parallel(directory, dtype=torch.float32), mode)
+            results[f"{name}/{mode}"] = _outputs(model)
+    if rank == 0:
+        torch.save(results, out)
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp-wide")
+    for i, (name, make) in enumerate(WIDE.items()):
+        torch.manual_seed(10 + i)
+        make().save_pretrained(root / name)
+    return {name: str(root / name) for name in WIDE}
+
+
+def test_quantized_ranks_compute_the_whole_quantized_model(wide_checkpoints, tmp_path):
+    """Each rank holds the integers and scales of the whole model's quantization (int8 scales over whole rows,
+    int4 groups within a rank's slice), so two ranks give the whole quantized model's logits up to the
+    kernels' rounding of the activations, and its greedy tokens."""
+    run(_quantized_worker, 2, wide_checkpoints, str(tmp_path / "out.pt"))
+    runs = torch.load(tmp_path / "out.pt")
+    ids, mask = left_padded_batch(vocab=120)
+    m = mask.bool()
+    for key, got in runs.items():
+        name, mode = key.split("/")
+        whole = optlm.AutoModelForCausalLM.from_pretrained(wide_checkpoints[name], dtype=torch.float32)
+        float_logits = _outputs(whole)["logits"]
+        want = _outputs(optlm.quantize(whole, mode, lm_head=False))
+        error = (want["logits"] - float_logits)[m].abs().max()
+        assert error > 1e-3, key  # quantization changed the numbers
+        if mode == "int8-dynamic":
+            # Activations are quantized per tensor, here over each rank's slice of a row-parallel layer's input
+            # (a scale of its own): another rounding, as far from the float model as the whole model's.
+            assert (got["logits"] - float_logits)[m].abs().max() <= 1.5 * error, key
+            continue
+        assert (got["logits"] - want["logits"])[m].abs().max() <= 2e-4, key
+        assert (got["step"] - want["step"]).abs().max() <= 2e-4, key
+        assert torch.equal(got["greedy"], want["greedy"]), key
+
+
+def test_generate_with_two_quantized_ranks_prints_the_single_process_text(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers_generate import text_checkpoint
+
+    model = text_checkpoint(tmp_path / "m", max_position_embeddings=64)
+    base = [sys.executable, "-m", "optlm.cli", "generate", "The old house", "--model", str(model),
+            "--max-new-tokens", "12", "--no-stream", "--temperature", "0"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    outputs = [subprocess.run(base + flags, capture_output=True, text=True, timeout=300, env=env)
+               for flags in (["--quantize", "int8"], ["--quantize", "int8", "--tensor-parallel-size", "2"])]
+    assert all(r.returncode == 0 for r in outputs), [r.stderr for r in outputs]
+    assert outputs[0].stdout == outputs[1].stdout

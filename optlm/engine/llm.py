@@ -76,15 +76,14 @@ class LLM:
         if isinstance(model, torch.nn.Module):
             raise ValueError("tensor_parallel_size > 1 needs a checkpoint path or hub id (each rank reads its share); "
                              "got a built model")
-        if enable_lora or quantize is not None:
-            raise ValueError("tensor parallelism does not take adapters or quantization yet; drop enable_lora / "
-                             "quantize")
+        if enable_lora:
+            raise ValueError("tensor parallelism does not take adapters yet; drop enable_lora")
         directory = bundled_model_path() if model is None else ckpt.resolve(model, load_kwargs["revision"])
         check_divisible(read_config(directory / "config.json"), world)
         source = tokenizer if tokenizer is not None else directory
         self.tokenizer = source if not isinstance(source, (str, os.PathLike)) else Tokenizer.from_pretrained(source)
         self.llm_engine = None  # the engines live in the worker processes
-        self._workers = Workers(world, directory, load_kwargs, engine_kwargs)
+        self._workers = Workers(world, directory, {**load_kwargs, "quantize": quantize}, engine_kwargs)
 
     def close(self) -> None:
         """Stop the worker processes of a tensor-parallel model (also done when it is garbage-collected)."""

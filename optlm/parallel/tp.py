@@ -69,6 +69,64 @@ class VocabParallelHead(nn.Module):
         return torch.cat(parts, -1)[..., :self.vocab]  # (..., vocab): the padding rows of the last rank dropped
 
 
+class RowParallelQuantized:
+    """Mixed into a quantized linear class (optlm.quantize) for a row-parallel layer: its matmul over this
+    rank's input slice, all-reduced, then the bias once."""
+
+    group: dist.ProcessGroup | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._forward(x, None)
+        dist.all_reduce(y, group=self.group)
+        return y if self.bias is None else y + self.bias
+
+
+_ROW_PARALLEL_KINDS: dict[type, type] = {}
+
+
+def _row_parallel_kind(kind: type) -> type:
+    if kind not in _ROW_PARALLEL_KINDS:
+        _ROW_PARALLEL_KINDS[kind] = type(f"RowParallel{kind.__name__}", (RowParallelQuantized, kind), {})
+    return _ROW_PARALLEL_KINDS[kind]
+
+
+@torch.no_grad()
+def quantize_tensor_parallel(model: nn.Module, mode: str, group_size: int = 64) -> nn.Module:
+    """Quantize a tensor-parallel model (every rank calls it) so that it computes what the whole model quantized
+    with ``optlm.quantize.quantize(model, mode, lm_head=False)`` computes: each rank's slices hold the very
+    integers and scales the whole layer's quantization gives. Per-row int8 scales of a layer split by input are
+    taken over the whole row (an all-reduce of the rows' maxima); int4 groups lie within one rank's slice (its
+    inputs must divide into groups). The vocabulary-parallel embedding and head stay in floating point."""
+    from ..quantize import Int8Linear, quantize
+
+    rows = [(parent, name, child) for parent in model.get_decoder().modules()
+            for name, child in parent.named_children() if isinstance(child, RowParallelLinear)]
+    whole_row_scales = {}
+    for _, _, child in rows:
+        world = dist.get_world_size(child.group)
+        int4 = mode == "int4" and (child.in_features * world) % group_size == 0  # as quantize() decides for the whole
+        if int4 and child.in_features % group_size:
+            raise ValueError(f"int4 groups of {group_size} inputs do not divide this rank's {child.in_features} "
+                             "inputs of a layer split by input; use int8, or fewer ranks")
+        if not int4:  # int8 (or int4's int8 fallback): one scale per whole row
+            peak = child.weight.detach().float().abs().amax(dim=1)  # (out,): this rank's part of each row
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=child.group)
+            whole_row_scales[id(child)] = (child.weight.detach(), (peak / 127).clamp(min=1e-10))
+    quantize(model, mode, group_size, lm_head=False)
+    for parent, name, child in rows:
+        new = getattr(parent, name)
+        if id(child) in whole_row_scales:  # requantize with the whole row's scale
+            w, scales = whole_row_scales[id(child)]
+            q = (w.float() / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+            new.weight, new.scales = q, scales.to(new.scales.dtype)
+            new._scales_c = None
+            if isinstance(new, Int8Linear) and new._packed is not None:
+                new.use_dynamic_activations()
+        new.__class__ = _row_parallel_kind(type(new))
+        new.group = child.group
+    return model
+
+
 def check_divisible(config, world: int) -> None:
     """A model splits across ``world`` ranks only if they divide its heads and its MLP width."""
     for what, n in (("attention heads", config.num_attention_heads), ("MLP width (ffn)", config.ffn_dim)):
@@ -135,8 +193,8 @@ def tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) ->
             kind = plan.get(name)
             if kind is not None and not isinstance(child, nn.Linear):
                 raise ValueError(f"tensor parallelism splits floating-point linear layers; {name} is a "
-                                 f"{type(child).__name__} (quantize or add adapters after splitting is not "
-                                 "supported yet): load the model without them")
+                                 f"{type(child).__name__}: split the floating-point model, then quantize it with "
+                                 "quantize_tensor_parallel (adapters are not supported yet)")
             if kind is not None and not isinstance(child, RowParallelLinear):
                 setattr(parent, name, _column(child, rank, world) if kind == "column" else _row(child, rank, world,
                                                                                                 group))
