@@ -369,6 +369,9 @@ class ContextLengthError(ValueError):
         super().__init__(message)
         self.prompt_tokens, self.limit = prompt_tokens, limit
 
+    def __reduce__(self):  # pickled whole (a tensor-parallel rank hands it to the caller's process)
+        return type(self), (str(self), self.prompt_tokens, self.limit)
+
 
 def check_fits(prompt: int, new: int | None, limit: int, name: str = "max_tokens") -> None:
     """The one up-front check that a request fits the context: a :class:`ContextLengthError` (a ValueError)

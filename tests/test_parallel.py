@@ -234,3 +234,57 @@ def test_generate_with_two_quantized_ranks_prints_the_single_process_text(tmp_pa
                for flags in (["--quantize", "int8"], ["--quantize", "int8", "--tensor-parallel-size", "2"])]
     assert all(r.returncode == 0 for r in outputs), [r.stderr for r in outputs]
     assert outputs[0].stdout == outputs[1].stdout
+
+
+# ---- serving a split model ---------------------------------------------------------------------------------
+
+def test_optlm_serve_with_two_ranks_answers_as_the_single_process_engine(tmp_path):
+    """The server's engine loop drives both ranks' engines step by step (optlm.parallel.workers.RemoteEngine):
+    greedy and seeded completions, concurrent and streamed, equal the single-process engine's; /metrics reads
+    the ranks' queue; adapters are refused before anything starts."""
+    import asyncio
+    import os
+
+    import httpx
+    import openai
+    from helpers_generate import text_checkpoint
+    from test_serve import _start
+
+    from optlm import LLM, SamplingParams
+
+    model = text_checkpoint(tmp_path / "m", max_position_embeddings=128)
+    proc, base = _start(model, "--served-model-name", "tiny", "--tensor-parallel-size", "2", "--max-num-seqs", "4",
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        prompts = ["The old house at the end of the lane", "It was", "A ship sailed into the harbour at dawn and"]
+        want = LLM(model).generate(prompts, [SamplingParams(temperature=0, max_tokens=12),
+                                             SamplingParams(temperature=0.9, seed=4, max_tokens=10),
+                                             SamplingParams(temperature=0, max_tokens=16)], use_tqdm=False)
+        client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+
+        async def ask():
+            return await asyncio.gather(
+                client.completions.create(model="tiny", prompt=prompts[0], max_tokens=12, temperature=0),
+                client.completions.create(model="tiny", prompt=prompts[1], max_tokens=10, temperature=0.9, seed=4),
+                client.completions.create(model="tiny", prompt=prompts[2], max_tokens=16, temperature=0))
+
+        got = asyncio.run(ask())
+        assert [r.choices[0].text for r in got] == [o.outputs[0].text for o in want]
+        sync = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        chunks = list(sync.completions.create(model="tiny", prompt=prompts[2], max_tokens=16, temperature=0,
+                                              stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == want[2].outputs[0].text
+        with pytest.raises(openai.BadRequestError, match="context"):  # the ranks' engine refuses it, as one would
+            sync.completions.create(model="tiny", prompt="x " * 500, max_tokens=4)
+        metrics = httpx.get(f"{base}/metrics").text  # the ranks' cache, as rank 0's engine reports it
+        blocks = next(line for line in metrics.splitlines() if line.startswith("optlm:kv_cache_blocks_total"))
+        assert float(blocks.split()[-1]) > 0
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "optlm.cli", "serve", "--model", str(model), "--tensor-parallel-size",
+                        "2", "--lora-modules", f"a={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "not served across tensor-parallel ranks" in r.stderr

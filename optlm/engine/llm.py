@@ -85,6 +85,15 @@ class LLM:
         self.llm_engine = None  # the engines live in the worker processes
         self._workers = Workers(world, directory, {**load_kwargs, "quantize": quantize}, engine_kwargs)
 
+    def remote_engine(self):
+        """A tensor-parallel model's engines, driven step by step from this process with ``LLMEngine``'s calls
+        (:class:`optlm.parallel.workers.RemoteEngine`; what ``optlm serve --tensor-parallel-size`` runs)."""
+        from ..parallel.workers import RemoteEngine
+
+        if self._workers is None:
+            raise ValueError("remote_engine() is for a tensor-parallel LLM; use llm_engine")
+        return RemoteEngine(self._workers, self.tokenizer)
+
     def close(self) -> None:
         """Stop the worker processes of a tensor-parallel model (also done when it is garbage-collected)."""
         if self._workers is not None:

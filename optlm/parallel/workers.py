@@ -6,14 +6,20 @@ over a pipe; rank 0 broadcasts it to the others, every rank runs it — the same
 the same seed, so the same schedule and, with the gathered logits, the same tokens — and rank 0 sends the
 result back. The objects passed are the caller's own (prompts, SamplingParams, RequestOutputs), pickled only
 between these processes.
+
+:class:`RemoteEngine` drives the ranks' engines step by step from the caller's process, with the interface of
+``LLMEngine`` that the server's asynchronous engine uses (add_request, abort_request, step, and the queue and
+cache figures it reads), so ``optlm serve --tensor-parallel-size N`` serves a split model.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import threading
 import weakref
 from multiprocessing.connection import Connection
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -45,11 +51,26 @@ def _serve(rank: int, world: int, conn: Connection, model: str, load_kwargs: dic
         try:
             if error is not None:
                 raise error
-            result = getattr(llm, name)(*args, **kwargs)
+            if name.startswith("engine."):
+                result = _engine_call(llm.llm_engine, name.removeprefix("engine."), args, kwargs)
+            else:
+                result = getattr(llm, name)(*args, **kwargs)
         except Exception as e:
             result = e
         if rank == 0:
             conn.send(result)
+
+
+def _engine_call(engine: Any, name: str, args: tuple, kwargs: dict) -> tuple[Any, dict]:
+    """An ``LLMEngine`` method on one rank, and the figures the caller's copy shows until its next call."""
+    if name == "info":
+        result = {"max_model_len": engine.max_model_len, "config": engine.model.config}
+    else:
+        result = getattr(engine, name)(*args, **kwargs)
+    s = engine.scheduler
+    return result, {"waiting": len(s.waiting), "running": len(s.running), "blocks_in_use": engine.cache.blocks_in_use,
+                    "num_blocks": engine.cache.num_blocks, "requests_added": engine.requests_added,
+                    "unfinished": engine.has_unfinished_requests()}
 
 
 class Workers:
@@ -59,11 +80,28 @@ class Workers:
         parent, child = mp.get_context("spawn").Pipe()
         self._conn = parent
         seed = random.randrange(2**31)
-        self._context = start(_serve, world, child, str(model), load_kwargs, engine_kwargs, seed)
-        self._finalizer = weakref.finalize(self, Workers._stop, self._conn, self._context.processes)
+        # The ranks are started by a thread that lives until they stop: torch's spawn asks the kernel to signal
+        # a child when the *thread* that started it ends, so ranks started by a passing thread (the server loads
+        # its model in one) would die with it. Ending with this process they should.
+        started, done, box = threading.Event(), threading.Event(), {}
+
+        def keeper() -> None:
+            try:
+                box["context"] = start(_serve, world, child, str(model), load_kwargs, engine_kwargs, seed)
+            except BaseException as e:  # noqa: BLE001 (raised in the constructor below)
+                box["error"] = e
+            started.set()
+            done.wait()
+
+        threading.Thread(target=keeper, name="optlm-tp-ranks", daemon=True).start()
+        started.wait()
+        if "error" in box:
+            raise box["error"]
+        self._context = box["context"]
+        self._finalizer = weakref.finalize(self, Workers._stop, self._conn, self._context.processes, done)
 
     @staticmethod
-    def _stop(conn: Connection, processes: list) -> None:
+    def _stop(conn: Connection, processes: list, done: threading.Event) -> None:
         """Ask the ranks to finish (at close or when the model is garbage-collected), then make sure they do."""
         try:
             conn.send(None)
@@ -73,27 +111,85 @@ class Workers:
             p.join(timeout=60)
             if p.is_alive():
                 p.terminate()
+        done.set()
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         if self._context is None:
             raise RuntimeError("this tensor-parallel model is closed")
-        self._conn.send((name, args, kwargs))
-        processes = self._context.processes
-        while not self._conn.poll(1.0):
-            dead = [i for i, p in enumerate(processes) if not p.is_alive()]
-            if dead:
-                self.close()
-                raise RuntimeError(f"tensor-parallel rank {dead[0]} stopped (exit code {processes[dead[0]].exitcode}); "
-                                   "the model is closed")
-        result = self._conn.recv()
+        try:
+            self._conn.send((name, args, kwargs))
+            while not self._conn.poll(1.0):
+                self._check_alive()
+            result = self._conn.recv()
+        except (OSError, EOFError):  # the pipe to rank 0 broke: it is gone
+            self._check_alive()
+            raise
         if isinstance(result, Exception):  # the engine's own error, raised here as a user would expect it
-            if isinstance(result, TypeError):
-                raise TypeError(str(result)) from None
-            if isinstance(result, ValueError) or type(result).__name__ in USER_ERRORS:
+            if isinstance(result, (TypeError, ValueError)):
+                raise result from None  # its own type (e.g. the server tells a ContextLengthError apart)
+            if type(result).__name__ in USER_ERRORS:
                 raise ValueError(str(result)) from None
             raise RuntimeError(f"{type(result).__name__}: {result}") from None
         return result
 
+    def _check_alive(self) -> None:
+        processes = self._context.processes
+        dead = [i for i, p in enumerate(processes) if not p.is_alive()]
+        if dead:
+            self.close()
+            raise RuntimeError(f"tensor-parallel rank {dead[0]} stopped (exit code {processes[dead[0]].exitcode}); "
+                               "the model is closed")
+
     def close(self) -> None:
         self._context = None
         self._finalizer()  # runs _stop once, whichever of close() and garbage collection comes first
+
+
+class RemoteEngine:
+    """The engine of a tensor-parallel model, seen from the caller's process: every call runs on each rank's
+    ``LLMEngine`` (the same operations in the same order, so the same schedule), rank 0 answers, and the queue
+    and cache figures come back with each answer. What it offers is what the asynchronous engine and the server
+    use; adapters are not supported across ranks."""
+
+    def __init__(self, workers: Workers, tokenizer: Any):
+        self._workers, self.tokenizer = workers, tokenizer
+        self.scheduler = SimpleNamespace(waiting=[], running=[])
+        self.cache = SimpleNamespace(blocks_in_use=0, num_blocks=0)
+        self.requests_added, self._unfinished = 0, False
+        info = self._call("info")
+        self.max_model_len, self.model = info["max_model_len"], SimpleNamespace(config=info["config"])
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        result, figures = self._workers.call("engine." + name, *args, **kwargs)
+        self.scheduler.waiting = [None] * figures["waiting"]  # only their lengths are read
+        self.scheduler.running = [None] * figures["running"]
+        self.cache.blocks_in_use, self.cache.num_blocks = figures["blocks_in_use"], figures["num_blocks"]
+        self.requests_added, self._unfinished = figures["requests_added"], figures["unfinished"]
+        return result
+
+    def add_request(self, request_id: str, prompt: Any, params: Any = None, lora_request: Any = None) -> None:
+        if lora_request is not None:
+            raise ValueError("adapters are not served across tensor-parallel ranks yet; serve the base model, or a "
+                             "LoRA merged into it (optlm merge-lora)")
+        self._call("add_request", request_id, prompt, params)
+
+    def abort_request(self, request_id: Any) -> None:
+        self._call("abort_request", request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self._unfinished
+
+    def step(self) -> list:
+        return self._call("step")
+
+    def add_lora(self, request: Any) -> bool:
+        raise ValueError("adapters are not served across tensor-parallel ranks yet")
+
+    def list_loras(self) -> list:
+        return []
+
+    def remove_lora(self, name: str) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._workers.close()

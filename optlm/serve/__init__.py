@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=("int8", "int4", "int8-dynamic"), default=None,
                    help="weight quantization (see optlm generate --help)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model across N processes on this machine (started here; see optlm generate)")
     p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=DIR",
                    help="adapters to serve (LoRA or bottleneck, peft's format): a request's model field picks one "
                         "by NAME; they run beside the base model in the same batches")
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.engine import LLMEngine
     from ..lm import load
 
-    for name in ("port", "max_num_seqs", "max_waiting", "max_n", "max_prompts"):
+    for name in ("port", "max_num_seqs", "max_waiting", "max_n", "max_prompts", "tensor_parallel_size"):
         value = getattr(args, name)
         if value < (0 if name == "port" else 1) or (name == "port" and value > 65535):
             raise ValueError(f"--{name.replace('_', '-')} {value} is out of range")
@@ -126,11 +128,23 @@ def run(args: argparse.Namespace) -> int:
     if args.guard is None and (args.guard_allow is not None or args.guard_threshold != 0.5):
         raise ValueError("--guard-threshold and --guard-allow need --guard DIR")
     limits = Limits(max_n=args.max_n, max_prompts=args.max_prompts, max_body_bytes=int(args.max_body_mb * 2**20))
+    if args.tensor_parallel_size > 1 and enable_lora:
+        raise ValueError("adapters are not served across tensor-parallel ranks yet; drop --lora-modules / "
+                         "--allow-runtime-lora, or merge a LoRA into its base (optlm merge-lora) and serve that")
 
     def load_backend() -> tuple[AsyncEngine, object]:
-        lm = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, revision=args.revision)
-        engine = LLMEngine(lm.model, lm.tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                           kv_cache_memory=memory, enable_lora=enable_lora, max_loras=args.max_loras)
+        if args.tensor_parallel_size > 1:  # the engines run in the ranks; this process drives them step by step
+            from ..engine.llm import LLM
+
+            llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, revision=args.revision,
+                      max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, kv_cache_memory=memory,
+                      tensor_parallel_size=args.tensor_parallel_size)
+            engine, tokenizer = llm.remote_engine(), llm.get_tokenizer()
+        else:
+            lm = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, revision=args.revision)
+            engine, tokenizer = LLMEngine(lm.model, lm.tokenizer, max_num_seqs=args.max_num_seqs,
+                                          max_model_len=args.max_model_len, kv_cache_memory=memory,
+                                          enable_lora=enable_lora, max_loras=args.max_loras), lm.tokenizer
         for request in loras.values():  # load each once now: a bad adapter stops the server before it is ready
             try:
                 engine.add_lora(request)
@@ -146,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
                                          device=args.device)
             guard = Guard(classifier, args.guard_threshold, args.guard_allow, source=f"--guard {args.guard}")
         print(f"optlm serve: {name} loaded; ready", file=sys.stderr, flush=True)
-        return AsyncEngine(engine, max_waiting=args.max_waiting), lm.tokenizer, guard
+        return AsyncEngine(engine, max_waiting=args.max_waiting), tokenizer, guard
 
     def announce() -> None:
         print(f"optlm serve: {name} on http://{args.host}:{args.port} (OpenAI API under /v1; /health is 503 "
@@ -172,4 +186,6 @@ def run(args: argparse.Namespace) -> int:
         engine = app.state.backend.engine
         if engine is not None:
             engine.shutdown(timeout=args.shutdown_timeout)
+            if hasattr(engine.engine, "close"):  # tensor-parallel ranks
+                engine.engine.close()
     return 1 if failed else 0
