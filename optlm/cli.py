@@ -500,7 +500,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     params = _generation_params(args)
     if params.get("num_beams", 1) > 1:
         raise ValueError("chat streams its replies, which beam search cannot do; use --num-beams 1")
-    lm = _load_lm(args)
+    lm = _load_lm(args) if args.tensor_parallel_size == 1 else _remote_lm(args)
     session = lm.chat_session(system=args.system, on_trim=lambda msg: print(f"[{msg}]", file=sys.stderr), **params)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -527,6 +527,25 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             print(piece, end="", flush=True)
         print("\n" if not interactive else "")
     return 0
+
+
+def _remote_lm(args: argparse.Namespace):
+    """``optlm chat --tensor-parallel-size N``: the model in N ranks started here; this process holds the
+    conversation and each turn runs on every rank."""
+    from .bundled import BUNDLED_MODEL_NAME
+    from .parallel import joined
+    from .parallel.workers import RemoteLM, start_workers
+
+    if joined():
+        raise ValueError("optlm chat starts its own ranks (it reads your messages here): run it without torchrun, "
+                         "with --tensor-parallel-size N")
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
+    if args.adapter is not None or args.offload or args.max_memory is not None:
+        raise ValueError("--tensor-parallel-size does not combine with --adapter, --offload or --max-memory")
+    workers, _ = start_workers(args.model, args.tensor_parallel_size,
+                               dict(dtype=args.dtype, device=args.device, quantize=args.quantize))
+    return RemoteLM(workers, BUNDLED_MODEL_NAME if args.model is None else str(args.model))
 
 
 def _read_stdin(whole: bool) -> str:
@@ -616,6 +635,8 @@ def _add_generation_commands(sub: argparse._SubParsersAction) -> None:
                                    "'AI: ' and turns separated by a blank line.")
     _add_generation_args(p)
     p.add_argument("--system", default=None, help="system text opening the conversation")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model across N processes on this machine (started here)")
     p.set_defaults(func=_cmd_chat)
 
 

@@ -288,3 +288,26 @@ def test_optlm_serve_with_two_ranks_answers_as_the_single_process_engine(tmp_pat
     r = subprocess.run([sys.executable, "-m", "optlm.cli", "serve", "--model", str(model), "--tensor-parallel-size",
                         "2", "--lora-modules", f"a={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "not served across tensor-parallel ranks" in r.stderr
+
+
+def test_optlm_chat_with_two_ranks_prints_the_single_process_transcript(tmp_path):
+    """The conversation stays in the command's process; each turn runs on both ranks and rank 0 streams the reply
+    back; a turn that overflows the context is trimmed (the notice comes back from the ranks) as in one process."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers_generate import text_checkpoint
+
+    model = text_checkpoint(tmp_path / "m", max_position_embeddings=48)
+    messages = "Hello there\nWhat is the old house like\nAnd the garden behind it\nTell me more\n"
+    runs = []
+    for extra in ([], ["--tensor-parallel-size", "2"]):
+        r = subprocess.run([sys.executable, "-m", "optlm.cli", "chat", "--model", str(model), "--temperature", "0.8",
+                            "--seed", "3", "--max-new-tokens", "8", "--system", "A chat.", *extra], input=messages, capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+        runs.append(r)
+    assert runs[1].stdout == runs[0].stdout and runs[0].stdout.count("AI: ") == 4
+    trims = [[line for line in r.stderr.splitlines() if line.startswith("[dropped")] for r in runs]
+    assert trims[0] and trims[1] == trims[0]  # the 48-token context forced trimming, reported alike

@@ -64,26 +64,15 @@ class LLM:
     def _start_workers(self, model: Any, tokenizer: Any, world: int, enable_lora: bool, quantize: str | None,
                        load_kwargs: dict, engine_kwargs: dict) -> None:
         """``tensor_parallel_size > 1``: the model lives in ``world`` worker processes (optlm.parallel.workers)."""
-        from .. import checkpoint as ckpt
-        from ..bundled import bundled_model_path
-        from ..models import read_config
-        from ..parallel.tp import check_divisible
-        from ..parallel.workers import Workers
+        from ..parallel.workers import start_workers
         from ..tokenizer import Tokenizer
 
-        if not isinstance(world, int) or isinstance(world, bool) or world < 1:
-            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {world!r}")
-        if isinstance(model, torch.nn.Module):
-            raise ValueError("tensor_parallel_size > 1 needs a checkpoint path or hub id (each rank reads its share); "
-                             "got a built model")
         if enable_lora:
             raise ValueError("tensor parallelism does not take adapters yet; drop enable_lora")
-        directory = bundled_model_path() if model is None else ckpt.resolve(model, load_kwargs["revision"])
-        check_divisible(read_config(directory / "config.json"), world)
+        self._workers, directory = start_workers(model, world, {**load_kwargs, "quantize": quantize}, engine_kwargs)
         source = tokenizer if tokenizer is not None else directory
         self.tokenizer = source if not isinstance(source, (str, os.PathLike)) else Tokenizer.from_pretrained(source)
         self.llm_engine = None  # the engines live in the worker processes
-        self._workers = Workers(world, directory, {**load_kwargs, "quantize": quantize}, engine_kwargs)
 
     def remote_engine(self):
         """A tensor-parallel model's engines, driven step by step from this process with ``LLMEngine``'s calls

@@ -18,6 +18,7 @@ import os
 import random
 import threading
 import weakref
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from types import SimpleNamespace
 from typing import Any
@@ -28,37 +29,60 @@ import torch.multiprocessing as mp
 
 from .launch import USER_ERRORS, start
 
+RELAY = "<optlm: call back the caller>"  # a keyword argument of a streamed call: a callback run by the caller
+
 
 def _serve(rank: int, world: int, conn: Connection, model: str, load_kwargs: dict, engine_kwargs: dict,
            seed: int) -> None:
-    """One rank's life: load its share, build the engine, then run every call rank 0 receives on ``conn`` (the
-    other ranks hold the same pipe end unused) until it receives None."""
+    """One rank's life: load its share, then run every call rank 0 receives on ``conn`` (the other ranks hold the
+    same pipe end unused) until it receives None. ``lm.NAME`` calls a method of the loaded ``LM``, ``engine.NAME``
+    one of the engine's, anything else one of ``LLM``'s (the engine is built at the first such call);
+    ``stream:`` before the name streams what the method yields back, item by item."""
     from ..engine.llm import LLM
     from ..lm import load
 
     torch.manual_seed(seed)  # unseeded requests draw their seeds from here: alike on every rank
+    llm = None
     try:
-        lm = load(model, tensor_parallel=True, **load_kwargs)
-        llm, error = LLM(lm.model, lm.tokenizer, **engine_kwargs), None
+        lm, error = load(model, tensor_parallel=True, **load_kwargs), None
     except Exception as e:  # reported to the caller at its first call, on every rank alike
-        llm, error = None, e
+        lm, error = None, e
     while True:
         box = [conn.recv() if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         if box[0] is None:
             return
         name, args, kwargs = box[0]
+        streamed = name.startswith("stream:")
+        name = name.removeprefix("stream:")
         try:
             if error is not None:
                 raise error
+            if name.startswith("lm."):
+                target, name = lm, name.removeprefix("lm.")
+            else:
+                if llm is None:
+                    llm = LLM(lm.model, lm.tokenizer, **engine_kwargs)
+                target = llm
             if name.startswith("engine."):
                 result = _engine_call(llm.llm_engine, name.removeprefix("engine."), args, kwargs)
+            elif streamed:
+                for key in [k for k, v in kwargs.items() if v == RELAY]:
+                    kwargs[key] = _relay(conn, key) if rank == 0 else (lambda *a: None)
+                for item in getattr(target, name)(*args, **kwargs):
+                    if rank == 0:
+                        conn.send(("item", item))
+                result = ("end", None)
             else:
-                result = getattr(llm, name)(*args, **kwargs)
+                result = getattr(target, name)(*args, **kwargs)
         except Exception as e:
             result = e
         if rank == 0:
             conn.send(result)
+
+
+def _relay(conn: Connection, key: str):
+    return lambda *args: conn.send(("call", key, args))
 
 
 def _engine_call(engine: Any, name: str, args: tuple, kwargs: dict) -> tuple[Any, dict]:
@@ -71,6 +95,24 @@ def _engine_call(engine: Any, name: str, args: tuple, kwargs: dict) -> tuple[Any
     return result, {"waiting": len(s.waiting), "running": len(s.running), "blocks_in_use": engine.cache.blocks_in_use,
                     "num_blocks": engine.cache.num_blocks, "requests_added": engine.requests_added,
                     "unfinished": engine.has_unfinished_requests()}
+
+
+def start_workers(model: Any, world: int, load_kwargs: dict, engine_kwargs: dict | None = None) -> tuple[Workers, Any]:
+    """``world`` ranks of the checkpoint ``model`` (a path or hub id; None: the bundled model), after checking
+    that they divide its heads; returns them and the checkpoint directory."""
+    from .. import checkpoint as ckpt
+    from ..bundled import bundled_model_path
+    from ..models import read_config
+    from .tp import check_divisible
+
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {world!r}")
+    if isinstance(model, torch.nn.Module):
+        raise ValueError("tensor_parallel_size > 1 needs a checkpoint path or hub id (each rank reads its share); "
+                         "got a built model")
+    directory = bundled_model_path() if model is None else ckpt.resolve(model, load_kwargs.get("revision"))
+    check_divisible(read_config(directory / "config.json"), world)
+    return Workers(world, directory, load_kwargs, engine_kwargs or {}), directory
 
 
 class Workers:
@@ -118,6 +160,29 @@ class Workers:
             raise RuntimeError("this tensor-parallel model is closed")
         try:
             self._conn.send((name, args, kwargs))
+        except (OSError, EOFError):  # the pipe to rank 0 broke: it is gone
+            self._check_alive()
+            raise
+        return self._receive()
+
+    def stream(self, name: str, *args: Any, callbacks: dict | None = None, **kwargs: Any) -> Iterator[Any]:
+        """What an ``LM`` / ``LLM`` generator method yields on rank 0, item by item; ``callbacks`` (keyword
+        name -> function) run here when the ranks call them."""
+        callbacks = callbacks or {}
+        first = self.call("stream:" + name, *args, **kwargs, **dict.fromkeys(callbacks, RELAY))
+        message = first
+        while True:
+            if message == ("end", None):
+                return
+            kind, *rest = message
+            if kind == "call":
+                callbacks[rest[0]](*rest[1])
+            else:
+                yield rest[0]
+            message = self._receive()
+
+    def _receive(self) -> Any:
+        try:
             while not self._conn.poll(1.0):
                 self._check_alive()
             result = self._conn.recv()
@@ -190,6 +255,26 @@ class RemoteEngine:
 
     def remove_lora(self, name: str) -> bool:
         return False
+
+    def close(self) -> None:
+        self._workers.close()
+
+
+class RemoteLM:
+    """The ``LM`` of a tensor-parallel model for a conversation driven from the caller's process: each turn
+    runs on every rank and rank 0 streams the reply back (``optlm chat --tensor-parallel-size N``)."""
+
+    def __init__(self, workers: Workers, name: str):
+        self._workers, self.name = workers, name
+
+    def chat_stream(self, messages: Any, on_trim: Any = None, **kwargs: Any) -> Iterator[str]:
+        callbacks = {} if on_trim is None else {"on_trim": on_trim}
+        return self._workers.stream("lm.chat_stream", messages, callbacks=callbacks, **kwargs)
+
+    def chat_session(self, **kwargs: Any) -> Any:
+        from ..chat import ChatSession
+
+        return ChatSession(self, **kwargs)
 
     def close(self) -> None:
         self._workers.close()
