@@ -211,12 +211,14 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device, revision=revision,
                                                      offload=offload, max_memory=max_memory)
     elif tensor_parallel:
-        if adapter is not None:
-            raise ValueError("tensor parallelism does not carry adapters yet: merge a LoRA into its base "
-                             "(optlm merge-lora) and load the merged model, or load without --adapter")
+        if adapter is not None and adapter_config.peft_type != "LORA":
+            raise ValueError("tensor parallelism carries LoRA adapters (merged into each rank's slices); a "
+                             f"{adapter_config.peft_type.lower()} adapter is not supported with it yet")
         from .parallel.tp import load_tensor_parallel, quantize_tensor_parallel
 
         model = load_tensor_parallel(path, dtype=dtype, revision=revision)
+        if adapter is not None:  # each rank merges its share of the update: the slices of the merged weights
+            model, adapter, adapter_config = _with_adapter(model, adapter, revision), None, None
         if quantize is not None:  # each rank quantizes its slices as the whole model's quantization would
             model, quantize = quantize_tensor_parallel(model, quantize), None
     else:

@@ -304,10 +304,72 @@ def test_optlm_chat_with_two_ranks_prints_the_single_process_transcript(tmp_path
     runs = []
     for extra in ([], ["--tensor-parallel-size", "2"]):
         r = subprocess.run([sys.executable, "-m", "optlm.cli", "chat", "--model", str(model), "--temperature", "0.8",
-                            "--seed", "3", "--max-new-tokens", "8", "--system", "A chat.", *extra], input=messages, capture_output=True,
-                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            "--seed", "3", "--max-new-tokens", "8", "--system", "A chat.", *extra], input=messages,
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, r.stderr
         runs.append(r)
     assert runs[1].stdout == runs[0].stdout and runs[0].stdout.count("AI: ") == 4
     trims = [[line for line in r.stderr.splitlines() if line.startswith("[dropped")] for r in runs]
     assert trims[0] and trims[1] == trims[0]  # the 48-token context forced trimming, reported alike
+
+
+# ---- LoRA adapters under tensor parallelism ---------------------------------------------------------------
+
+LORAS = {
+    "every_linear": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+    "biases": dict(r=2, lora_alpha=4, bias="all", target_modules=["fc1", "out_proj"]),
+}
+
+
+def _lora_worker(rank: int, world: int, base: str, adapters: dict, out) -> None:
+    torch.set_num_threads(1)
+    results = {}
+    for name, adapter in adapters.items():
+        for mode in (None, "int8"):
+            lm = optlm.load(base, adapter=adapter, tensor_parallel=True, quantize=mode,
+                            tokenizer=TOKENIZER_FILES / "opt")
+            results[f"{name}/{mode}"] = _outputs(lm.model)
+    if rank == 0:
+        torch.save(results, out)
+
+
+def test_a_lora_merged_into_each_ranks_slices_gives_the_merged_models_logits(wide_checkpoints, tmp_path):
+    """Each rank merges its share of the update (a layer split by output takes its rows of lora_B, one split
+    by input its columns of lora_A; a trained bias its slice): the whole merged model's logits, in float and
+    after int8 quantization; a bottleneck adapter is refused."""
+    import peft
+
+    base = wide_checkpoints["opt_pre_ln"]
+    adapters = {}
+    for name, kwargs in LORAS.items():
+        torch.manual_seed(7)
+        ref = peft.get_peft_model(transformers.OPTForCausalLM.from_pretrained(base),
+                                  peft.LoraConfig(init_lora_weights=False, **kwargs))
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                if n.endswith("bias") and kwargs.get("bias") == "all":
+                    p.add_(torch.randn_like(p) * 0.1)
+        ref.save_pretrained(tmp_path / name)
+        adapters[name] = str(tmp_path / name)
+    run(_lora_worker, 2, base, adapters, str(tmp_path / "out.pt"))
+    runs = torch.load(tmp_path / "out.pt")
+    ids, mask = left_padded_batch(vocab=120)
+    m = mask.bool()
+    plain = _outputs(optlm.AutoModelForCausalLM.from_pretrained(base))["logits"]
+    for key, got in runs.items():
+        name, mode = key.split("/")
+        merged = optlm.load(base, adapter=adapters[name], tokenizer=TOKENIZER_FILES / "opt").model
+        if mode == "int8":
+            merged = optlm.quantize(merged, "int8", lm_head=False)
+        want = _outputs(merged)
+        assert (want["logits"] - plain)[m].abs().max() > 1e-3, key  # the adapter changes the model
+        tol = 1e-5 if mode == "None" else 2e-4
+        assert (got["logits"] - want["logits"])[m].abs().max() <= tol, key
+        assert (got["step"] - want["step"]).abs().max() <= tol, key
+        assert torch.equal(got["greedy"], want["greedy"]), key
+    from optlm.adapters import BottleneckConfig, get_peft_model
+
+    get_peft_model(optlm.OPTForCausalLM.from_pretrained(base), BottleneckConfig(reduction_factor=4)).save_pretrained(
+        tmp_path / "bottleneck")
+    with pytest.raises(ValueError, match="a bottleneck adapter is not supported with it yet"):
+        optlm.load(base, adapter=tmp_path / "bottleneck", tensor_parallel=True)

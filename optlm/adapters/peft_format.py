@@ -173,6 +173,7 @@ def _fill(model: nn.Module, expected: dict[str, Tensor], tensors: dict[str, Tens
         raise AdapterError(f"{directory / SAFE_WEIGHTS} has tensor {PREFIX}{unexpected[0]} (and "
                            f"{len(unexpected) - 1} more) that this base model has no place for — the adapter "
                            "was made for another model architecture")
+    tensors = {k: _share(model, k, t, expected[k]) for k, t in tensors.items()}
     for key, target in expected.items():
         if key not in tensors:
             continue
@@ -186,6 +187,25 @@ def _fill(model: nn.Module, expected: dict[str, Tensor], tensors: dict[str, Tens
     for key, target in expected.items():
         if key in tensors:
             target.data.copy_(tensors[key].to(target.dtype))
+
+
+def _share(model: nn.Module, key: str, t: Tensor, target: Tensor) -> Tensor:
+    """The part of an adapter tensor that goes with a model holding slices of its weights (a tensor-parallel
+    rank's share; each sliced tensor records ``tp_slice = (dim, start, stop)``): a layer split by output takes
+    its rows of lora_B, one split by input its columns of lora_A — the low-rank update of the slice is then the
+    slice of the update — and a sliced tensor the adapter replaces (a bias it trained) takes its own slice."""
+    module_path, _, leaf = key.partition(".lora_")
+    if leaf:
+        layer = model.get_submodule(module_path)
+        base = getattr(getattr(layer, "base_layer", layer), "weight", None)
+        dim, start, stop = getattr(base, "tp_slice", (None, 0, 0))
+        if leaf.startswith("B.") and dim == 0:
+            return t[start:stop]
+        if leaf.startswith("A.") and dim == 1:
+            return t[:, start:stop]
+        return t
+    dim, start, stop = getattr(target, "tp_slice", (None, 0, 0))
+    return t if dim is None or t.shape == target.shape else t.narrow(dim, start, stop - start)
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:

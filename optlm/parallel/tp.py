@@ -264,6 +264,8 @@ def load_tensor_parallel(path_or_hub_id, dtype: torch.dtype | str | None = None,
             raise ckpt.CheckpointError(f"{key} in {directory} has shape {tuple(sl.get_shape())}, which does not fit "
                                        f"the config (this rank expects {tuple(p.shape)}); fix config.json")
         new = nn.Parameter(t.to(target) if target is not None else t, requires_grad=False)
+        if hasattr(p, "tp_slice"):
+            new.tp_slice = p.tp_slice  # where the slice lies in the whole tensor (adapters are sliced alike)
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, new)
     model.tie_weights()
