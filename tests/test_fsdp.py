@@ -80,9 +80,14 @@ def close(a: dict, b: dict, tol: float = 1e-5) -> bool:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
+    neo = root / "gpt-neo.json"
+    neo.write_text(json.dumps(dict(model_type="gpt_neo", hidden_size=32, num_layers=2, num_heads=4,
+                                   attention_types=[[["global", "local"], 1]], window_size=8,
+                                   max_position_embeddings=64, embed_dropout=0.0, attention_dropout=0.0,
+                                   resid_dropout=0.0)))
     return {"root": root, "data": write_corpus(root, n_sentences=600), "tokenizer": tiny_tokenizer(root),
             "config": tiny_config(root), "rows": write_rows(root / "rows.jsonl", 96, 0),
-            "val_rows": write_rows(root / "val.jsonl", 24, 1)}
+            "val_rows": write_rows(root / "val.jsonl", 24, 1), "neo": neo}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +98,7 @@ def runs(setup):
     train(_args(s, root / "single"))
     train(_classifier_args(s, root / "single-cls"))
     train(_args(s, root / "single-bf16", dtype="bf16", max_steps=3))
+    train(_args(s, root / "single-neo", config=s["neo"]))
     errors = _in_ranks(2, [
         ("two", "lm", s, dict(out=root / "two", batch_size=2, fsdp=True)),
         ("two-cls", "classify", s, dict(out=root / "two-cls", batch_size=4, fsdp=True)),
@@ -100,6 +106,7 @@ def runs(setup):
         ("two-ckpt", "lm", s, dict(out=root / "two-ckpt", batch_size=2, fsdp=True, gradient_checkpointing=True,
                                    max_steps=3)),
         ("two-bf16", "lm", s, dict(out=root / "two-bf16", batch_size=2, fsdp=True, dtype="bf16", max_steps=3)),
+        ("two-neo", "lm", s, dict(out=root / "two-neo", batch_size=2, fsdp=True, config=s["neo"])),
     ], root)
     errors |= _in_ranks(1, [
         ("two-then-one resumed", "lm", s, dict(out=root / "two-then-one", batch_size=4, fsdp=True, resume=True)),
@@ -124,6 +131,15 @@ def test_two_ranks_repeat_the_single_process_run(runs):
     shards = sorted(p.name for p in (root / "two" / "checkpoint-00000006").glob("*-of-*"))
     assert shards == ["optimizer-00000-of-00002.safetensors", "optimizer-00001-of-00002.safetensors",
                       "rng-00000-of-00002.safetensors", "rng-00001-of-00002.safetensors"]
+
+
+def test_sharded_gpt_neo_repeats_the_single_process_run(runs):
+    root, errors = runs
+    assert "two-neo" not in errors, errors
+    single, two = losses(root / "single-neo"), losses(root / "two-neo")
+    assert len(single[0]) == STEPS and close(single[0], two[0]) and close(single[1], two[1]), (single, two)
+    config = json.loads((root / "two-neo" / "checkpoint-00000006" / "config.json").read_text())
+    assert config["model_type"] == "gpt_neo"
 
 
 def test_a_sharded_classifier_repeats_the_single_process_run(runs):
