@@ -500,7 +500,20 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     params = _generation_params(args)
     if params.get("num_beams", 1) > 1:
         raise ValueError("chat streams its replies, which beam search cannot do; use --num-beams 1")
-    lm = _load_lm(args) if args.tensor_parallel_size == 1 else _remote_lm(args)
+    from .parallel import joined
+
+    lm = _load_lm(args) if args.tensor_parallel_size == 1 and not joined() else _remote_lm(args)
+    if lm is None:  # a rank other than 0 under torchrun: it followed the conversation to its end
+        return 0
+    try:
+        _chat_loop(lm, args, params)
+    finally:
+        if hasattr(lm, "close"):  # the ranks of a split model
+            lm.close()
+    return 0
+
+
+def _chat_loop(lm, args: argparse.Namespace, params: dict) -> None:
     session = lm.chat_session(system=args.system, on_trim=lambda msg: print(f"[{msg}]", file=sys.stderr), **params)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -526,7 +539,6 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         for piece in session.stream(text):
             print(piece, end="", flush=True)
         print("\n" if not interactive else "")
-    return 0
 
 
 def _remote_lm(args: argparse.Namespace):
@@ -534,18 +546,21 @@ def _remote_lm(args: argparse.Namespace):
     conversation and each turn runs on every rank."""
     from .bundled import BUNDLED_MODEL_NAME
     from .parallel import joined
-    from .parallel.workers import RemoteLM, start_workers
+    from .parallel.workers import GroupWorkers, RemoteLM, follow_group, start_workers, torchrun_rank
 
-    if joined():
-        raise ValueError("optlm chat starts its own ranks (it reads your messages here): run it without torchrun, "
-                         "with --tensor-parallel-size N")
     if args.tensor_parallel_size < 1:
         raise ValueError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
-    if args.adapter is not None or args.offload or args.max_memory is not None:
-        raise ValueError("--tensor-parallel-size does not combine with --adapter, --offload or --max-memory")
-    workers, _ = start_workers(args.model, args.tensor_parallel_size,
-                               dict(dtype=args.dtype, device=args.device, quantize=args.quantize))
-    return RemoteLM(workers, BUNDLED_MODEL_NAME if args.model is None else str(args.model))
+    if args.offload or args.max_memory is not None:
+        raise ValueError("--tensor-parallel-size does not combine with --offload or --max-memory")
+    load_kwargs = dict(dtype=args.dtype, device=args.device, quantize=args.quantize, adapter=args.adapter)
+    name = BUNDLED_MODEL_NAME if args.model is None else str(args.model)
+    if joined():  # torchrun: rank 0 holds the conversation, the other ranks follow its calls
+        if torchrun_rank(args.tensor_parallel_size) != 0:
+            follow_group(args.model, load_kwargs)
+            return None
+        return RemoteLM(GroupWorkers(args.model, load_kwargs, {}), name)
+    workers, _ = start_workers(args.model, args.tensor_parallel_size, load_kwargs)
+    return RemoteLM(workers, name)
 
 
 def _read_stdin(whole: bool) -> str:

@@ -26,6 +26,7 @@ from helpers_generate import (  # noqa: F401 (one_thread: a fixture)
 import optlm
 from optlm import LLM, LLMEngine, SamplingParams
 from optlm.engine.sampler import Row, warp
+from optlm.generate import ContextLengthError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -328,6 +329,10 @@ def test_bad_prompts_are_value_errors_naming_the_prompt(pair):
             llm.generate(prompts, SamplingParams(max_tokens=2), use_tqdm=False)
     with pytest.raises(ValueError, match="stop_token_ids names token 500, outside the vocabulary"):
         llm.generate([[5]], SamplingParams(stop_token_ids=[500]), use_tqdm=False)
+    context = llm.llm_engine.max_model_len
+    with pytest.raises(ContextLengthError, match=rf"prompt 1: the prompt has {context} tokens") as caught:
+        llm.generate([[5], [5] * context], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert (caught.value.prompt_tokens, caught.value.limit) == (context, context)  # its fields kept
     with pytest.raises(ValueError, match="2 sampling params for 1 prompts"):
         llm.generate([[5]], [SamplingParams(), SamplingParams()], use_tqdm=False)
     assert llm.llm_engine.cache.blocks_in_use == 0 and not llm.llm_engine.requests  # nothing left behind

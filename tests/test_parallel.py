@@ -373,3 +373,92 @@ def test_a_lora_merged_into_each_ranks_slices_gives_the_merged_models_logits(wid
         tmp_path / "bottleneck")
     with pytest.raises(ValueError, match="a bottleneck adapter is not supported with it yet"):
         optlm.load(base, adapter=tmp_path / "bottleneck", tensor_parallel=True)
+
+
+# ---- under torchrun ------------------------------------------------------------------------------------------
+
+TORCHRUN_LLM = r"""
+import json, sys
+from optlm import LLM, SamplingParams
+llm = LLM(sys.argv[1], tensor_parallel_size=2, block_size=8)
+out = llm.generate([[5, 9, 11, 40, 7], list(range(4, 40))], [SamplingParams(temperature=0, max_tokens=10),
+                   SamplingParams(temperature=0.8, seed=5, max_tokens=12)], use_tqdm=False)
+import torch.distributed as dist
+with open(f"{sys.argv[2]}.{dist.get_rank()}", "w") as f:
+    json.dump({"rank": dist.get_rank(), "tokens": [o.outputs[0].token_ids for o in out]}, f)
+"""
+
+
+def _torchrun(*argv: str, **kwargs):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *argv],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          **kwargs)
+
+
+def test_under_torchrun_llm_chat_and_serve_split_the_model_across_its_processes(checkpoints, tmp_path):
+    """torchrun starts the ranks (as it would across machines): in a script every rank's LLM holds its share and
+    all return the single-process tokens; `optlm chat` and `optlm serve` run on rank 0 and the other ranks
+    follow its calls."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import openai
+    from helpers_generate import text_checkpoint
+    from test_serve import _free_port
+
+    from optlm import LLM, SamplingParams
+
+    script = tmp_path / "script.py"
+    script.write_text(TORCHRUN_LLM)
+    r = _torchrun(str(script), checkpoints["opt_pre_ln"], str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
+    want = LLM(checkpoints["opt_pre_ln"], block_size=8).generate(
+        [[5, 9, 11, 40, 7], list(range(4, 40))], [SamplingParams(temperature=0, max_tokens=10),
+                                                  SamplingParams(temperature=0.8, seed=5, max_tokens=12)],
+        use_tqdm=False)
+    assert sorted(g["rank"] for g in got) == [0, 1]
+    assert all(g["tokens"] == [o.outputs[0].token_ids for o in want] for g in got)
+
+    model = text_checkpoint(tmp_path / "m", max_position_embeddings=128)
+    chat = ["chat", "--model", str(model), "--temperature", "0", "--max-new-tokens", "8", "--system", "A chat."]
+    messages = "Hello there\nTell me more\n"
+    single = subprocess.run([sys.executable, "-m", "optlm.cli", *chat], input=messages, capture_output=True, text=True,
+                            timeout=300)
+    split = _torchrun("-m", "optlm.cli", *chat, input=messages)
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert split.stdout == single.stdout and single.stdout.count("AI: ") == 2
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "optlm.cli",
+                             "serve", "--model", str(model), "--port", str(port), "--served-model-name", "tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        import time
+
+        import httpx
+
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        r = client.completions.create(model="tiny", prompt="The old house", max_tokens=10, temperature=0)
+        want = LLM(model).generate(["The old house"], SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
+        assert r.choices[0].text == want[0].outputs[0].text
+    finally:
+        proc.terminate()  # torchrun passes it on: rank 0's server stops and releases the other rank
+        proc.wait(timeout=120)  # (torchrun itself exits 1 on SIGTERM, whatever its processes do)
+        err = proc.stderr.read()
+        assert "[rank" not in err and "Connection closed" not in err, err[-3000:]  # no rank failed on the way out

@@ -37,9 +37,12 @@ class LLM:
                  max_model_len: int | None = None, kv_cache_memory: int | None = None, block_size: int = 16,
                  max_num_batched_tokens: int = 512, enable_lora: bool = False, max_loras: int = 8,
                  tensor_parallel_size: int = 1):
+        from ..parallel import joined
+
         self._workers = None
         self._counter = 0
-        if tensor_parallel_size != 1:
+        in_group = tensor_parallel_size != 1 and joined()  # under torchrun: this process is one of the ranks
+        if tensor_parallel_size != 1 and not in_group:
             self._start_workers(model, tokenizer, tensor_parallel_size, enable_lora, quantize,
                                 dict(dtype=dtype, device=device, revision=revision, tokenizer=tokenizer),
                                 dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
@@ -54,7 +57,10 @@ class LLM:
         else:
             from ..lm import load
 
-            lm = load(model, dtype=dtype, device=device, quantize=quantize, revision=revision, tokenizer=tokenizer)
+            if in_group:
+                _join_group(tensor_parallel_size)
+            lm = load(model, dtype=dtype, device=device, quantize=quantize, revision=revision, tokenizer=tokenizer,
+                      tensor_parallel=in_group)
             model, tokenizer = lm.model, lm.tokenizer
         self.llm_engine = LLMEngine(model, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                     kv_cache_memory=kv_cache_memory, block_size=block_size,
@@ -131,7 +137,8 @@ class LLM:
                 try:
                     engine.add_request(rid, prompt, p, adapter)
                 except (ValueError, TypeError) as e:
-                    raise type(e)(f"prompt {i}: {e}") from None
+                    e.args = (f"prompt {i}: {e}", *e.args[1:])  # its own type and fields (ContextLengthError's)
+                    raise e from None
                 ids.append(rid)
             results: dict[str, RequestOutput] = {}
             with tqdm(total=len(ids), desc="Processed prompts", unit="prompt", disable=not use_tqdm) as bar:
@@ -146,3 +153,17 @@ class LLM:
             engine.abort_request(ids)  # an error or Ctrl-C leaves no request behind in the engine
             raise
         return [results[rid] for rid in ids]
+
+
+def _join_group(size: int) -> None:
+    """``LLM(..., tensor_parallel_size=N)`` in a script torchrun runs N times: each process is one rank and
+    holds its share; every rank runs the script's calls alike (same requests, same seed), so all get the same
+    outputs."""
+    from ..parallel.launch import init_from_env
+    from ..parallel.workers import _shared_seed
+
+    _, world = init_from_env()
+    if world != size:
+        raise ValueError(f"tensor_parallel_size={size}, but torchrun started {world} processes; under torchrun "
+                         "the model is split across all of them")
+    torch.manual_seed(_shared_seed())  # unseeded requests draw their seeds from here: alike on every rank

@@ -18,7 +18,7 @@ import os
 import random
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from types import SimpleNamespace
 from typing import Any
@@ -32,57 +32,95 @@ from .launch import USER_ERRORS, start
 RELAY = "<optlm: call back the caller>"  # a keyword argument of a streamed call: a callback run by the caller
 
 
+class _Rank:
+    """What every rank holds and does: its share of the model (``LM``), the engine (``LLM``, built at the first
+    call that needs it), and the calls. ``lm.NAME`` calls a method of the ``LM``, ``engine.NAME`` one of the
+    engine's, anything else one of ``LLM``'s; ``stream:`` before the name streams what the method yields."""
+
+    def __init__(self, model: str, load_kwargs: dict, engine_kwargs: dict, seed: int):
+        from ..lm import load
+
+        torch.manual_seed(seed)  # unseeded requests draw their seeds from here: alike on every rank
+        self.engine_kwargs, self.llm = engine_kwargs, None
+        try:
+            self.lm, self.error = load(model, tensor_parallel=True, **load_kwargs), None
+        except Exception as e:  # reported to the caller at its first call, on every rank alike
+            self.lm, self.error = None, e
+
+    def _target(self, name: str) -> tuple[Any, str]:
+        from ..engine.llm import LLM
+
+        if self.error is not None:
+            raise self.error
+        if name.startswith("lm."):
+            return self.lm, name.removeprefix("lm.")
+        if self.llm is None:
+            self.llm = LLM(self.lm.model, self.lm.tokenizer, **self.engine_kwargs)
+        return self.llm, name
+
+    def run(self, message: tuple) -> Any:
+        """A plain call: its result, or the exception it raised."""
+        name, args, kwargs = message
+        try:
+            target, name = self._target(name)
+            if name.startswith("engine."):
+                return _engine_call(target.llm_engine, name.removeprefix("engine."), args, kwargs)
+            return getattr(target, name)(*args, **kwargs)
+        except Exception as e:
+            return e
+
+    def stream(self, message: tuple) -> Iterator[tuple]:
+        """A streamed call, as ("item", x) and ("call", keyword, args) for the caller's callbacks; it raises as
+        the method does."""
+        name, args, kwargs = message
+        target, name = self._target(name.removeprefix("stream:"))
+        pending: list[tuple] = []
+        for key in [k for k, v in kwargs.items() if v == RELAY]:
+            kwargs[key] = lambda *a, key=key: pending.append(("call", key, a))
+        items = iter(getattr(target, name)(*args, **kwargs))
+        while True:
+            yield from pending
+            pending.clear()
+            try:
+                item = next(items)
+            except StopIteration:
+                break
+            yield ("item", item)
+        yield from pending
+
+    def follow(self, receive: Callable[[], Any] | None = None, send: Callable[[Any], None] | None = None) -> None:
+        """Run the calls rank 0 broadcasts until it broadcasts None. Rank 0 of self-started ranks ``receive``s
+        each call from the caller's process and ``send``s back each result, streamed item and callback."""
+        while True:
+            box = [receive() if receive is not None else None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is None:
+                return
+            if not box[0][0].startswith("stream:"):
+                result = self.run(box[0])
+                if send is not None:
+                    send(result)
+                continue
+            try:
+                for event in self.stream(box[0]):
+                    if send is not None:
+                        send(event)
+                result = ("end", None)
+            except Exception as e:
+                result = e
+            if send is not None:
+                send(result)
+
+
 def _serve(rank: int, world: int, conn: Connection, model: str, load_kwargs: dict, engine_kwargs: dict,
            seed: int) -> None:
-    """One rank's life: load its share, then run every call rank 0 receives on ``conn`` (the other ranks hold the
-    same pipe end unused) until it receives None. ``lm.NAME`` calls a method of the loaded ``LM``, ``engine.NAME``
-    one of the engine's, anything else one of ``LLM``'s (the engine is built at the first such call);
-    ``stream:`` before the name streams what the method yields back, item by item."""
-    from ..engine.llm import LLM
-    from ..lm import load
-
-    torch.manual_seed(seed)  # unseeded requests draw their seeds from here: alike on every rank
-    llm = None
-    try:
-        lm, error = load(model, tensor_parallel=True, **load_kwargs), None
-    except Exception as e:  # reported to the caller at its first call, on every rank alike
-        lm, error = None, e
-    while True:
-        box = [conn.recv() if rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is None:
-            return
-        name, args, kwargs = box[0]
-        streamed = name.startswith("stream:")
-        name = name.removeprefix("stream:")
-        try:
-            if error is not None:
-                raise error
-            if name.startswith("lm."):
-                target, name = lm, name.removeprefix("lm.")
-            else:
-                if llm is None:
-                    llm = LLM(lm.model, lm.tokenizer, **engine_kwargs)
-                target = llm
-            if name.startswith("engine."):
-                result = _engine_call(llm.llm_engine, name.removeprefix("engine."), args, kwargs)
-            elif streamed:
-                for key in [k for k, v in kwargs.items() if v == RELAY]:
-                    kwargs[key] = _relay(conn, key) if rank == 0 else (lambda *a: None)
-                for item in getattr(target, name)(*args, **kwargs):
-                    if rank == 0:
-                        conn.send(("item", item))
-                result = ("end", None)
-            else:
-                result = getattr(target, name)(*args, **kwargs)
-        except Exception as e:
-            result = e
-        if rank == 0:
-            conn.send(result)
-
-
-def _relay(conn: Connection, key: str):
-    return lambda *args: conn.send(("call", key, args))
+    """One self-started rank's life: rank 0 takes each call from the caller's process on ``conn`` (the other
+    ranks hold the same pipe end unused) and sends back what it produces."""
+    me = _Rank(model, load_kwargs, engine_kwargs, seed)
+    if rank == 0:
+        me.follow(conn.recv, conn.send)
+    else:
+        me.follow()
 
 
 def _engine_call(engine: Any, name: str, args: tuple, kwargs: dict) -> tuple[Any, dict]:
@@ -95,6 +133,93 @@ def _engine_call(engine: Any, name: str, args: tuple, kwargs: dict) -> tuple[Any
     return result, {"waiting": len(s.waiting), "running": len(s.running), "blocks_in_use": engine.cache.blocks_in_use,
                     "num_blocks": engine.cache.num_blocks, "requests_added": engine.requests_added,
                     "unfinished": engine.has_unfinished_requests()}
+
+
+def _raised(result: Any) -> Any:
+    """A rank's result, or its error raised here as a user would expect it."""
+    if isinstance(result, Exception):
+        if isinstance(result, (TypeError, ValueError)):
+            raise result from None  # its own type (e.g. the server tells a ContextLengthError apart)
+        if type(result).__name__ in USER_ERRORS:
+            raise ValueError(str(result)) from None
+        raise RuntimeError(f"{type(result).__name__}: {result}") from None
+    return result
+
+
+def _shared_seed() -> int:
+    seed = torch.tensor([random.randrange(2**31)])
+    dist.broadcast(seed, 0)  # every rank draws from the same stream
+    return int(seed)
+
+
+def torchrun_rank(world_flag: int) -> int:
+    """Under torchrun: join the group and return this process's rank; ``world_flag`` (--tensor-parallel-size)
+    must be 1 or the number of processes, across which the model is split."""
+    from .launch import init_from_env
+
+    rank, world = init_from_env()
+    if world_flag not in (1, world):
+        raise ValueError(f"--tensor-parallel-size {world_flag} differs from the {world} processes torchrun started; "
+                         "under torchrun the model is split across all of them (drop the flag)")
+    return rank
+
+
+def follow_group(model: Any, load_kwargs: dict, engine_kwargs: dict | None = None) -> None:
+    """A rank other than 0 under torchrun: load this rank's share and run the calls rank 0's
+    :class:`GroupWorkers` makes until it closes; then leave the group. Ctrl-C and SIGTERM (which torchrun hands
+    every process) are left to rank 0: it finishes what is in flight and then releases this rank, which would
+    otherwise be gone while rank 0 still needs it (torchrun kills what remains after its grace period)."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    try:
+        _Rank(model, load_kwargs, engine_kwargs or {}, _shared_seed()).follow()
+    finally:
+        dist.destroy_process_group()
+
+
+class GroupWorkers:
+    """Rank 0 of a group torchrun started, driving the calls as :class:`Workers` does for self-started ranks:
+    each call runs here and on the other ranks, which follow it (:func:`follow_group`)."""
+
+    def __init__(self, model: Any, load_kwargs: dict, engine_kwargs: dict):
+        self._rank = _Rank(model, load_kwargs, engine_kwargs, _shared_seed())
+        self._open = True
+        if self._rank.error is not None:
+            self.close()
+            raise self._rank.error
+
+    @property
+    def lm(self) -> Any:
+        return self._rank.lm  # rank 0's share: its tokenizer, config, name
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        message = (name, args, kwargs)
+        dist.broadcast_object_list([message], src=0)
+        return _raised(self._rank.run(message))
+
+    def stream(self, name: str, *args: Any, callbacks: dict | None = None, **kwargs: Any) -> Iterator[Any]:
+        callbacks = callbacks or {}
+        message = ("stream:" + name, args, {**kwargs, **dict.fromkeys(callbacks, RELAY)})
+        dist.broadcast_object_list([message], src=0)
+        events = self._rank.stream(message)
+        try:
+            for kind, *rest in events:
+                if kind == "call":
+                    callbacks[rest[0]](*rest[1])
+                else:
+                    yield rest[0]
+        finally:
+            for _ in events:  # a reader that stops early: the other ranks run the call to its end, so must we
+                pass
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            dist.broadcast_object_list([None], src=0)
+            dist.destroy_process_group()
 
 
 def start_workers(model: Any, world: int, load_kwargs: dict, engine_kwargs: dict | None = None) -> tuple[Workers, Any]:
@@ -189,13 +314,7 @@ class Workers:
         except (OSError, EOFError):  # the pipe to rank 0 broke: it is gone
             self._check_alive()
             raise
-        if isinstance(result, Exception):  # the engine's own error, raised here as a user would expect it
-            if isinstance(result, (TypeError, ValueError)):
-                raise result from None  # its own type (e.g. the server tells a ContextLengthError apart)
-            if type(result).__name__ in USER_ERRORS:
-                raise ValueError(str(result)) from None
-            raise RuntimeError(f"{type(result).__name__}: {result}") from None
-        return result
+        return _raised(result)
 
     def _check_alive(self) -> None:
         processes = self._context.processes

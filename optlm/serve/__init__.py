@@ -128,18 +128,32 @@ def run(args: argparse.Namespace) -> int:
     if args.guard is None and (args.guard_allow is not None or args.guard_threshold != 0.5):
         raise ValueError("--guard-threshold and --guard-allow need --guard DIR")
     limits = Limits(max_n=args.max_n, max_prompts=args.max_prompts, max_body_bytes=int(args.max_body_mb * 2**20))
-    if args.tensor_parallel_size > 1 and enable_lora:
+    from ..parallel import joined
+
+    split = args.tensor_parallel_size > 1 or joined()
+    if split and enable_lora:
         raise ValueError("adapters are not served across tensor-parallel ranks yet; drop --lora-modules / "
                          "--allow-runtime-lora, or merge a LoRA into its base (optlm merge-lora) and serve that")
+    load_kwargs = dict(dtype=args.dtype, device=args.device, quantize=args.quantize, revision=args.revision)
+    engine_kwargs = dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, kv_cache_memory=memory)
+    if joined():  # torchrun: rank 0 serves, the other ranks follow its engine's calls
+        from ..parallel.workers import follow_group, torchrun_rank
+
+        if torchrun_rank(args.tensor_parallel_size) != 0:
+            follow_group(args.model, load_kwargs, engine_kwargs)
+            return 0
 
     def load_backend() -> tuple[AsyncEngine, object]:
-        if args.tensor_parallel_size > 1:  # the engines run in the ranks; this process drives them step by step
+        if split:  # the engines run in the ranks; this process drives them step by step
             from ..engine.llm import LLM
+            from ..parallel.workers import GroupWorkers, RemoteEngine
 
-            llm = LLM(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, revision=args.revision,
-                      max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, kv_cache_memory=memory,
-                      tensor_parallel_size=args.tensor_parallel_size)
-            engine, tokenizer = llm.remote_engine(), llm.get_tokenizer()
+            if joined():
+                workers = GroupWorkers(args.model, load_kwargs, engine_kwargs)
+                engine, tokenizer = RemoteEngine(workers, workers.lm.tokenizer), workers.lm.tokenizer
+            else:
+                llm = LLM(args.model, **load_kwargs, **engine_kwargs, tensor_parallel_size=args.tensor_parallel_size)
+                engine, tokenizer = llm.remote_engine(), llm.get_tokenizer()
         else:
             lm = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, revision=args.revision)
             engine, tokenizer = LLMEngine(lm.model, lm.tokenizer, max_num_seqs=args.max_num_seqs,
