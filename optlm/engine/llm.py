@@ -29,6 +29,8 @@ class LLM:
     (``generate(..., lora_request=LoRARequest(name, id, path))``), ``max_loras`` of them loaded at once.
     ``tensor_parallel_size=N`` splits the model across N worker processes started here (a checkpoint path or
     hub id; :mod:`optlm.parallel`): ``generate`` runs on all of them and answers as one; ``close()`` stops them.
+    In a script torchrun runs N times, each process is instead one of the ranks, holding its share; every rank
+    runs the script's calls alike and gets the same outputs.
     """
 
     def __init__(self, model: str | os.PathLike | torch.nn.Module | None = None, tokenizer: Any = None, *,
