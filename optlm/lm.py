@@ -203,11 +203,7 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
         if tensor_parallel or quantize is not None or adapter is not None:
             raise ValueError("streaming layers (--offload / --max-memory) runs a floating-point model in one "
                              "process; it does not combine with tensor parallelism, quantization or adapters yet")
-        if dtype is None:  # keep load()'s rule (float16 runs as float32 on the CPU) without converting afterwards
-            from . import checkpoint as ckpt
-
-            _, stored = ckpt.count_parameters(ckpt.weight_files(ckpt.resolve(path, revision)))
-            dtype = torch.float32 if stored == {"F16"} and device in (None, "cpu") else None
+        dtype = _cpu_dtype(path, revision, dtype, device)  # converting afterwards would undo the streaming
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device, revision=revision,
                                                      offload=offload, max_memory=max_memory)
     elif tensor_parallel:
@@ -216,6 +212,7 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
                              f"{adapter_config.peft_type.lower()} adapter is not supported with it yet")
         from .parallel.tp import load_tensor_parallel, quantize_tensor_parallel
 
+        dtype = _cpu_dtype(path, revision, dtype, device)  # before the adapter is merged and the slices quantized
         model = load_tensor_parallel(path, dtype=dtype, revision=revision)
         if adapter is not None:  # each rank merges its share of the update: the slices of the merged weights
             model, adapter, adapter_config = _with_adapter(model, adapter, revision), None, None
@@ -243,6 +240,16 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
         # text-generation pipeline does.
         tokenizer.special_tokens_map["pad_token"] = tokenizer.eos_token
     return LM(model, tokenizer, name)
+
+
+def _cpu_dtype(path: Any, revision: str | None, dtype: Any, device: Any) -> Any:
+    """load()'s rule, decided before loading: a float16 checkpoint runs as float32 on the CPU."""
+    if dtype is not None or (device is not None and torch.device(device).type != "cpu"):
+        return dtype
+    from . import checkpoint as ckpt
+
+    _, stored = ckpt.count_parameters(ckpt.weight_files(ckpt.resolve(path, revision)))
+    return torch.float32 if stored == {"F16"} else None
 
 
 def _with_adapter(model: ForCausalLM, adapter: str | os.PathLike, revision: str | None) -> ForCausalLM:

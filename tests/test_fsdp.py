@@ -112,6 +112,7 @@ def runs(setup):
         ("two-then-one resumed", "lm", s, dict(out=root / "two-then-one", batch_size=4, fsdp=True, resume=True)),
         ("one-then-two", "lm", s, dict(out=root / "one-then-two", batch_size=4, fsdp=True, stop_after=3)),
         ("global batch 2", "lm", s, dict(out=root / "one-then-two", batch_size=2, fsdp=True, resume=True)),
+        ("layerdrop", "lm", s, dict(out=root / "layerdrop", fsdp=True, config_overrides={"layerdrop": 0.1})),
     ], root)
     errors |= _in_ranks(2, [("one-then-two resumed", "lm", s, dict(out=root / "one-then-two", batch_size=2,
                                                                    fsdp=True, resume=True))], root)
@@ -187,10 +188,12 @@ def test_activation_checkpointing_and_bf16_under_fsdp(runs):
     assert any(bf16[k] != single[k] for k in bf16)  # it did compute in bf16
 
 
-def test_another_global_batch_is_refused_on_resume(runs):
+def test_another_global_batch_on_resume_and_layerdrop_are_refused(runs):
     _, errors = runs
     # one rank resuming with --batch-size 2: a global batch of 2 where the run has 4
-    assert errors.keys() == {"global batch 2"}, errors
+    assert errors.keys() == {"global batch 2", "layerdrop"}, errors
+    # LayerDrop would skip a sharded layer on one rank and run it on another
+    assert errors["layerdrop"].startswith("ValueError: LayerDrop skips layers at random on each rank")
     assert "global_batch_size: 4 in the run, 2 now" in errors["global batch 2"]
     assert errors["global batch 2"].startswith("TrainingError")
 

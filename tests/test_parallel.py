@@ -462,3 +462,25 @@ def test_under_torchrun_llm_chat_and_serve_split_the_model_across_its_processes(
         proc.wait(timeout=120)  # (torchrun itself exits 1 on SIGTERM, whatever its processes do)
         err = proc.stderr.read()
         assert "[rank" not in err and "Connection closed" not in err, err[-3000:]  # no rank failed on the way out
+
+
+def test_a_reply_abandoned_midway_leaves_the_next_call_its_own_answer(tmp_path):
+    """A reader that stops a streamed reply early (or whose callback raises) must not leave the rest of that reply
+    to be read as the answer to the next call: the stream reads it to its end first."""
+    from helpers_generate import text_checkpoint
+
+    from optlm.parallel.workers import RemoteLM, start_workers
+
+    model = text_checkpoint(tmp_path / "m", max_position_embeddings=128)
+    messages = [{"role": "user", "content": "Hello there"}]
+    want = "".join(optlm.load(model).chat_stream(messages, temperature=0, max_new_tokens=8))
+    workers, _ = start_workers(str(model), 2, {})
+    lm = RemoteLM(workers, "m")
+    try:
+        pieces = lm.chat_stream(messages, temperature=0, max_new_tokens=8)
+        assert next(pieces)
+        pieces.close()  # stopped after the first piece
+        assert "".join(lm.chat_stream(messages, temperature=0, max_new_tokens=8)) == want
+        assert workers.call("lm.chat", messages, temperature=0, max_new_tokens=8) == want
+    finally:
+        lm.close()

@@ -46,6 +46,11 @@ class AsyncEngine:
         self._thread.start()
 
     @property
+    def stopped(self) -> bool:
+        """The engine's thread has ended (after :meth:`shutdown`, or a crash)."""
+        return not self._thread.is_alive()
+
+    @property
     def alive(self) -> bool:
         return self.error is None and self._thread.is_alive()
 

@@ -43,9 +43,12 @@ class Ranks:
         self.sharded = sharded  # in a torch.distributed group (even of one process, under torchrun)
 
     @classmethod
-    def join(cls) -> Ranks:
+    def join(cls, device: torch.device | None = None) -> Ranks:
         """The group this process belongs to: an initialised one (processes started by optlm.parallel.run), or
-        the one torchrun describes in the environment (joined here, and left by :meth:`close`)."""
+        the one torchrun describes in the environment (joined here, and left by :meth:`close`). On GPUs each
+        rank takes the one torchrun assigns it (LOCAL_RANK) before any collective runs."""
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         if dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size(), sharded=True)
         if "WORLD_SIZE" not in os.environ:
@@ -100,11 +103,13 @@ class Ranks:
         if not self.sharded:
             return fn(*args)
         result = None
-        def on_main():
+
+        def on_main() -> None:
             nonlocal result
             result = fn(*args)
+
         self.first(on_main)
-        return result if self.main else fn(*args)
+        return self.each(lambda: result if self.main else fn(*args))  # an error on any rank stops them all
 
     def sum(self, *values: float) -> list[float]:
         """The sums over the ranks of each value (float64)."""
@@ -113,10 +118,6 @@ class Ranks:
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
         return t.tolist()
-
-    def barrier(self) -> None:
-        if self.sharded:
-            dist.barrier()
 
 
 class ShardedRun(nn.Module):
@@ -151,11 +152,14 @@ def shard(model: nn.Module, device: torch.device, world: int, param_dtype: torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world,))
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    reduce = torch.float32 if param_dtype else None
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce)
     for layer in model.get_decoder().layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     root = ShardedRun(model)
-    fully_shard(root, mesh=mesh, mp_policy=policy)
+    # The root's inputs are the loss's batch and arguments, never cast: labels (a regression's numbers) stay exact.
+    fully_shard(root, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce,
+                                                                 cast_forward_inputs=False))
     return root
 
 
@@ -166,10 +170,11 @@ def full_model(model: nn.Module, ranks: Ranks) -> nn.Module | None:
 
     full: dict[str, Tensor] = {}
     gathered: dict[int, Tensor] = {}
-    for name, t in model.state_dict().items():
+    for name, t in model.state_dict(keep_vars=True).items():  # the parameters themselves: a tied one is seen twice
         if id(t) not in gathered:  # a tied weight is gathered once
             whole = t.full_tensor() if isinstance(t, DTensor) else t
-            gathered[id(t)] = whole.detach().cpu() if ranks.main else whole
+            # Kept on rank 0 only, in CPU memory: the others drop each whole tensor as soon as it is gathered.
+            gathered[id(t)] = whole.detach().cpu() if ranks.main else None
         full[name] = gathered[id(t)]
     if not ranks.main:
         return None
@@ -177,9 +182,6 @@ def full_model(model: nn.Module, ranks: Ranks) -> nn.Module | None:
     plain.load_state_dict(full, strict=True, assign=True)
     if plain.config.tie_word_embeddings and hasattr(plain, "tie_weights"):
         plain.tie_weights()
-    for t in plain.buffers():
-        if t.is_meta:
-            raise RuntimeError("a buffer was not restored in the gathered model")  # internal invariant
     plain.name_or_path = getattr(model, "name_or_path", "")
     return plain
 

@@ -34,7 +34,9 @@ def _free_port() -> int:
 
 
 def _backend() -> str:
-    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    # Both where there are GPUs: CUDA tensors go through NCCL, the CPU tensors of bookkeeping (seeds, sums,
+    # Python objects) through gloo.
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
 def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple) -> None:

@@ -144,11 +144,13 @@ class LayerStream:
         start reading the layers after it into the slots the layers before it have left."""
         with self.lock:
             while self.queue and self.queue[0][0] != i:  # layers that ran (or were skipped): their slots are free
-                self.queue.popleft()[2].result()
+                self.queue.popleft()[2].exception()  # waited for; an error of a read nobody needs is not raised
             if not self.queue:  # a pass that did not go in order (the first one, or one cut short by an error)
                 self._submit(i, 0)
             _, slot, read = self.queue[0]
-            read.result()  # raises the reader's error here, in the forward pass
+            if read.exception() is not None:  # raised here, in the forward pass, once: the next pass reads again
+                self.queue.popleft()
+                raise read.exception()
             self._point(i, slot)
             used = {s for _, s, _ in self.queue}
             last = self.queue[-1][0]

@@ -43,9 +43,13 @@ class _Rank:
         torch.manual_seed(seed)  # unseeded requests draw their seeds from here: alike on every rank
         self.engine_kwargs, self.llm = engine_kwargs, None
         try:
-            self.lm, self.error = load(model, tensor_parallel=True, **load_kwargs), None
-        except Exception as e:  # reported to the caller at its first call, on every rank alike
-            self.lm, self.error = None, e
+            self.lm, error = load(model, tensor_parallel=True, **load_kwargs), None
+        except Exception as e:
+            self.lm, error = None, e
+        # Reported to the caller at its first call, by every rank alike, whichever rank failed.
+        errors: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        self.error = next((e for e in errors if e is not None), None)
 
     def _target(self, name: str) -> tuple[Any, str]:
         from ..engine.llm import LLM
@@ -99,7 +103,10 @@ class _Rank:
             if not box[0][0].startswith("stream:"):
                 result = self.run(box[0])
                 if send is not None:
-                    send(result)
+                    try:
+                        send(result)
+                    except Exception as e:  # a result that cannot travel (a generator ...): say so
+                        send(RuntimeError(f"{box[0][0]} returned what cannot be sent between processes: {e}"))
                 continue
             try:
                 for event in self.stream(box[0]):
@@ -116,9 +123,21 @@ def _serve(rank: int, world: int, conn: Connection, model: str, load_kwargs: dic
            seed: int) -> None:
     """One self-started rank's life: rank 0 takes each call from the caller's process on ``conn`` (the other
     ranks hold the same pipe end unused) and sends back what it produces."""
+    import signal
+
+    # Ctrl-C at the terminal reaches these processes too; the caller's process decides when they stop (it
+    # sends None; if it dies, rank 0 reads the end of the pipe and stops them).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     me = _Rank(model, load_kwargs, engine_kwargs, seed)
     if rank == 0:
-        me.follow(conn.recv, conn.send)
+
+        def receive() -> Any:
+            try:
+                return conn.recv()
+            except (EOFError, OSError):  # the caller's process is gone
+                return None
+
+        me.follow(receive, conn.send)
     else:
         me.follow()
 
@@ -196,11 +215,15 @@ class GroupWorkers:
         return self._rank.lm  # rank 0's share: its tokenizer, config, name
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if not self._open:
+            raise RuntimeError("this tensor-parallel model is closed")
         message = (name, args, kwargs)
         dist.broadcast_object_list([message], src=0)
         return _raised(self._rank.run(message))
 
     def stream(self, name: str, *args: Any, callbacks: dict | None = None, **kwargs: Any) -> Iterator[Any]:
+        if not self._open:
+            raise RuntimeError("this tensor-parallel model is closed")
         callbacks = callbacks or {}
         message = ("stream:" + name, args, {**kwargs, **dict.fromkeys(callbacks, RELAY)})
         dist.broadcast_object_list([message], src=0)
@@ -257,6 +280,7 @@ class Workers:
                 box["context"] = start(_serve, world, child, str(model), load_kwargs, engine_kwargs, seed)
             except BaseException as e:  # noqa: BLE001 (raised in the constructor below)
                 box["error"] = e
+                done.set()
             started.set()
             done.wait()
 
@@ -294,17 +318,29 @@ class Workers:
         """What an ``LM`` / ``LLM`` generator method yields on rank 0, item by item; ``callbacks`` (keyword
         name -> function) run here when the ranks call them."""
         callbacks = callbacks or {}
-        first = self.call("stream:" + name, *args, **kwargs, **dict.fromkeys(callbacks, RELAY))
-        message = first
-        while True:
-            if message == ("end", None):
-                return
-            kind, *rest = message
-            if kind == "call":
-                callbacks[rest[0]](*rest[1])
-            else:
-                yield rest[0]
-            message = self._receive()
+        message = self.call("stream:" + name, *args, **kwargs, **dict.fromkeys(callbacks, RELAY))
+        finished = False  # rank 0 has sent the call's end (or its error)
+        try:
+            while message != ("end", None):
+                kind, *rest = message
+                if kind == "call":
+                    callbacks[rest[0]](*rest[1])
+                else:
+                    yield rest[0]
+                try:
+                    message = self._receive()
+                except Exception:
+                    finished = True
+                    raise
+            finished = True
+        finally:
+            # A reader that stopped early (or a callback that raised): read what rank 0 still sends for this call,
+            # so the next call's answer is its own.
+            while not finished:
+                try:
+                    finished = self._receive() == ("end", None)
+                except Exception:  # noqa: BLE001 (the call's own error, after the reader has gone)
+                    finished = True
 
     def _receive(self) -> Any:
         try:

@@ -200,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
         engine = app.state.backend.engine
         if engine is not None:
             engine.shutdown(timeout=args.shutdown_timeout)
-            if hasattr(engine.engine, "close"):  # tensor-parallel ranks
+            # Tensor-parallel ranks are released once the engine loop has stopped (a step still running would be
+            # cut off mid-collective; then the process ends and the ranks go with it).
+            if hasattr(engine.engine, "close") and engine.stopped:
                 engine.engine.close()
     return 1 if failed else 0

@@ -682,7 +682,7 @@ def train(args: TrainArgs) -> TrainResult:
     One writer per output directory: a second run on the same directory is refused while the first holds it.
     """
     check_args(args)
-    ranks = fsdp.Ranks.join() if args.fsdp else fsdp.Ranks()
+    ranks = fsdp.Ranks.join(parse_device(args.device)) if args.fsdp else fsdp.Ranks()
     out = Path(args.out_dir)
     lock = contextlib.ExitStack()
 
@@ -739,7 +739,10 @@ def _train(args: TrainArgs, ranks: fsdp.Ranks) -> TrainResult:
     out, resume_from = ranks.first(_prepare_out_dir, args, ranks.world)
     task = TASKS[args.task]()
     try:
-        model, tokenizer = _build(args, task, resume_from)
+        model, tokenizer = ranks.each(_build, args, task, resume_from)  # an error on any rank stops them all
+        if ranks.sharded and getattr(model.config, "layerdrop", 0) > 0:
+            raise ValueError("LayerDrop skips layers at random on each rank, and a sharded layer must run on all "
+                             "of them: set layerdrop=0 (--set layerdrop=0) to train with --fsdp")
         # Rank 0 tokenizes into the cache first; the other ranks then read it.
         train_data, val_data = ranks.main_first(task.datasets, args, tokenizer, out)
     except Exception:
@@ -749,7 +752,8 @@ def _train(args: TrainArgs, ranks: fsdp.Ranks) -> TrainResult:
     device = _device(args, ranks)
     metrics = out / "metrics.jsonl"
     best_metric = task.default_best_metric() if args.best_metric == "auto" else args.best_metric
-    # Validation runs on every rank, over the global batch, so its numbers do not depend on the number of ranks.
+    # Validation runs on every rank over the global batch (what a resumed run on other ranks keeps), so its
+    # numbers do not depend on the number of ranks.
     val_args = dataclasses.replace(args, batch_size=args.batch_size * ranks.world,
                                    progress=args.progress and ranks.main)
 
@@ -828,7 +832,9 @@ def _train(args: TrainArgs, ranks: fsdp.Ranks) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
         if step % args.eval_every == 0 or step == end:
+            # Rank 0's numbers for all: every rank then takes the same decisions (best/, errors) in step.
             val_metrics = _validate(task, run, val_data, val_args, amp, device)
+            val_metrics = ranks.first(lambda m=val_metrics: m)
             if ranks.main:
                 _append_metrics(metrics, {"step": step, **val_metrics})
                 task.after_validation(val_metrics, out)
@@ -869,7 +875,7 @@ def _train(args: TrainArgs, ranks: fsdp.Ranks) -> TrainResult:
         bar.close()
     wall = time.perf_counter() - t_mark
     if ranks.main:
-            print(f"done: step {step}, {tokens_seen:,} tokens, {elapsed:.0f}s of training ({wall:.0f}s this session); "
+        print(f"done: step {step}, {tokens_seen:,} tokens, {elapsed:.0f}s of training ({wall:.0f}s this session); "
               f"checkpoint {last_ckpt}", file=sys.stderr)
     return TrainResult(checkpoint=last_ckpt, step=step, train_loss=loss_value, val_loss=val_metrics.get("val_loss"),
                        metrics=val_metrics, best=best)
