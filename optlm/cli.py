@@ -438,18 +438,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .parallel import joined
 
     if joined() and not getattr(args, "tensor_parallel", False):  # one of torchrun's processes
-        import random
-
-        import torch
         import torch.distributed as dist
 
-        from .parallel.launch import init_from_env
+        from .parallel.launch import init_from_env, shared_seed
 
         rank, world = init_from_env()
         try:
-            seed = torch.tensor([random.randrange(2**31) if args.seed is None else args.seed])
-            dist.broadcast(seed, 0)  # every rank must sample alike
-            args.prompt, args.seed = prompt, int(seed)
+            args.prompt, args.seed = prompt, shared_seed(args.seed)  # every rank must sample alike
             _tensor_parallel_generate(rank, world, args)
             dist.barrier()
         finally:

@@ -161,11 +161,10 @@ def _join_group(size: int) -> None:
     """``LLM(..., tensor_parallel_size=N)`` in a script torchrun runs N times: each process is one rank and
     holds its share; every rank runs the script's calls alike (same requests, same seed), so all get the same
     outputs."""
-    from ..parallel.launch import init_from_env
-    from ..parallel.workers import _shared_seed
+    from ..parallel.launch import init_from_env, shared_seed
 
     _, world = init_from_env()
     if world != size:
         raise ValueError(f"tensor_parallel_size={size}, but torchrun started {world} processes; under torchrun "
                          "the model is split across all of them")
-    torch.manual_seed(_shared_seed())  # unseeded requests draw their seeds from here: alike on every rank
+    torch.manual_seed(shared_seed())  # unseeded requests draw their seeds from here: alike on every rank

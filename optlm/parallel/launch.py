@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -73,6 +74,13 @@ def run(fn: Callable[..., Any], world: int, *args: Any) -> None:
         raise error(f"rank {e.error_index} of {world}: {message or kind}") from None
     finally:
         spawn_log.setLevel(level)
+
+
+def shared_seed(seed: int | None = None) -> int:
+    """Rank 0's ``seed`` (or a random one) on every rank of the group: ranks that sample must draw alike."""
+    value = torch.tensor([random.randrange(2**31) if seed is None else seed])
+    dist.broadcast(value, 0)
+    return int(value)
 
 
 def init_from_env() -> tuple[int, int]:

@@ -19,6 +19,7 @@ running layers are not in memory, so training, saving or fusing projections is r
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -100,7 +101,7 @@ class LayerStream:
         self.window = min(window, len(layers))
         # A slot's layout: each of a layer's parameters at its offset (all layers of a family have the same).
         self.names = [list(s) for s in sources]
-        sizes = [sum(_numel(s.shape) for s in src.values()) for src in sources]
+        sizes = [sum(math.prod(s.shape) for s in src.values()) for src in sources]
         self.slots = [torch.empty(max(sizes), dtype=dtype) for _ in range(self.window)]
         self.fds = {p: os.open(p, os.O_RDONLY) for p in {s.path for src in sources for s in src.values()}}
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="optlm-offload")
@@ -116,8 +117,8 @@ class LayerStream:
         views, at = {}, 0
         for name in self.names[i]:
             shape = self.sources[i][name].shape
-            views[name] = self.slots[slot][at:at + _numel(shape)].view(shape)
-            at += _numel(shape)
+            views[name] = self.slots[slot][at:at + math.prod(shape)].view(shape)
+            at += math.prod(shape)
         return views
 
     def _point(self, i: int, slot: int) -> None:
@@ -173,13 +174,6 @@ class LayerStream:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.{0 if n >= 100 * 2**20 else 2}f} MiB"
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def layer_bytes(cls: type[nn.Module], config, dtype: torch.dtype) -> tuple[int, int, int]:

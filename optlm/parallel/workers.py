@@ -14,6 +14,7 @@ cache figures it reads), so ``optlm serve --tensor-parallel-size N`` serves a sp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .launch import USER_ERRORS, start
+from .launch import USER_ERRORS, shared_seed, start
 
 RELAY = "<optlm: call back the caller>"  # a keyword argument of a streamed call: a callback run by the caller
 
@@ -154,6 +155,22 @@ def _engine_call(engine: Any, name: str, args: tuple, kwargs: dict) -> tuple[Any
                     "unfinished": engine.has_unfinished_requests()}
 
 
+def _deliver(events: Iterator[tuple], callbacks: dict) -> Iterator[Any]:
+    """The items of a streamed call, its callbacks run here. A reader that stops early (or a callback that
+    raises) still takes the call to its end: the ranks run it through, and what rank 0 sends belongs to it, not
+    to the next call."""
+    try:
+        for kind, *rest in events:
+            if kind == "call":
+                callbacks[rest[0]](*rest[1])
+            else:
+                yield rest[0]
+    finally:
+        with contextlib.suppress(Exception):  # the call's own error, after its reader has gone
+            for _ in events:
+                pass
+
+
 def _raised(result: Any) -> Any:
     """A rank's result, or its error raised here as a user would expect it."""
     if isinstance(result, Exception):
@@ -163,12 +180,6 @@ def _raised(result: Any) -> Any:
             raise ValueError(str(result)) from None
         raise RuntimeError(f"{type(result).__name__}: {result}") from None
     return result
-
-
-def _shared_seed() -> int:
-    seed = torch.tensor([random.randrange(2**31)])
-    dist.broadcast(seed, 0)  # every rank draws from the same stream
-    return int(seed)
 
 
 def torchrun_rank(world_flag: int) -> int:
@@ -194,7 +205,7 @@ def follow_group(model: Any, load_kwargs: dict, engine_kwargs: dict | None = Non
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
     try:
-        _Rank(model, load_kwargs, engine_kwargs or {}, _shared_seed()).follow()
+        _Rank(model, load_kwargs, engine_kwargs or {}, shared_seed()).follow()
     finally:
         dist.destroy_process_group()
 
@@ -204,7 +215,7 @@ class GroupWorkers:
     each call runs here and on the other ranks, which follow it (:func:`follow_group`)."""
 
     def __init__(self, model: Any, load_kwargs: dict, engine_kwargs: dict):
-        self._rank = _Rank(model, load_kwargs, engine_kwargs, _shared_seed())
+        self._rank = _Rank(model, load_kwargs, engine_kwargs, shared_seed())
         self._open = True
         if self._rank.error is not None:
             self.close()
@@ -227,16 +238,7 @@ class GroupWorkers:
         callbacks = callbacks or {}
         message = ("stream:" + name, args, {**kwargs, **dict.fromkeys(callbacks, RELAY)})
         dist.broadcast_object_list([message], src=0)
-        events = self._rank.stream(message)
-        try:
-            for kind, *rest in events:
-                if kind == "call":
-                    callbacks[rest[0]](*rest[1])
-                else:
-                    yield rest[0]
-        finally:
-            for _ in events:  # a reader that stops early: the other ranks run the call to its end, so must we
-                pass
+        return _deliver(self._rank.stream(message), callbacks)
 
     def close(self) -> None:
         if self._open:
@@ -318,29 +320,14 @@ class Workers:
         """What an ``LM`` / ``LLM`` generator method yields on rank 0, item by item; ``callbacks`` (keyword
         name -> function) run here when the ranks call them."""
         callbacks = callbacks or {}
-        message = self.call("stream:" + name, *args, **kwargs, **dict.fromkeys(callbacks, RELAY))
-        finished = False  # rank 0 has sent the call's end (or its error)
-        try:
-            while message != ("end", None):
-                kind, *rest = message
-                if kind == "call":
-                    callbacks[rest[0]](*rest[1])
-                else:
-                    yield rest[0]
-                try:
-                    message = self._receive()
-                except Exception:
-                    finished = True
-                    raise
-            finished = True
-        finally:
-            # A reader that stopped early (or a callback that raised): read what rank 0 still sends for this call,
-            # so the next call's answer is its own.
-            while not finished:
-                try:
-                    finished = self._receive() == ("end", None)
-                except Exception:  # noqa: BLE001 (the call's own error, after the reader has gone)
-                    finished = True
+        first = self.call("stream:" + name, *args, **kwargs, **dict.fromkeys(callbacks, RELAY))
+        return _deliver(self._events(first), callbacks)
+
+    def _events(self, message: Any) -> Iterator[tuple]:
+        """A streamed call's events as rank 0 sends them, up to its end (or its error, raised)."""
+        while message != ("end", None):
+            yield message
+            message = self._receive()
 
     def _receive(self) -> Any:
         try:
