@@ -123,6 +123,10 @@ def test_a_float16_checkpoint_streams_into_float32(tmp_path):
         assert torch.equal(streamed(ids, attention_mask=mask).logits, whole(ids, attention_mask=mask).logits)
     lm = optlm.load(tmp_path / "half", offload=True, tokenizer=TOKENIZER_FILES / "opt")  # load(): fp16 -> fp32
     assert lm.model.dtype == torch.float32 and lm.model.offload is not None
+    lm = optlm.load(tmp_path / "half", offload=True, device=torch.device("cpu"), tokenizer=TOKENIZER_FILES / "opt")
+    assert lm.model.dtype == torch.float32 and lm.model.offload.slots[0].dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids, attention_mask=mask).logits, whole(ids, attention_mask=mask).logits)
 
 
 def test_max_memory_keeps_the_layers_that_fit(checkpoints):
