@@ -4,6 +4,10 @@ Layouts understood: ``model.safetensors``; sharded ``model-0000X-of-0000N.safete
 ``model.safetensors.index.json``; ``pytorch_model.bin`` (and its sharded index) read only through
 ``torch.load(weights_only=True)``. Keys may carry the original hub uploads' ``decoder.*`` prefix or
 transformers' ``model.decoder.*``; both map onto the same module tree.
+
+Nothing here imports torch until a torch tensor is asked for: the JAX and TensorFlow ports (``optlm.flax``,
+``optlm.tf``) read safetensors into numpy arrays (:func:`read_arrays`) and check them against the family's
+tensor list (:func:`check_shapes`) through the same code and messages as the PyTorch loader.
 """
 
 from __future__ import annotations
@@ -11,13 +15,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+    from .models.config import ModelConfig
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -33,6 +44,30 @@ _WEIGHT_FILES = (SAFE_INDEX, SAFE_SINGLE, BIN_INDEX, BIN_SINGLE, QUANT_INDEX, QU
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is; the message says what is wrong and how to fix it."""
+
+
+# Floating dtypes a model may be loaded in, by every name optlm accepts, as numpy-style names (each framework
+# maps these to its own dtype objects).
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+               "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64",
+               "fp64": "float64", "double": "float64"}
+
+
+def dtype_name(dtype: Any) -> str | None:
+    """``dtype`` (a name, a numpy / JAX / TensorFlow / torch dtype, or None / "auto" for the checkpoint's own)
+    as one of ``float32``, ``float16``, ``bfloat16``, ``float64`` or None; anything else raises the same
+    ValueError whichever framework asked."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return None
+    name = dtype if isinstance(dtype, str) else getattr(dtype, "name", None)  # numpy's and TensorFlow's dtypes
+    if not isinstance(name, str):
+        try:
+            name = np.dtype(dtype).name  # JAX's scalar types (jnp.float32 …)
+        except TypeError:
+            name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]
 
 
 # ---- locating files ----------------------------------------------------------------------------------
@@ -131,6 +166,8 @@ def read_state_dict(files: Iterable[Path]) -> dict[str, Tensor]:
 
 
 def _load_bin(path: Path) -> dict[str, Tensor]:
+    import torch
+
     # weights_only=True: the file is never unpickled into arbitrary objects, so it cannot run code.
     try:
         try:
@@ -142,6 +179,99 @@ def _load_bin(path: Path) -> dict[str, Tensor]:
     except Exception as e:
         raise CheckpointError(f"{path} could not be read as a weights-only PyTorch file ({e}); convert it to "
                               "safetensors or re-save it with torch.save(state_dict)") from e
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor lies in a safetensors file (``dtype``: safetensors' name, e.g. ``"BF16"``)."""
+
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # from the start of the file
+    nbytes: int
+
+
+# safetensors' dtype names (https://github.com/huggingface/safetensors, format.md) as numpy dtype names;
+# bfloat16 is ml_dtypes' (which JAX and TensorFlow both install).
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def catalog(files: Iterable[Path]) -> dict[str, Stored]:
+    """Every tensor of the checkpoint's safetensors files (the caller checks they are), from their headers (no
+    tensor data read)."""
+    out: dict[str, Stored] = {}
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            size = path.stat().st_size
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = entry["data_offsets"]
+                if entry["dtype"] not in SAFETENSORS_DTYPES or not 0 <= begin <= end <= size - 8 - n:
+                    raise ValueError(f"tensor {name}: dtype {entry['dtype']} or offsets {begin}..{end} out of range")
+                out[name] = Stored(path, entry["dtype"], tuple(entry["shape"]), 8 + n + begin, end - begin)
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+                                  "corrupted — download or save it again") from e
+    return out
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """A numpy dtype by name, ``bfloat16`` included (from ml_dtypes)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def read_arrays(files: Iterable[Path]) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint as read-only numpy arrays, without torch for safetensors files (memory-mapped:
+    no copy until used). A ``.bin`` file is read through torch's weights-only loader and converted."""
+    files = list(files)
+    if any(p.suffix != ".safetensors" for p in files):
+        return {k: _to_numpy(v) for k, v in read_state_dict(files).items()}
+    out = {}
+    for name, s in catalog(files).items():
+        dtype = numpy_dtype(SAFETENSORS_DTYPES[s.dtype])
+        count = int(np.prod(s.shape, dtype=np.int64))
+        if count * dtype.itemsize != s.nbytes:
+            raise CheckpointError(f"{s.path}: tensor {name}'s byte count does not match its shape {s.shape} and "
+                                  f"dtype {s.dtype}; it may be corrupted — download or save it again")
+        out[name] = np.memmap(s.path, dtype=dtype, mode="r", offset=s.offset, shape=s.shape) if count else \
+            np.zeros(s.shape, dtype)
+    return out
+
+
+def _to_numpy(t: Tensor) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
+    return t.numpy()
+
+
+def read_family_config(directory: Path, self_family: type[ModelConfig], loader: str) -> ModelConfig:
+    """``directory``'s config.json, which must describe a model of ``self_family``."""
+    from .models import config_class
+    from .models.config import read_json
+
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json; a checkpoint directory needs one")
+    d = read_json(path)
+    model_type = d.get("model_type", "opt") if isinstance(d, dict) else None
+    if model_type is not None and model_type != self_family.model_type:
+        config_class(model_type)  # an unsupported family is named as such
+        raise CheckpointError(f"{directory} holds a {model_type} model; {loader} loads {self_family.model_type} "
+                                   f"checkpoints — use optlm.AutoModelForCausalLM (or the {model_type} class)")
+    return self_family.from_json_file(path)
 
 
 # ---- names --------------------------------------------------------------------------------------------
@@ -171,24 +301,32 @@ def _layer_count(keys: Iterable[str]) -> int:
 
 
 def check_state_dict(model: nn.Module, state: dict[str, Tensor], optional: set[str], source: str) -> list[str]:
+    """:func:`check_shapes` for a torch model: its state dict is what the checkpoint must provide."""
+    return check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                        {k: tuple(v.shape) for k, v in state.items()}, optional, source)
+
+
+def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], optional: set[str],
+                 source: str) -> list[str]:
     """Raise on missing, unexpected or mis-shaped weights, naming each; return the optional keys missing.
 
-    ``optional`` are weights the model may initialise itself (a new classification head, a tied lm_head).
-    Keys of heads this model does not have (e.g. ``lm_head.weight`` loaded into OPTModel) are ignored.
+    ``expected``: the model's tensor names and shapes; ``found``: the checkpoint's (after
+    :func:`normalize_keys`). ``optional`` are weights the model may initialise itself (a new classification
+    head, a tied lm_head). Keys of heads this model does not have (e.g. ``lm_head.weight`` loaded into
+    OPTModel) are ignored.
     """
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = sorted(k for k in expected if k not in state and k not in optional)
+    missing = sorted(k for k in expected if k not in found and k not in optional)
     head_keys = ("lm_head.", "score.", "qa_outputs.")
-    unexpected = sorted(k for k in state if k not in expected and not k.startswith(head_keys))
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
-                  for k in sorted(expected) if k in state and state[k].shape != expected[k]]
+    unexpected = sorted(k for k in found if k not in expected and not k.startswith(head_keys))
+    mismatched = [f"{k}: checkpoint {tuple(found[k])} vs model {tuple(expected[k])}"
+                  for k in sorted(expected) if k in found and tuple(found[k]) != tuple(expected[k])]
     if missing or unexpected or mismatched:
         lines = [f"checkpoint {source} does not fit the model built from its config:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if items:
                 shown = items[:12] + ([f"... and {len(items) - 12} more"] if len(items) > 12 else [])
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
-        ckpt_layers, model_layers = _layer_count(state), _layer_count(expected)
+        ckpt_layers, model_layers = _layer_count(found), _layer_count(expected)
         if ckpt_layers != model_layers:
             lines.append(f"  the checkpoint has {ckpt_layers} layers but config.json says num_hidden_layers="
                          f"{model_layers}")
@@ -196,11 +334,23 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], optional: set[s
             lines.append("  fix config.json (hidden_size, ffn_dim, vocab_size, word_embed_proj_dim, "
                          "num_hidden_layers …) so it describes these weights")
         raise CheckpointError("\n".join(lines))
-    return sorted(k for k in optional if k not in state)
+    return sorted(k for k in optional if k not in found)
+
+
+def read_checked_arrays(directory: Path, expected: dict[str, tuple[int, ...]], optional: set[str], prefix: str,
+                        ignore: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """The checkpoint in ``directory`` as numpy arrays under the model's names, after the same name mapping
+    and shape check as the PyTorch loader (:func:`normalize_keys`, :func:`check_shapes`): every name of
+    ``expected`` but the ``optional`` ones the checkpoint lacks."""
+    state = normalize_keys(read_arrays(weight_files(directory)), set(expected), prefix, ignore)
+    check_shapes(expected, {k: v.shape for k, v in state.items()}, optional, str(directory))
+    return {k: v for k, v in state.items() if k in expected}
 
 
 def storage_dtype(state: dict[str, Tensor]) -> torch.dtype:
     """The floating dtype the checkpoint stores its weights in."""
+    import torch
+
     for value in state.values():
         if value.is_floating_point():
             return value.dtype
@@ -220,20 +370,30 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * units[(m.group(2) or "b").lower()])
 
 
-def save_state_dict(state: dict[str, Tensor], directory: Path, max_shard_size: int | str = "5GB",
-                    stem: str = "model") -> None:
+def save_state_dict(state: dict[str, Tensor] | dict[str, np.ndarray], directory: Path,
+                    max_shard_size: int | str = "5GB", stem: str = "model") -> None:
     """Write safetensors, sharded with an index when larger than ``max_shard_size`` (transformers' layout);
-    ``stem`` names the files (``model`` as transformers does, or :data:`QUANTIZED_STEM`)."""
+    ``stem`` names the files (``model`` as transformers does, or :data:`QUANTIZED_STEM`). ``state`` holds torch
+    tensors or numpy arrays (the JAX and TensorFlow ports save through numpy, bfloat16 included)."""
+    if all(isinstance(v, np.ndarray) for v in state.values()):
+        from safetensors.numpy import save_file
+
+        state = {k: np.ascontiguousarray(v) for k, v in state.items()}
+        sizes = {k: v.nbytes for k, v in state.items()}
+    else:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous() for k, v in state.items()}
+        sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
     limit = parse_size(max_shard_size)
-    shards: list[dict[str, Tensor]] = [{}]
+    shards: list[dict] = [{}]
     size = 0
     for key, value in state.items():
-        nbytes = value.numel() * value.element_size()
-        if shards[-1] and size + nbytes > limit:
+        if shards[-1] and size + sizes[key] > limit:
             shards.append({})
             size = 0
-        shards[-1][key] = value.detach().contiguous()
-        size += nbytes
+        shards[-1][key] = value
+        size += sizes[key]
     directory.mkdir(parents=True, exist_ok=True)
     for old in ("model", QUANTIZED_STEM):  # a previous save (other shard count, other precision) must not linger
         for stale in [*directory.glob(f"{old}*.safetensors"), directory / f"{old}.safetensors.index.json"]:
@@ -246,7 +406,7 @@ def save_state_dict(state: dict[str, Tensor], directory: Path, max_shard_size: i
         name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(directory / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
-    total = sum(v.numel() * v.element_size() for v in state.values())
+    total = sum(sizes.values())
     with open(directory / f"{stem}.safetensors.index.json", "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
 

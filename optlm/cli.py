@@ -388,7 +388,7 @@ _SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "num_beams
 
 def _generation_params(args: argparse.Namespace) -> dict:
     """Decoding keywords from the flags (preset first, explicit flags over it), checked before loading."""
-    from .generate import validate_params
+    from .generation_config import validate_params
     from .lm import resolve_params
 
     params = resolve_params(args.preset, **{k: getattr(args, k) for k in _SAMPLING_FLAGS})

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..generate import MIN_TEMPERATURE
-from ..generate import is_finite_number as _is_number
-from ..generate import is_int as _is_int
+from ..generation_config import MIN_TEMPERATURE
+from ..generation_config import is_finite_number as _is_number
+from ..generation_config import is_int as _is_int
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 

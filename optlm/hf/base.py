@@ -19,23 +19,18 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .. import checkpoint as ckpt
+from ..checkpoint import read_family_config
 from ..kv_cache import KVCache
 from ..models.config import ModelConfig
 from ..models.core import Frame, kv_heads, set_attn_implementation
 from ..quantize import finish_quantized, prepare_quantized, quantization_config, saved_state
 from ..quantize import quantize as quantize_model
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
-           "fp64": torch.float64, "double": torch.float64}
-
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return None if dtype == "auto" else dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    return getattr(torch, ckpt.dtype_name(dtype))  # a name: the same names and errors in every framework
 
 
 def parse_device(device: torch.device | str | None) -> torch.device | None:
@@ -353,23 +348,6 @@ def _offloaded(cls: type, directory: Path, config: ModelConfig, dtype: torch.dty
     if max_memory is not None:
         return streaming.offloaded(cls, directory, config, dtype, max_memory=ckpt.parse_size(max_memory))
     return streaming.offloaded(cls, directory, config, dtype, window=2 if offload is True else int(offload))
-
-
-def read_family_config(directory: Path, self_family: type[ModelConfig], loader: str) -> ModelConfig:
-    """``directory``'s config.json, which must describe a model of ``self_family``."""
-    from ..models import config_class
-    from ..models.config import read_json
-
-    path = directory / "config.json"
-    if not path.is_file():
-        raise ckpt.CheckpointError(f"{directory} has no config.json; a checkpoint directory needs one")
-    d = read_json(path)
-    model_type = d.get("model_type", "opt") if isinstance(d, dict) else None
-    if model_type is not None and model_type != self_family.model_type:
-        config_class(model_type)  # an unsupported family is named as such
-        raise ckpt.CheckpointError(f"{directory} holds a {model_type} model; {loader} loads {self_family.model_type} "
-                                   f"checkpoints — use optlm.AutoModelForCausalLM (or the {model_type} class)")
-    return self_family.from_json_file(path)
 
 
 class BaseModel(PreTrainedModel):

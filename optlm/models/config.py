@@ -160,3 +160,11 @@ def read_json(path: str | os.PathLike) -> Any:
             return json.loads(f.read().decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON ({e}); is it a config.json?") from e
+
+
+def check_positions(highest: int, lowest: int, limit: int) -> None:
+    """Every position of an input must fit the model's ``limit`` (max_position_embeddings; -1 marks padding):
+    a ValueError naming the fix otherwise. Shared by the PyTorch, JAX and TensorFlow decoders."""
+    if highest >= limit or lowest < -1:
+        raise ValueError(f"the input reaches position {highest} (counting from 0); this model allows "
+                         f"{limit} tokens (max_position_embeddings) — shorten or truncate it")

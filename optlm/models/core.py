@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import check_positions
+
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
 ACTIVATIONS = {
@@ -48,10 +50,7 @@ def frame_for(ids: Tensor, frame: Frame | None, limit: int) -> Frame:
     padding; every position in it must fit ``limit`` (max_position_embeddings; -1 is padding)."""
     if frame is None:
         frame = Frame.causal(*ids.shape, ids.device)
-    positions = frame.positions
-    if int(positions.max()) >= limit or int(positions.min()) < -1:
-        raise ValueError(f"the input reaches position {int(positions.max())} (counting from 0); this model allows "
-                         f"{limit} tokens (max_position_embeddings) — shorten or truncate it")
+    check_positions(int(frame.positions.max()), int(frame.positions.min()), limit)
     return frame
 
 

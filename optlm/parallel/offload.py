@@ -18,66 +18,29 @@ running layers are not in memory, so training, saving or fusing projections is r
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .. import checkpoint as ckpt
+from ..checkpoint import Stored
 
-# safetensors' dtype names (https://github.com/huggingface/safetensors, format.md)
+# safetensors' dtype names (https://github.com/huggingface/safetensors, format.md) as torch dtypes
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 
 
-@dataclass(frozen=True)
-class Stored:
-    """Where one tensor lies in a safetensors file."""
-
-    path: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int  # from the start of the file
-    nbytes: int
-
-
-def catalog(files: list[Path]) -> dict[str, Stored]:
-    """Every tensor of the checkpoint's safetensors files, from their headers (no tensor data read)."""
-    out: dict[str, Stored] = {}
-    for path in files:
-        if path.suffix != ".safetensors":
-            raise ckpt.CheckpointError(f"streaming layers reads safetensors files; {path} is not one — load it "
-                                       "once and save_pretrained() it (optlm writes safetensors), then offload that")
-        try:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            size = path.stat().st_size
-            for name, entry in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = entry["data_offsets"]
-                if entry["dtype"] not in DTYPES or not 0 <= begin <= end <= size - 8 - n:
-                    raise ValueError(f"tensor {name}: dtype {entry['dtype']} or offsets {begin}..{end} out of range")
-                out[name] = Stored(path, DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + n + begin, end - begin)
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-            raise ckpt.CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
-                                       "corrupted — download or save it again") from e
-    return out
-
-
 def read_into(stored: Stored, out: Tensor, fds: dict[Path, int]) -> None:
     """Read ``stored`` into ``out`` (contiguous, same shape), converting its dtype if they differ."""
-    target = out if out.dtype == stored.dtype else torch.empty(stored.shape, dtype=stored.dtype)
+    dtype = DTYPES[stored.dtype]
+    target = out if out.dtype == dtype else torch.empty(stored.shape, dtype=dtype)
     buffer = memoryview(target.view(-1).view(torch.uint8).numpy())
     if buffer.nbytes != stored.nbytes:
         raise ckpt.CheckpointError(f"{stored.path}: a tensor's byte count does not match its shape and dtype")
@@ -216,11 +179,16 @@ def offloaded(cls: type[nn.Module], directory: Path, config, dtype: torch.dtype 
         raise ValueError(f"offload={window}: streaming keeps at least 2 layers resident (one computing, one being "
                          "read); use offload=True for 2")
 
-    stored = catalog(ckpt.weight_files(directory))
+    files = ckpt.weight_files(directory)
+    for path in files:
+        if path.suffix != ".safetensors":
+            raise ckpt.CheckpointError(f"streaming layers reads safetensors files; {path} is not one — load it "
+                                       "once and save_pretrained() it (optlm writes safetensors), then offload that")
+    stored = ckpt.catalog(files)
     model = empty_model(cls, config)
     if window is not None and window >= len(model.get_decoder().layers):
         return None
-    placeholders = {k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in stored.items()}
+    placeholders = {k: torch.empty(s.shape, dtype=DTYPES[s.dtype], device="meta") for k, s in stored.items()}
     names = ckpt.normalize_keys(placeholders, set(model.state_dict()), cls.base_model_prefix,
                                 cls._ignore_checkpoint_keys)
     new_keys = ckpt.check_state_dict(model, names, set(model._optional_keys), str(directory))
@@ -246,7 +214,7 @@ def offloaded(cls: type[nn.Module], directory: Path, config, dtype: torch.dtype 
                 index, _, name = key[len(prefix):].partition(".")
                 sources[int(index)][name] = s
             elif key in model.state_dict():
-                t = torch.empty(s.shape, dtype=target if s.dtype.is_floating_point else s.dtype)
+                t = torch.empty(s.shape, dtype=target if DTYPES[s.dtype].is_floating_point else DTYPES[s.dtype])
                 read_into(s, t, fds)
                 resident[key] = t
     finally:

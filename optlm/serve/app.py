@@ -30,7 +30,7 @@ from ..engine.engine import RequestOutput
 from ..engine.lora import LoRARequest
 from ..engine.params import SamplingParams
 from ..engine.sampler import Logprob
-from ..generate import ContextLengthError
+from ..generation_config import ContextLengthError
 from .errors import APIError, api_error_handler, bad_value, http_handler, unexpected_handler, validation_handler
 from .guard import Guard
 from .metrics import Metrics

@@ -15,11 +15,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core import Frame, SelfAttention, activation, frame_for
+from .arch import LAYER_NORM_EPS, POSITION_OFFSET, has_final_layer_norm, has_projections
 from .config import OPTConfig
-
-# fairseq legacy: learned positions are offset by 2 (ids 0 and 1 were reserved for padding in metaseq), so
-# position p reads row p + 2 and a padding position (-1, see positions_from_mask) reads row 1.
-POSITION_OFFSET = 2
 
 
 class OPTDecoderLayer(nn.Module):
@@ -32,10 +29,10 @@ class OPTDecoderLayer(nn.Module):
         self.pre_ln = config.do_layer_norm_before
         self.dropout = config.dropout
         self.act = activation(config.activation_function)
-        self.self_attn_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
+        self.self_attn_layer_norm = nn.LayerNorm(d, LAYER_NORM_EPS, affine)
         self.fc1 = nn.Linear(d, config.ffn_dim, bias=config.enable_bias)
         self.fc2 = nn.Linear(config.ffn_dim, d, bias=config.enable_bias)
-        self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
+        self.final_layer_norm = nn.LayerNorm(d, LAYER_NORM_EPS, affine)
 
     def forward(self, x: Tensor, frame: Frame) -> Tensor:
         # Pre-LN (every OPT but 350m) normalises each sublayer's input; post-LN (350m) its residual sum.
@@ -62,12 +59,12 @@ class OPTDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, e, config.pad_token_id)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, d)
         # opt-350m keeps 512-wide embeddings and projects them in and out of the 1024-wide decoder.
-        self.project_out = nn.Linear(d, e, bias=False) if e != d else None
-        self.project_in = nn.Linear(e, d, bias=False) if e != d else None
+        self.project_out = nn.Linear(d, e, bias=False) if has_projections(config) else None
+        self.project_in = nn.Linear(e, d, bias=False) if has_projections(config) else None
         # The final norm exists only for pre-LN models (post-LN already ends each block with one), and some
         # converted metaseq checkpoints drop it (_remove_final_layer_norm).
-        if config.do_layer_norm_before and not config._remove_final_layer_norm:
-            self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=config.layer_norm_elementwise_affine)
+        if has_final_layer_norm(config):
+            self.final_layer_norm = nn.LayerNorm(d, LAYER_NORM_EPS, config.layer_norm_elementwise_affine)
         else:
             self.final_layer_norm = None
         self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
