@@ -1,0 +1,120 @@
+"""What the JAX and TensorFlow ports of OPT (``optlm.flax``, ``optlm.tf``) share besides the architecture
+(:mod:`optlm.models.opt.arch`): reading a checkpoint into numpy arrays under the model's names, random
+initialisation, the checks on ``generate``'s arguments, and the output records. No framework is imported here,
+torch included, so each port runs with its own framework alone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .generation_config import GenerationConfig, check_prompt, make_config
+from .models.opt import arch
+from .models.opt.config import OPTConfig
+
+FLOAT_KINDS = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass
+class BaseModelOutput:
+    """The decoder's output: ``last_hidden_state`` ``(B, T, word_embed_proj_dim)`` and the cache."""
+
+    last_hidden_state: Any
+    past_key_values: Any = None
+
+
+@dataclass
+class CausalLMOutput:
+    """The causal LM's output: ``logits`` ``(B, T, vocab_size)`` and the cache."""
+
+    logits: Any
+    past_key_values: Any = None
+
+
+def resolve_config(path_or_id: str | os.PathLike, loader: str, revision: str | None = None):
+    """The checkpoint directory of a local path or hub id, and its OPT config (another family is refused,
+    naming it, as the PyTorch classes do)."""
+    directory = ckpt.resolve(path_or_id, revision)
+    config = ckpt.read_family_config(directory, OPTConfig, loader)
+    if "quantization_config" in config.extra:
+        raise ckpt.CheckpointError(f"{directory} is an optlm quantized checkpoint; {loader} runs floating-point "
+                                   "weights — load the unquantized checkpoint (quantized ones run in optlm's PyTorch "
+                                   "classes)")
+    return directory, config
+
+
+def read_weights(directory, config: OPTConfig, head: bool, dtype: Any) -> tuple[dict[str, np.ndarray], str]:
+    """The checkpoint's tensors under the model's names (memory-mapped numpy arrays, checked against
+    :func:`arch.tensor_shapes` with the PyTorch loader's messages) and the floating dtype to hold them in:
+    ``dtype`` (any framework's or a name), or the checkpoint's own for None / "auto"."""
+    target = ckpt.dtype_name(dtype)
+    arrays = ckpt.read_checked_arrays(directory, arch.tensor_shapes(config, head), arch.optional_tensors(config, head),
+                                      arch.BASE_PREFIX)
+    if target is None:
+        target = next((a.dtype.name for a in arrays.values() if a.dtype.name in FLOAT_KINDS), "float32")
+    return arrays, target
+
+
+def random_weights(config: OPTConfig, head: bool, seed: int) -> dict[str, np.ndarray]:
+    """Fresh weights as transformers initialises OPT: N(0, init_std) for embeddings and linear weights (the
+    padding row of the token embedding zero), zero biases, unit norm weights; float32."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in arch.tensor_shapes(config, head).items():
+        if name.endswith("bias"):
+            out[name] = np.zeros(shape, np.float32)
+        elif "layer_norm" in name:
+            out[name] = np.ones(shape, np.float32)
+        else:
+            out[name] = rng.normal(0.0, config.init_std, shape).astype(np.float32)
+            if name.endswith("embed_tokens.weight") and config.pad_token_id is not None:
+                out[name][config.pad_token_id] = 0.0
+    if head and config.tie_word_embeddings:
+        del out["lm_head.weight"]
+    return out
+
+
+# Decoding the ports compile: greedy and sampling with temperature, top-k and top-p. Any other generate keyword
+# (beams, penalties, stop strings …) is the PyTorch model's.
+PORTED = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
+
+
+def prepare(config: OPTConfig, input_ids: Any, attention_mask: Any, framework: str,
+            params: dict[str, Any]) -> tuple[GenerationConfig, np.ndarray, np.ndarray]:
+    """``generate``'s arguments checked as the PyTorch ``generate`` checks them (same errors), and any keyword
+    the port does not compile refused by name: the config, the ids ``(B, P)`` and the mask (ones where there is
+    no padding), as int32 host arrays."""
+    cfg = make_config(SimpleNamespace(config=config), **params)
+    default = GenerationConfig()
+    other = sorted(k for k in params if k not in PORTED and getattr(cfg, k) != getattr(default, k))
+    if other:
+        raise ValueError(f"{framework} generate() decodes greedily or by sampling (max_new_tokens, do_sample, "
+                         f"temperature, top_k, top_p, eos_token_id, pad_token_id); {', '.join(other)} need optlm's "
+                         "PyTorch model (optlm.OPTForCausalLM)")
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"input_ids must be a non-empty 1-D or 2-D array of integer token ids, got {ids.dtype} of "
+                        f"shape {ids.shape}")
+    mask = check_prompt(ids, None if attention_mask is None else np.asarray(attention_mask), cfg, config.vocab_size,
+                        config.max_position_embeddings)
+    mask = np.ones(ids.shape, np.int32) if mask is None else mask.astype(np.int32)
+    return cfg, ids.astype(np.int32), mask
+
+
+def finish(ids: np.ndarray, new: np.ndarray, steps: int) -> np.ndarray:
+    """Prompt + the ``steps`` tokens generated (rows that finished early hold the pad id), as transformers
+    returns them: the generation stops when every row has finished."""
+    return np.concatenate([ids, np.asarray(new)[:, :steps].astype(ids.dtype)], axis=1)
+
+
+def eos_array(cfg: GenerationConfig) -> np.ndarray:
+    """The end-of-sequence ids (at least one entry: -1, which no token equals, when there are none)."""
+    return np.asarray(cfg.eos_ids or [-1], np.int32)
