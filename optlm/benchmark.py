@@ -33,6 +33,8 @@ import torch
 
 OPTLM_PRECISIONS = ("fp32", "bf16", "int8", "int8-dynamic", "int4")
 CT2_PRECISIONS = ("fp32", "int8")
+FRAMEWORKS = ("torch", "flax", "tf")  # optlm's PyTorch core, its JAX/Flax port, its TensorFlow port
+PORT_PRECISIONS = ("fp32", "bf16")  # what the JAX and TensorFlow ports run in
 CACHE_DIR = Path(os.environ.get("OPTLM_BENCH_CACHE", Path.home() / ".cache" / "optlm-bench"))
 
 
@@ -43,6 +45,12 @@ class Result:
     decode: list[float] = field(default_factory=list)  # tok/s
     prefill: list[float] = field(default_factory=list)  # tok/s
     peak_mb: list[float] | None = None  # [peak, after the run]
+    full: list[float] = field(default_factory=list)  # seconds of each N-token run
+    first: list[float] = field(default_factory=list)  # seconds of the warm-up round's 1-token and N-token runs
+
+    def first_call_s(self) -> float:
+        """What the first calls cost beyond steady ones: compilation, for the JAX and TensorFlow ports."""
+        return max(0.0, self.first[0] - self.median("ttft")) + max(0.0, self.first[1] - self.median("full"))
 
     def median(self, name: str) -> float:
         return statistics.median(getattr(self, name))
@@ -211,12 +219,33 @@ def load_ctranslate2(checkpoint: Path, precision: str, threads: int) -> Callable
     return run
 
 
+def load_port(framework: str, checkpoint: Path, precision: str, threads: int) -> Callable:
+    """optlm's JAX or TensorFlow port: ``generate`` compiled (once per batch, prompt and token count), with no
+    end-of-sequence id, so every run makes exactly the tokens asked for."""
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
+    if framework == "flax":
+        from .flax import FlaxOPTForCausalLM as cls
+    else:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        from .tf import TFOPTForCausalLM as cls
+    model = cls.from_pretrained(checkpoint, dtype=dtype)
+
+    def run(ids: torch.Tensor, n: int) -> list[list[int]]:
+        out = model.generate(ids.numpy(), max_new_tokens=n, eos_token_id=[])
+        return out[:, ids.shape[1]:].tolist()
+
+    return run
+
+
 def available_peers() -> dict[str, bool]:
     return {name: importlib.util.find_spec(name) is not None for name in ("transformers", "ctranslate2")}
 
 
-def engine_names(precisions: list[str], peers: dict[str, bool]) -> list[str]:
-    names = [f"optlm {p}" for p in precisions]
+def engine_names(precisions: list[str], peers: dict[str, bool], frameworks: tuple[str, ...] = ("torch",)) -> list[str]:
+    names = [f"optlm {p}" for p in precisions] if "torch" in frameworks else []
+    names += [f"{f} {p}" for f in ("flax", "tf") if f in frameworks for p in precisions if p in PORT_PRECISIONS]
     if peers.get("transformers"):
         names.append("transformers fp32")
     if peers.get("ctranslate2") and peers.get("transformers"):  # the converter reads the model with transformers
@@ -230,6 +259,8 @@ def load_engine(name: str, checkpoint: Path, threads: int) -> Callable:
         return load_optlm(checkpoint, precision)
     if kind == "transformers":
         return load_transformers(checkpoint)
+    if kind in ("flax", "tf"):
+        return load_port(kind, checkpoint, precision, threads)
     return load_ctranslate2(checkpoint, precision, threads)
 
 
@@ -255,10 +286,12 @@ def measure(engines: dict[str, Callable], batch: int, prompt: int, new: int, rep
             tn, out = _timed(run, ids, new)
             if len(out[0]) != new:
                 raise RuntimeError(f"{name} generated {len(out[0])} tokens instead of {new}")
-            if r == 0:
-                continue  # warm-up: allocator, thread pools, lazily built kernels
             res = results[name]
+            if r == 0:
+                res.first = [t1, tn]
+                continue  # warm-up: allocator, thread pools, lazily built kernels, compilation
             res.ttft.append(t1)
+            res.full.append(tn)
             res.prefill.append(batch * prompt / t1)
             res.decode.append(batch * (new - 1) / max(tn - t1, 1e-9))
         if r:
@@ -290,7 +323,8 @@ def peak_memory_mb(name: str, checkpoint: Path, threads: int, prompt: int, new: 
 def _memory_probe(name: str, checkpoint: str, threads: int, prompt: int, new: int) -> float:
     torch.set_num_threads(threads)
     kind = name.split()[0]
-    __import__({"optlm": "optlm.hf", "transformers": "transformers", "ctranslate2": "ctranslate2"}[kind])
+    __import__({"optlm": "optlm.hf", "transformers": "transformers", "ctranslate2": "ctranslate2",
+                "flax": "optlm.flax", "tf": "optlm.tf"}[kind])
     if kind == "ctranslate2":
         __import__("transformers")  # the converter's import, kept out of the measured growth
     base = _rss_mb()
@@ -308,6 +342,12 @@ def single_table(results: dict[str, Result]) -> str:
         mem = "–" if r.peak_mb is None else f"{r.peak_mb[0]:.0f} ({r.peak_mb[1]:.0f})"
         lines.append(f"| {name} | {r.median('decode'):.1f} | {r.median('prefill'):.0f} | "
                      f"{1000 * r.median('ttft'):.0f} | {mem} |")
+    return "\n".join(lines)
+
+
+def first_call_table(results: dict[str, Result]) -> str:
+    lines = ["| engine | first calls beyond steady ones, s (compilation for JAX and TensorFlow) |", "|---|---:|"]
+    lines += [f"| {name} | {r.first_call_s():.2f} |" for name, r in results.items() if r.first]
     return "\n".join(lines)
 
 
@@ -337,7 +377,7 @@ def throughput_table(by_batch: dict[int, dict[str, Result]]) -> str:
 def run_benchmark(shapes: list[str], precisions: list[str], prompt: int = 128, new: int = 64, repeats: int = 5,
                   batch_sizes: list[int] | None = None, threads: int | None = None, memory: bool = True,
                   peers: dict[str, bool] | None = None, log: Callable[[str], None] = print,
-                  batch_shapes: list[str] | None = None) -> str:
+                  batch_shapes: list[str] | None = None, frameworks: tuple[str, ...] = ("torch",)) -> str:
     """Run everything and return the report as Markdown (also logged as it goes)."""
     from .fast import set_threads
 
@@ -351,7 +391,7 @@ def run_benchmark(shapes: list[str], precisions: list[str], prompt: int = 128, n
     log(report[-1])
     for shape in shapes:
         checkpoint = random_checkpoint(shape)
-        names = engine_names(precisions, peers)
+        names = engine_names(precisions, peers, frameworks)
         window = json.loads((checkpoint / "config.json").read_text()).get("window_size")
         if window is not None and prompt + new > window and any(n.startswith("ctranslate2") for n in names):
             # CTranslate2 runs GPT-Neo as its GPT-2 equivalent, which holds only within the local window
@@ -368,9 +408,13 @@ def run_benchmark(shapes: list[str], precisions: list[str], prompt: int = 128, n
                 results[n].peak_mb = peak_memory_mb(n, checkpoint, threads, prompt, new)
         report += [f"\n### {shape}, batch 1\n", single_table(results), "", ratio_table(results, "decode"), "",
                    ratio_table(results, "prefill")]
+        compiled = any(not n.startswith(("optlm", "transformers", "ctranslate2")) for n in names)
+        if compiled:
+            report += ["", first_call_table(results)]
         if batch_sizes and (batch_shapes is None or shape in batch_shapes):
-            # Engines are warm from the batch-1 rounds; fewer rounds, as each one costs batch-size times more.
-            by_batch = {b: measure(engines, b, prompt, new, max(1, repeats // 2), vocab, log, warmup=False)
+            # Engines are warm from the batch-1 rounds (compiled ports compile again for a new batch size, so they
+            # get a warm-up round); fewer rounds, as each one costs batch-size times more.
+            by_batch = {b: measure(engines, b, prompt, new, max(1, repeats // 2), vocab, log, warmup=compiled)
                         for b in batch_sizes}
             report += [f"\n### {shape}, batched decode throughput\n", throughput_table(by_batch)]
         del engines
@@ -392,6 +436,9 @@ def add_arguments(parser) -> None:
                         help="comma-separated published shapes, random weights (opt-125m … opt-175b, gpt-neo-125m, "
                              "gpt-neo-1.3b, gpt-neo-2.7b)")
     parser.add_argument("--precisions", default=",".join(OPTLM_PRECISIONS), help="optlm precisions to measure")
+    parser.add_argument("--framework", default="torch",
+                        help="comma-separated: torch (optlm's PyTorch core), flax, tf (its JAX and TensorFlow ports, "
+                             f"at the precisions among {', '.join(PORT_PRECISIONS)}; need optlm[flax] / optlm[tf])")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians are reported)")
@@ -408,11 +455,16 @@ def run_from_args(args) -> int:
     bad = [p for p in precisions if p not in OPTLM_PRECISIONS]
     if bad:
         raise ValueError(f"unknown precision(s) {bad}; choose from {', '.join(OPTLM_PRECISIONS)}")
+    frameworks = tuple(f for f in args.framework.split(",") if f)
+    bad = [f for f in frameworks if f not in FRAMEWORKS]
+    if bad or not frameworks:
+        raise ValueError(f"unknown framework(s) {bad}; choose from {', '.join(FRAMEWORKS)}")
     peers = {"transformers": False, "ctranslate2": False} if args.optlm_only else None
     report = run_benchmark([s for s in args.shapes.split(",") if s], precisions, args.prompt_tokens,
                            args.new_tokens, args.repeats, [int(b) for b in args.batch_sizes.split(",") if b],
                            args.threads, not args.no_memory, peers,
-                           batch_shapes=None if args.batch_shapes == "all" else args.batch_shapes.split(","))
+                           batch_shapes=None if args.batch_shapes == "all" else args.batch_shapes.split(","),
+                           frameworks=frameworks)
     if args.markdown:
         argv = sys.argv[1:]
         command = " ".join(["optlm"] + argv[argv.index("bench"):] if "bench" in argv

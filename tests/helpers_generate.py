@@ -144,3 +144,38 @@ class ScriptedLM(nn.Module):
             i = int(nxt[b] - self.start[b])
             logits[b, self.script[i] if 0 <= i < len(self.script) else self.after] = 30.0
         return logits, torch.zeros(B, T, 8)
+
+
+# The sampling distribution checks (PyTorch, JAX, TensorFlow samplers): fixed logits over a tiny vocabulary, and
+# filter settings covering plain, top-k, top-p and both.
+CHI2_LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.3, 0.0, -0.5, -1.0, -3.0])
+SAMPLING_CASES = [(1.0, None, 1.0), (0.7, 5, 1.0), (1.3, None, 0.8), (0.5, 6, 0.95)]
+# Upper 0.1% points of the chi-square distribution, by degrees of freedom.
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+
+
+def filtered_softmax(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float):
+    """The target of sampling written out directly: scale, keep the top k, keep the nucleus, renormalise.
+    Returns the probabilities (float64) and which tokens are kept."""
+    target = torch.softmax(logits.double() / temperature, -1)
+    order = target.argsort(descending=True)
+    keep = torch.zeros(len(logits), dtype=torch.bool)
+    above = 0.0
+    for rank, i in enumerate(order.tolist()):
+        if (top_k is None or rank < top_k) and above < top_p:
+            keep[i] = True
+        above += float(target[i])
+    target = torch.where(keep, target, 0.0)
+    return target / target.sum(), keep
+
+
+def assert_follows(draws, target: torch.Tensor, keep: torch.Tensor) -> None:
+    """Chi-square goodness of fit of ``draws`` (token ids) to ``target`` at the 0.1% level; filtered tokens are
+    never drawn."""
+    draws = torch.as_tensor(draws).long().flatten()
+    n = len(draws)
+    counts = torch.bincount(draws, minlength=len(target)).double()
+    assert counts[~keep].sum() == 0  # filtered tokens are never drawn
+    expected = target[keep] * n
+    chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
+    assert chi2 < CHI2_999[int(keep.sum()) - 1], (chi2, counts.tolist(), expected.tolist())

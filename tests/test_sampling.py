@@ -10,7 +10,13 @@ import math
 
 import pytest
 import torch
-from helpers_generate import one_thread  # noqa: F401 (a fixture, used through pytestmark)
+from helpers_generate import (  # noqa: F401 (one_thread: a fixture, used through pytestmark)
+    CHI2_LOGITS,
+    SAMPLING_CASES,
+    assert_follows,
+    filtered_softmax,
+    one_thread,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -114,32 +120,12 @@ def test_ban_tokens_and_temperature():
         sampling.apply_temperature(scores, 0.0)
 
 
-# Upper 0.1% points of the chi-square distribution, by degrees of freedom.
-CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
-
-
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, 1.0), (0.7, 5, 1.0), (1.3, None, 0.8),
-                                                     (0.5, 6, 0.95)])
+@pytest.mark.parametrize("temperature,top_k,top_p", SAMPLING_CASES)
 def test_draws_follow_softmax_of_the_filtered_scaled_logits(temperature, top_k, top_p):
-    logits = torch.tensor([2.0, 1.5, 1.0, 0.3, 0.0, -0.5, -1.0, -3.0])
-    scores = sampling.warp(logits[None], temperature, top_k, top_p)[0]
-    # The target written out directly: scale, keep the top k, keep the nucleus, renormalise.
-    target = torch.softmax(logits.double() / temperature, -1)
-    order = target.argsort(descending=True)
-    keep = torch.zeros(8, dtype=torch.bool)
-    above = 0.0
-    for rank, i in enumerate(order.tolist()):
-        if (top_k is None or rank < top_k) and above < top_p:
-            keep[i] = True
-        above += float(target[i])
-    target = torch.where(keep, target, 0.0)
-    target /= target.sum()
+    scores = sampling.warp(CHI2_LOGITS[None], temperature, top_k, top_p)[0]
+    target, keep = filtered_softmax(CHI2_LOGITS, temperature, top_k, top_p)
     assert torch.equal(scores > -math.inf, keep)
 
     n = 40_000
     draws = sampling.sample(scores.expand(n, 8), torch.Generator().manual_seed(0))
-    counts = torch.bincount(draws, minlength=8).double()
-    assert counts[~keep].sum() == 0  # filtered tokens are never drawn
-    expected = target[keep] * n
-    chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
-    assert chi2 < CHI2_999[int(keep.sum()) - 1], (chi2, counts.tolist(), expected.tolist())
+    assert_follows(draws, target, keep)

@@ -392,7 +392,7 @@ class FlaxOPTForCausalLM(_OPT):
         return port.finish(ids, np.asarray(new), int(steps))
 
 
-def _choose(logits: jax.Array, key: jax.Array, temperature, top_p, sample: bool, top_k: int,
+def next_tokens(logits: jax.Array, key: jax.Array, temperature, top_p, sample: bool, top_k: int,
             nucleus: bool) -> jax.Array:
     """The next token of each row from its last logits ``(B, V)``, filtered as transformers' warpers do, in
     their order: temperature, then top-k, then top-p (``nucleus``)."""
@@ -423,7 +423,7 @@ def _generate(graphdef, state, ids, mask, key, temperature, top_p, eos, pad, *, 
     cache = model.init_cache(B, P + new)
     positions = jnp.cumsum(mask, axis=1) * mask - 1  # (B, P)
     x, cache = model._run(ids, positions, mask, cache)
-    choose = functools.partial(_choose, temperature=temperature, top_p=top_p, sample=sample, top_k=top_k,
+    choose = functools.partial(next_tokens, temperature=temperature, top_p=top_p, sample=sample, top_k=top_k,
                                nucleus=nucleus)
     key, sub = jax.random.split(key)
     token = choose(model._logits(x[:, -1:])[:, 0], sub)  # (B,)

@@ -401,7 +401,7 @@ class TFOPTForCausalLM(_OPT):
         x, keys, values, slot_mask = self._run(ids, positions, mask, keys, keys, slot_mask, 0)
 
         def choose(logits, step):
-            return _choose(logits, tf.stack([seed, tf.cast(step, tf.int64)]), temperature, top_p, sample, top_k,
+            return next_tokens(logits, tf.stack([seed, tf.cast(step, tf.int64)]), temperature, top_p, sample, top_k,
                            nucleus)
 
         token = choose(self._logits(x[:, -1:])[:, 0], 0)  # (B,)
@@ -468,9 +468,10 @@ class TFOPTForCausalLM(_OPT):
         tf.saved_model.save(module, str(export_dir), signatures={"serving_default": serving, "generate": generate})
 
 
-def _choose(logits, seed, temperature, top_p, sample: bool, top_k: int, nucleus: bool):
+def next_tokens(logits, seed, temperature, top_p, sample: bool, top_k: int, nucleus: bool):
     """The next token of each row from its last logits ``(B, V)``, filtered as transformers' warpers do, in
-    their order: temperature, then top-k, then top-p (``nucleus``); drawn with the stateless sampler."""
+    their order: temperature, then top-k, then top-p (``nucleus``); drawn from stateless noise (``seed``: two
+    int64), so a seed repeats its draws."""
     scores = tf.cast(logits, tf.float32)
     if not sample:
         return tf.argmax(scores, axis=-1, output_type=tf.int32)
@@ -486,4 +487,7 @@ def _choose(logits, seed, temperature, top_p, sample: bool, top_k: int, nucleus:
         drop = tf.concat([drop[:, :-1], tf.zeros_like(drop[:, -1:])], axis=1)  # the most likely token always stays
         drop = tf.gather(drop, tf.argsort(order, axis=-1), batch_dims=1)  # back to vocabulary order
         scores = tf.where(drop, -np.inf, scores)
-    return tf.cast(tf.random.stateless_categorical(scores, 1, seed)[:, 0], tf.int32)
+    # The Gumbel-max draw (argmax of scores + Gumbel noise is a draw from softmax(scores)): XLA compiles
+    # stateless uniform noise, not TensorFlow's multinomial op.
+    u = tf.random.stateless_uniform(tf.shape(scores), seed, minval=np.finfo(np.float32).tiny, maxval=1.0)
+    return tf.argmax(scores - tf.math.log(-tf.math.log(u)), axis=-1, output_type=tf.int32)
