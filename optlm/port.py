@@ -15,6 +15,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .generation_config import GenerationConfig, check_prompt, make_config
+from .models.config import check_positions
 from .models.opt import arch
 from .models.opt.config import OPTConfig
 
@@ -107,6 +108,43 @@ def prepare(config: OPTConfig, input_ids: Any, attention_mask: Any, framework: s
                         config.max_position_embeddings)
     mask = np.ones(ids.shape, np.int32) if mask is None else mask.astype(np.int32)
     return cfg, ids.astype(np.int32), mask
+
+
+def call_inputs(config: OPTConfig, input_ids: Any, attention_mask: Any, position_ids: Any, past: int,
+                past_mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A forward call's arguments checked as the PyTorch classes check them (same messages), after ``past``
+    cached tokens whose mask is ``past_mask`` ``(rows, >= past)`` (None without a cache): the ids ``(B, T)``,
+    their positions ``(B, T)`` and the mask of cached and new tokens ``(B, past + T)``, as int32 host arrays.
+    Without ``attention_mask`` the cached tokens keep the mask they were given and the new ones are real."""
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be a non-empty (batch, length) tensor of token ids, got {ids.dtype} of "
+                         f"shape {ids.shape}")
+    if int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size:
+        raise ValueError(f"input_ids must be token ids in [0, {config.vocab_size}) (vocab_size), got "
+                         f"{int(ids.min())}..{int(ids.max())}; is the tokenizer the model's own?")
+    B, T = ids.shape
+    if past_mask is not None and past_mask.shape[0] != B:
+        raise ValueError(f"past_key_values holds {past_mask.shape[0]} rows; input_ids has {B}")
+    if attention_mask is None:
+        cached = np.zeros((B, 0), np.int32) if past_mask is None else past_mask[:, :past]
+        mask = np.concatenate([cached, np.ones((B, T), np.int32)], axis=1)
+    else:
+        mask = np.asarray(attention_mask).astype(np.int32)
+        if mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {mask.shape}; expected ({B}, {past + T}) = "
+                             f"(batch, cached tokens {past} + new tokens {T})")
+    if position_ids is None:
+        positions = (np.cumsum(mask, axis=1) * mask - 1)[:, past:]
+    else:
+        positions = np.asarray(position_ids)
+        if positions.shape not in ((B, T), (1, T)):
+            raise ValueError(f"position_ids has shape {positions.shape}; expected ({B}, {T})")
+        positions = np.broadcast_to(positions, (B, T))
+    check_positions(int(positions.max()), int(positions.min()), config.max_position_embeddings)
+    return ids.astype(np.int32), positions.astype(np.int32), mask
 
 
 def finish(ids: np.ndarray, new: np.ndarray, steps: int) -> np.ndarray:

@@ -85,6 +85,12 @@ def test_logits_and_cached_decoding_equal_transformers(checkpoints, framework, n
     lm = ports.causal_lm(framework).from_pretrained(directory)
     got = np.asarray(lm(ids.numpy(), mask.numpy()).logits)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    positions = (torch.cumsum(mask, 1) * mask - 1 + 3 * mask).long()  # explicit positions, 3 further on
+    with torch.no_grad():
+        moved = ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits.numpy()
+    np.testing.assert_allclose(np.asarray(lm(ids.numpy(), mask.numpy(), position_ids=positions.numpy()).logits), moved,
+                               rtol=0, atol=1e-5)
+    assert np.abs(moved - want).max() > 1e-3  # the positions given are the ones used
     hidden = np.asarray(ports.base_model(framework).from_pretrained(directory)(ids.numpy(), mask.numpy())
                         .last_hidden_state)
     np.testing.assert_allclose(hidden, want_hidden, rtol=0, atol=1e-5)
@@ -160,8 +166,9 @@ def test_saved_weights_load_in_transformers(checkpoints, framework, tmp_path):
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_hub_key_layout_and_an_untied_head_load(checkpoints, tmp_path):
-    """The original hub uploads name tensors ``decoder.*``; a model may keep its own ``lm_head``."""
+def test_key_layouts_shards_pickles_and_an_untied_head_load(tmp_path):
+    """The original hub uploads name tensors ``decoder.*``; a model may keep its own ``lm_head``; checkpoints
+    come sharded, or as ``pytorch_model.bin``."""
     torch.manual_seed(1)
     ref = transformers.OPTForCausalLM(hf_config(tie_word_embeddings=False, init_std=0.1)).eval()
     ref.save_pretrained(tmp_path)
@@ -171,9 +178,17 @@ def test_hub_key_layout_and_an_untied_head_load(checkpoints, tmp_path):
     ids, mask = left_padded_batch()
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).logits.numpy()
+    # The same weights sharded, and as a weights-only pickle (read through torch's weights-only loader).
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    ref.save_pretrained(tmp_path / "bin", safe_serialization=False)
     for framework in FRAMEWORKS:
-        got = ports.causal_lm(framework).from_pretrained(tmp_path)(ids.numpy(), mask.numpy()).logits
-        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
+        lm = ports.causal_lm(framework).from_pretrained(tmp_path)
+        np.testing.assert_allclose(np.asarray(lm(ids.numpy(), mask.numpy()).logits), want, rtol=0, atol=1e-5)
+        for other in ("sharded", "bin"):
+            again = ports.causal_lm(framework).from_pretrained(tmp_path / other).state_arrays()
+            assert again.keys() == lm.state_arrays().keys()
+            assert all(np.array_equal(again[k], v) for k, v in lm.state_arrays().items())
 
 
 def test_savedmodel_runs_without_optlm(checkpoints, tmp_path):

@@ -21,7 +21,6 @@ from flax import nnx
 
 from .. import checkpoint as ckpt
 from .. import port
-from ..models.config import check_positions
 from ..models.opt import arch
 from ..models.opt.config import OPTConfig
 
@@ -276,36 +275,16 @@ class _OPT(nnx.Module):
         return KVCache(zeros, zeros, jnp.zeros((batch_size, max_length), jnp.int32), jnp.zeros((), jnp.int32))
 
     def _checked(self, input_ids, attention_mask, position_ids, cache):
-        """The public call's arguments as the compiled step takes them, checked as the PyTorch model checks
-        them: ids ``(B, T)``, positions ``(B, T)``, the cache (grown if it must), the new tokens' mask."""
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"input_ids must be a non-empty (batch, length) array of token ids, got {ids.dtype} of "
-                             f"shape {ids.shape}")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
-            raise ValueError(f"input_ids must be token ids in [0, {self.config.vocab_size}) (the model's "
-                             f"vocab_size), got {int(ids.min())}..{int(ids.max())}")
-        B, T = ids.shape
+        """The public call's arguments as the compiled step takes them (checked by :func:`port.call_inputs`):
+        ids ``(B, T)``, positions ``(B, T)``, the cache (made or grown to fit) and the new tokens' mask."""
         past = 0 if cache is None else int(cache.length)
-        if cache is None:
-            cache = self.init_cache(B, T)
-        elif cache.mask.shape[0] != B:
-            raise ValueError(f"past_key_values holds {cache.mask.shape[0]} rows; input_ids has {B}")
-        cache = cache.grown(past + T)
-        if attention_mask is None:
-            mask = np.concatenate([np.asarray(cache.mask[:, :past]), np.ones((B, T), np.int32)], axis=1)
-        else:
-            mask = np.asarray(attention_mask).astype(np.int32)
-            if mask.shape != (B, past + T):
-                raise ValueError(f"attention_mask has shape {mask.shape}; expected ({B}, {past + T}) = "
-                                 f"(batch, cached tokens {past} + new tokens {T})")
+        ids, positions, mask = port.call_inputs(self.config, input_ids, attention_mask, position_ids, past,
+                                                None if cache is None else np.asarray(cache.mask))
+        B, T = ids.shape
+        cache = (self.init_cache(B, T) if cache is None else cache).grown(past + T)
+        if attention_mask is not None:
             cache = dataclasses.replace(cache, mask=cache.mask.at[:, :past].set(mask[:, :past]))
-        if position_ids is None:
-            positions = (np.cumsum(mask, axis=1) * mask - 1)[:, past:]
-        else:
-            positions = np.asarray(position_ids).astype(np.int32).reshape(B, T)
-        check_positions(int(positions.max()), int(positions.min()), self.config.max_position_embeddings)
-        return ids.astype(np.int32), positions.astype(np.int32), cache, mask[:, past:]
+        return ids, positions, cache, mask[:, past:]
 
     def _run(self, ids, positions, new_mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """The decoder over ``ids`` ``(B, T)`` at the cache's next slots: hidden states ``(B, T, e)`` and the

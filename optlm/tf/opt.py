@@ -24,7 +24,6 @@ import tensorflow as tf
 
 from .. import checkpoint as ckpt
 from .. import port
-from ..models.config import check_positions
 from ..models.opt import arch
 from ..models.opt.config import OPTConfig
 
@@ -259,38 +258,16 @@ class _OPT(tf.Module):
         return KVCache(zeros, zeros, tf.zeros((batch_size, max_length), tf.int32), tf.constant(0, tf.int32))
 
     def _checked(self, input_ids, attention_mask, position_ids, cache):
-        """The public call's arguments as the compiled step takes them, checked as the PyTorch model checks
-        them: ids ``(B, T)``, positions ``(B, T)``, the cache (grown if it must), the new tokens' mask."""
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"input_ids must be a non-empty (batch, length) array of token ids, got {ids.dtype} of "
-                             f"shape {ids.shape}")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
-            raise ValueError(f"input_ids must be token ids in [0, {self.config.vocab_size}) (the model's "
-                             f"vocab_size), got {int(ids.min())}..{int(ids.max())}")
-        B, T = ids.shape
+        """The public call's arguments as the compiled step takes them (checked by :func:`port.call_inputs`):
+        ids ``(B, T)``, positions ``(B, T)``, the cache (made or grown to fit) and the new tokens' mask."""
         past = 0 if cache is None else int(cache.length)
-        if cache is None:
-            cache = self.init_cache(B, T)
-        elif int(cache.mask.shape[0]) != B:
-            raise ValueError(f"past_key_values holds {cache.mask.shape[0]} rows; input_ids has {B}")
-        cache = cache.grown(past + T)
-        if attention_mask is None:
-            mask = np.concatenate([cache.mask.numpy()[:, :past], np.ones((B, T), np.int32)], axis=1)
-        else:
-            mask = np.asarray(attention_mask).astype(np.int32)
-            if mask.shape != (B, past + T):
-                raise ValueError(f"attention_mask has shape {mask.shape}; expected ({B}, {past + T}) = "
-                                 f"(batch, cached tokens {past} + new tokens {T})")
-            full = cache.mask.numpy().copy()
-            full[:, :past] = mask[:, :past]
-            cache = dataclasses.replace(cache, mask=tf.constant(full))
-        if position_ids is None:
-            positions = (np.cumsum(mask, axis=1) * mask - 1)[:, past:]
-        else:
-            positions = np.asarray(position_ids).astype(np.int32).reshape(B, T)
-        check_positions(int(positions.max()), int(positions.min()), self.config.max_position_embeddings)
-        return ids.astype(np.int32), positions.astype(np.int32), cache, mask[:, past:]
+        ids, positions, mask = port.call_inputs(self.config, input_ids, attention_mask, position_ids, past,
+                                                None if cache is None else cache.mask.numpy())
+        B, T = ids.shape
+        cache = (self.init_cache(B, T) if cache is None else cache).grown(past + T)
+        if attention_mask is not None:
+            cache = dataclasses.replace(cache, mask=tf.concat([tf.constant(mask[:, :past]), cache.mask[:, past:]], 1))
+        return ids, positions, cache, mask[:, past:]
 
     def _run(self, ids, positions, new_mask, keys, values, mask, index):
         """The decoder over ``ids`` ``(B, T)`` at slots ``index …``: hidden states ``(B, T, e)``, the caches
@@ -309,7 +286,7 @@ class _OPT(tf.Module):
 
     def _compiled_step(self):
         if "step" not in self._compiled:
-            self._compiled["step"] = tf.function(self._step, jit_compile=True)
+            self._compiled["step"] = tf.function(self._step, jit_compile=True, reduce_retracing=True)
         return self._compiled["step"]
 
     def _forward(self, input_ids, attention_mask, position_ids, past_key_values):
