@@ -6,8 +6,10 @@ torch included, so each port runs with its own framework alone.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -60,6 +62,38 @@ def read_weights(directory, config: OPTConfig, head: bool, dtype: Any) -> tuple[
     if target is None:
         target = next((a.dtype.name for a in arrays.values() if a.dtype.name in FLOAT_KINDS), "float32")
     return arrays, target
+
+
+def model_weights(config: OPTConfig, head: bool, weights: dict[str, Any] | None, seed: int, dtype: Any,
+                  activations: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """What a port's constructor builds from: ``weights`` (checked against :func:`arch.tensor_shapes` with
+    the PyTorch loader's messages) or fresh random ones drawn with ``seed``, and the dtype name to hold them in
+    (``dtype``, else the weights' own floating dtype, else float32). ``activations``: the port's table, which
+    must know the config's activation function."""
+    if config.activation_function not in activations:
+        raise ValueError(f"activation_function {config.activation_function!r} is not supported; known: "
+                         f"{', '.join(activations)}")
+    if weights is None:
+        weights = random_weights(config, head, seed)
+    else:
+        shapes = {k: tuple(np.shape(v)) for k, v in weights.items()}
+        ckpt.check_shapes(arch.tensor_shapes(config, head), shapes, arch.optional_tensors(config, head),
+                          "given as weights")
+    name = ckpt.dtype_name(dtype) or next(
+        (np.dtype(v.dtype).name for v in weights.values() if np.dtype(v.dtype).name in FLOAT_KINDS), "float32")
+    return weights, name
+
+
+def save(directory: str | os.PathLike, arrays: dict[str, np.ndarray], config: OPTConfig, dtype: str,
+         architecture: str, max_shard_size: int | str) -> None:
+    """A port's ``save_pretrained``: safetensors in transformers' layout and its config.json (with the dtype and
+    the PyTorch class that ``architecture`` names, so transformers and optlm's classes load it)."""
+    directory = Path(directory)
+    ckpt.save_state_dict(arrays, directory, max_shard_size)
+    config = dataclasses.replace(config)
+    config.extra = {**config.extra, "dtype": dtype, "architectures": [architecture]}
+    config.extra.pop("torch_dtype", None)
+    config.save(directory)
 
 
 def random_weights(config: OPTConfig, head: bool, seed: int) -> dict[str, np.ndarray]:

@@ -212,17 +212,7 @@ class _OPT(nnx.Module):
         """A model of ``config`` holding ``weights`` (names as :func:`arch.tensor_shapes`), or fresh random
         weights (transformers' initialisation, drawn with ``seed``); ``dtype`` (default float32 for random
         weights, the arrays' own otherwise) is what the parameters are held and computed in."""
-        if config.activation_function not in ACTIVATIONS:
-            raise ValueError(f"activation_function {config.activation_function!r} is not supported; known: "
-                             f"{', '.join(ACTIVATIONS)}")
-        if weights is None:
-            weights = port.random_weights(config, self.head, seed)
-        else:
-            shapes = {k: tuple(np.shape(v)) for k, v in weights.items()}
-            ckpt.check_shapes(arch.tensor_shapes(config, self.head), shapes, arch.optional_tensors(config, self.head),
-                              "given as weights")
-        name = ckpt.dtype_name(dtype) or next(
-            (np.dtype(v.dtype).name for v in weights.values() if np.dtype(v.dtype).name in port.FLOAT_KINDS), "float32")
+        weights, name = port.model_weights(config, self.head, weights, seed, dtype, ACTIVATIONS)
         dtype = _weights_dtype(name)
         self._config = _Static(config)
         self._build(weights, dtype)
@@ -257,15 +247,8 @@ class _OPT(nnx.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
         """config.json and safetensors weights in transformers' layout (readable by optlm's PyTorch classes,
         transformers and the TensorFlow port)."""
-        from pathlib import Path
-
-        directory = Path(save_directory)
-        ckpt.save_state_dict(self.state_arrays(), directory, max_shard_size)
-        config = dataclasses.replace(self.config)
-        config.extra = {**config.extra, "dtype": np.dtype(self.dtype).name,
-                        "architectures": [type(self).__name__.removeprefix("Flax")]}
-        config.extra.pop("torch_dtype", None)
-        config.save(directory)
+        port.save(save_directory, self.state_arrays(), self.config, np.dtype(self.dtype).name,
+                  type(self).__name__.removeprefix("Flax"), max_shard_size)
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty cache for ``batch_size`` rows of up to ``max_length`` tokens."""

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from .. import checkpoint as ckpt
 from .. import port
 from ..models.opt import arch
 from ..models.opt.config import OPTConfig
@@ -200,17 +198,7 @@ class _OPT(tf.Module):
         weights (transformers' initialisation, drawn with ``seed``); ``dtype`` (default: the arrays' own,
         float32 for random weights) is what the parameters are held and computed in."""
         super().__init__(name=type(self).__name__)
-        if config.activation_function not in ACTIVATIONS:
-            raise ValueError(f"activation_function {config.activation_function!r} is not supported; known: "
-                             f"{', '.join(ACTIVATIONS)}")
-        if weights is None:
-            weights = port.random_weights(config, self.head, seed)
-        else:
-            shapes = {k: tuple(np.shape(v)) for k, v in weights.items()}
-            ckpt.check_shapes(arch.tensor_shapes(config, self.head), shapes, arch.optional_tensors(config, self.head),
-                              "given as weights")
-        name = ckpt.dtype_name(dtype) or next(
-            (np.dtype(v.dtype).name for v in weights.values() if np.dtype(v.dtype).name in port.FLOAT_KINDS), "float32")
+        weights, name = port.model_weights(config, self.head, weights, seed, dtype, ACTIVATIONS)
         self.config = config
         self._build(weights, tf.as_dtype(name))
         # Compiled functions by their static settings; set past tf.Module's tracking so that a SavedModel of
@@ -242,13 +230,8 @@ class _OPT(tf.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
         """config.json and safetensors weights in transformers' layout (readable by optlm's PyTorch classes,
         transformers and the JAX port)."""
-        directory = Path(save_directory)
-        ckpt.save_state_dict(self.state_arrays(), directory, max_shard_size)
-        config = dataclasses.replace(self.config)
-        config.extra = {**config.extra, "dtype": self.dtype.name,
-                        "architectures": [type(self).__name__.removeprefix("TF")]}
-        config.extra.pop("torch_dtype", None)
-        config.save(directory)
+        port.save(save_directory, self.state_arrays(), self.config, self.dtype.name,
+                  type(self).__name__.removeprefix("TF"), max_shard_size)
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty cache for ``batch_size`` rows of up to ``max_length`` tokens."""
