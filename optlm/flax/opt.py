@@ -152,17 +152,9 @@ class DecoderLayer(nnx.Module):
         self.act = ACTIVATIONS[config.activation_function]
 
     def __call__(self, x, allowed, keys, values, index):
-        # Pre-LN normalises each sublayer's input; post-LN (opt-350m) its residual sum.
-        h = self.self_attn_layer_norm(x) if self.pre_ln else x
-        h, keys, values = self.self_attn(h, allowed, keys, values, index)
-        x = x + h
-        if not self.pre_ln:
-            x = self.self_attn_layer_norm(x)
-        h = self.final_layer_norm(x) if self.pre_ln else x
-        x = x + self.fc2(self.act(self.fc1(h)))
-        if not self.pre_ln:
-            x = self.final_layer_norm(x)
-        return x, keys, values
+        return arch.decoder_layer(x, lambda h: self.self_attn(h, allowed, keys, values, index),
+                                  lambda h: self.fc2(self.act(self.fc1(h))), self.self_attn_layer_norm,
+                                  self.final_layer_norm, self.pre_ln)
 
 
 class Decoder(nnx.Module):
@@ -179,19 +171,13 @@ class Decoder(nnx.Module):
 
     def __call__(self, ids: jax.Array, positions: jax.Array, allowed: jax.Array, cache: KVCache,
                  index: jax.Array) -> tuple[jax.Array, tuple, tuple]:
-        x = self.embed_tokens(ids)  # (B, T, e)
-        if self.project_in is not None:
-            x = self.project_in(x)  # (B, T, d)
-        x = x + self.embed_positions(positions + arch.POSITION_OFFSET)  # learned positions, offset 2
+        x = arch.embed_input(ids, positions, self.embed_tokens, self.embed_positions, self.project_in)
         keys, values = [], []
         for layer, k, v in zip(self.layers, cache.keys, cache.values, strict=True):
             x, k, v = layer(x, allowed, k, v, index)
             keys.append(k)
             values.append(v)
-        if self.final_layer_norm is not None:
-            x = self.final_layer_norm(x)
-        if self.project_out is not None:
-            x = self.project_out(x)  # (B, T, e)
+        x = arch.decoder_output(x, self.final_layer_norm, self.project_out)  # (B, T, e)
         return x, tuple(keys), tuple(values)
 
 

@@ -144,17 +144,9 @@ class DecoderLayer(tf.Module):
         self.act = ACTIVATIONS[config.activation_function]
 
     def __call__(self, x, allowed, keys, values, slots):
-        # Pre-LN normalises each sublayer's input; post-LN (opt-350m) its residual sum.
-        h = self.self_attn_layer_norm(x) if self.pre_ln else x
-        h, keys, values = self.self_attn(h, allowed, keys, values, slots)
-        x = x + h
-        if not self.pre_ln:
-            x = self.self_attn_layer_norm(x)
-        h = self.final_layer_norm(x) if self.pre_ln else x
-        x = x + self.fc2(self.act(self.fc1(h)))
-        if not self.pre_ln:
-            x = self.final_layer_norm(x)
-        return x, keys, values
+        return arch.decoder_layer(x, lambda h: self.self_attn(h, allowed, keys, values, slots),
+                                  lambda h: self.fc2(self.act(self.fc1(h))), self.self_attn_layer_norm,
+                                  self.final_layer_norm, self.pre_ln)
 
 
 class Decoder(tf.Module):
@@ -171,19 +163,13 @@ class Decoder(tf.Module):
                        for i in range(config.num_hidden_layers)]
 
     def __call__(self, ids, positions, allowed, keys, values, slots):
-        x = self.embed_tokens(ids)  # (B, T, e)
-        if self.project_in is not None:
-            x = self.project_in(x)  # (B, T, d)
-        x = x + self.embed_positions(positions + arch.POSITION_OFFSET)  # learned positions, offset 2
+        x = arch.embed_input(ids, positions, self.embed_tokens, self.embed_positions, self.project_in)
         new_keys, new_values = [], []
         for layer, k, v in zip(self.layers, keys, values, strict=True):
             x, k, v = layer(x, allowed, k, v, slots)
             new_keys.append(k)
             new_values.append(v)
-        if self.final_layer_norm is not None:
-            x = self.final_layer_norm(x)
-        if self.project_out is not None:
-            x = self.project_out(x)  # (B, T, e)
+        x = arch.decoder_output(x, self.final_layer_norm, self.project_out)  # (B, T, e)
         return x, tuple(new_keys), tuple(new_values)
 
 

@@ -27,6 +27,9 @@ The quirks (each cited where transformers' ``modeling_opt.py`` or metaseq does i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from .config import OPTConfig
 
 # fairseq legacy: learned positions are offset by 2 (ids 0 and 1 were reserved for padding in metaseq).
@@ -82,3 +85,40 @@ def optional_tensors(config: OPTConfig, head: bool = False) -> set[str]:
     """Tensors a checkpoint may leave out: the head when it is tied to the embedding."""
     return {"lm_head.weight"} if head and config.tie_word_embeddings else set()
 
+
+
+# ---- the order of operations, over any framework's callables and arrays (only + is applied here) --------
+
+def embed_input(ids: Any, positions: Any, embed_tokens: Callable, embed_positions: Callable,
+          project_in: Callable | None) -> Any:
+    """The decoder's input: token embeddings, projected in where the embeddings are narrower (opt-350m), plus
+    the learned positions (read at ``position + POSITION_OFFSET``)."""
+    x = embed_tokens(ids)  # (B, T, e)
+    if project_in is not None:
+        x = project_in(x)  # (B, T, d)
+    return x + embed_positions(positions + POSITION_OFFSET)
+
+
+def decoder_layer(x: Any, attend: Callable, mlp: Callable, attn_norm: Callable, mlp_norm: Callable, pre_ln: bool,
+          drop: Callable = lambda h: h) -> tuple[Any, ...]:
+    """One decoder layer: pre-LN normalises each sublayer's input, post-LN (opt-350m) each residual sum.
+    ``attend(h)`` returns the attention output and whatever state it carries (a cache's keys and values),
+    which comes back after the new ``x``; ``drop``: dropout on each sublayer's output (training)."""
+    h, *state = attend(attn_norm(x) if pre_ln else x)
+    x = x + drop(h)
+    if not pre_ln:
+        x = attn_norm(x)
+    x = x + drop(mlp(mlp_norm(x) if pre_ln else x))
+    if not pre_ln:
+        x = mlp_norm(x)
+    return (x, *state)
+
+
+def decoder_output(x: Any, final_norm: Callable | None, project_out: Callable | None) -> Any:
+    """The decoder's output: the final layer norm (where the model has one), projected out to the embedding
+    width (opt-350m)."""
+    if final_norm is not None:
+        x = final_norm(x)
+    if project_out is not None:
+        x = project_out(x)  # (B, T, e)
+    return x

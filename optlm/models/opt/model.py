@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core import Frame, SelfAttention, activation, frame_for
+from . import arch
 from .arch import LAYER_NORM_EPS, POSITION_OFFSET, has_final_layer_norm, has_projections
 from .config import OPTConfig
 
@@ -35,17 +36,9 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(d, LAYER_NORM_EPS, affine)
 
     def forward(self, x: Tensor, frame: Frame) -> Tensor:
-        # Pre-LN (every OPT but 350m) normalises each sublayer's input; post-LN (350m) its residual sum.
-        h = self.self_attn_layer_norm(x) if self.pre_ln else x
-        h = self.self_attn(h, frame)
-        x = x + (F.dropout(h, self.dropout, True) if self.training else h)
-        if not self.pre_ln:
-            x = self.self_attn_layer_norm(x)
-        h = self.final_layer_norm(x) if self.pre_ln else x
-        h = self.fc2(self.act(self.fc1(h)))
-        x = x + (F.dropout(h, self.dropout, True) if self.training else h)
-        if not self.pre_ln:
-            x = self.final_layer_norm(x)
+        drop = (lambda h: F.dropout(h, self.dropout, True)) if self.training else (lambda h: h)
+        (x,) = arch.decoder_layer(x, lambda h: (self.self_attn(h, frame),), lambda h: self.fc2(self.act(self.fc1(h))),
+                                  self.self_attn_layer_norm, self.final_layer_norm, self.pre_ln, drop)
         return x
 
 
@@ -82,10 +75,7 @@ class OPTDecoder(nn.Module):
         frame = frame_for(ids, frame, self.config.max_position_embeddings)
         positions = frame.positions
 
-        x = self.embed_tokens(ids)  # (B, T, e)
-        if self.project_in is not None:
-            x = self.project_in(x)  # (B, T, d)
-        x = x + self.embed_positions(positions + POSITION_OFFSET)  # (B, T, d)
+        x = arch.embed_input(ids, positions, self.embed_tokens, self.embed_positions, self.project_in)  # (B, T, d)
         for layer in self.layers:
             if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
                 continue  # LayerDrop (Fan et al. 2019): skip whole layers at random while training
@@ -94,8 +84,4 @@ class OPTDecoder(nn.Module):
             else:
                 x = layer(x, frame)
 
-        if self.final_layer_norm is not None:
-            x = self.final_layer_norm(x)
-        if self.project_out is not None:
-            x = self.project_out(x)  # (B, T, e)
-        return x
+        return arch.decoder_output(x, self.final_layer_norm, self.project_out)  # (B, T, e)
