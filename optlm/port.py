@@ -125,19 +125,20 @@ def prepare(config: OPTConfig, input_ids: Any, attention_mask: Any, framework: s
     """``generate``'s arguments checked as the PyTorch ``generate`` checks them (same errors), and any keyword
     the port does not compile refused by name: the config, the ids ``(B, P)`` and the mask (ones where there is
     no padding), as int32 host arrays."""
-    cfg = make_config(SimpleNamespace(config=config), **params)
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[-1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"input_ids must be a non-empty 1-D or 2-D array of integer token ids, got {ids.dtype} of "
+                        f"shape {ids.shape}")
+    max_length = params.pop("max_length", None)  # transformers' total length, prompt included
+    cfg = make_config(SimpleNamespace(config=config), max_length, ids.shape[1], **params)
     default = GenerationConfig()
     other = sorted(k for k in params if k not in PORTED and getattr(cfg, k) != getattr(default, k))
     if other:
         raise ValueError(f"{framework} generate() decodes greedily or by sampling (max_new_tokens, do_sample, "
                          f"temperature, top_k, top_p, eos_token_id, pad_token_id); {', '.join(other)} need optlm's "
                          "PyTorch model (optlm.OPTForCausalLM)")
-    ids = np.asarray(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None]
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"input_ids must be a non-empty 1-D or 2-D array of integer token ids, got {ids.dtype} of "
-                        f"shape {ids.shape}")
     mask = check_prompt(ids, None if attention_mask is None else np.asarray(attention_mask), cfg, config.vocab_size,
                         config.max_position_embeddings)
     mask = np.ones(ids.shape, np.int32) if mask is None else mask.astype(np.int32)

@@ -26,6 +26,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import helpers_frameworks as ports
 import numpy as np
 import pytest
 import torch
@@ -38,9 +39,6 @@ import optlm
 from optlm.checkpoint import CheckpointError
 from optlm.generation_config import ContextLengthError
 from optlm.models.opt import arch
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up notices
-import helpers_frameworks as ports  # noqa: E402
 
 FRAMEWORKS = ("flax", "tf")
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(optlm.__file__).parents[1]),
@@ -123,6 +121,7 @@ def test_greedy_tokens_equal_transformers_in_both_frameworks(checkpoints):
     for framework in FRAMEWORKS:
         lm = ports.causal_lm(framework).from_pretrained(directory)
         np.testing.assert_array_equal(lm.generate(ids.numpy(), mask.numpy(), max_new_tokens=32), want)
+        np.testing.assert_array_equal(lm.generate(ids.numpy(), mask.numpy(), max_length=6 + 32), want)  # prompt + new
         np.testing.assert_array_equal(lm.generate(ids.numpy(), mask.numpy(), max_new_tokens=32, eos_token_id=eos,
                                                   pad_token_id=1), want_eos)
 

@@ -3,11 +3,6 @@ and give the same numbers; ``generate`` runs as one XLA-compiled loop, and ``exp
 serves without optlm. Needs the ``tf`` extra: ``pip install "optlm[tf]"``.
 """
 
-import os
-
-# TensorFlow's start-up INFO lines (oneDNN notices) stay quiet unless the user asks for them.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
 try:
     import tensorflow  # noqa: F401
 except ImportError as e:
