@@ -236,15 +236,16 @@ def read_arrays(files: Iterable[Path]) -> dict[str, np.ndarray]:
     files = list(files)
     if any(p.suffix != ".safetensors" for p in files):
         return {k: _to_numpy(v) for k, v in read_state_dict(files).items()}
-    out = {}
+    out, maps = {}, {}
     for name, s in catalog(files).items():
         dtype = numpy_dtype(SAFETENSORS_DTYPES[s.dtype])
         count = int(np.prod(s.shape, dtype=np.int64))
         if count * dtype.itemsize != s.nbytes:
             raise CheckpointError(f"{s.path}: tensor {name}'s byte count does not match its shape {s.shape} and "
                                   f"dtype {s.dtype}; it may be corrupted — download or save it again")
-        out[name] = np.memmap(s.path, dtype=dtype, mode="r", offset=s.offset, shape=s.shape) if count else \
-            np.zeros(s.shape, dtype)
+        if s.path not in maps:  # one mapping per file (a mapping per tensor would hold a descriptor each)
+            maps[s.path] = np.memmap(s.path, dtype=np.uint8, mode="r")
+        out[name] = maps[s.path][s.offset:s.offset + s.nbytes].view(dtype).reshape(s.shape)
     return out
 
 

@@ -186,8 +186,11 @@ def _prepare(model, input_ids: Tensor | Sequence, attention_mask: Tensor | None,
     if ids.dim() == 1:
         ids = ids[None]
     # checked here too, not only at the model's door: the penalties index by id
-    mask = check_prompt(ids.cpu().numpy(), None if attention_mask is None else torch.as_tensor(attention_mask).cpu()
-                        .numpy(), cfg, model.config.vocab_size, model.config.max_position_embeddings)
+    given = None if attention_mask is None else torch.as_tensor(attention_mask).cpu()
+    if given is not None and given.is_floating_point():
+        given = given.float()  # numpy has no bfloat16
+    mask = check_prompt(ids.cpu().numpy(), None if given is None else given.numpy(), cfg, model.config.vocab_size,
+                        model.config.max_position_embeddings)
     mask = None if mask is None else torch.as_tensor(mask, device=device)
     return ids, mask
 

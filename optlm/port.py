@@ -40,6 +40,33 @@ class CausalLMOutput:
     past_key_values: Any = None
 
 
+class Ported:
+    """``from_pretrained`` and ``save_pretrained`` for a port's model classes, which name themselves after the
+    PyTorch class with a prefix (``FlaxOPTForCausalLM``, ``TFOPTModel``), set ``head``, and provide
+    ``config``, ``dtype`` and ``state_arrays()``."""
+
+    head = False  # the causal LM has a head, and its decoder under "model." (transformers' names)
+    prefix = ""
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: Any = None, revision: str | None = None):
+        """Load an OPT checkpoint: a local directory or a hub id; safetensors read straight into the framework's
+        arrays without torch (a ``.bin`` through torch's weights-only loader); either key layout (transformers'
+        ``model.decoder.*``, the hub uploads' ``decoder.*``), sharded or not. ``dtype``: a name (``"float32"``,
+        ``"bfloat16"`` …) or the framework's dtype, None for the checkpoint's own."""
+        directory, config = resolve_config(path_or_hub_id, cls.__name__, revision)
+        weights, dtype = read_weights(directory, config, cls.head, dtype)
+        model = cls(config, weights, dtype)
+        model.name_or_path = str(path_or_hub_id)
+        return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+        """config.json and safetensors weights in transformers' layout, which optlm's PyTorch classes, transformers
+        and the other port read."""
+        save(save_directory, self.state_arrays(), self.config, ckpt.dtype_name(self.dtype),
+             type(self).__name__.removeprefix(self.prefix), max_shard_size)
+
+
 def resolve_config(path_or_id: str | os.PathLike, loader: str, revision: str | None = None):
     """The checkpoint directory of a local path or hub id, and its OPT config (another family is refused,
     naming it, as the PyTorch classes do)."""
@@ -58,7 +85,7 @@ def read_weights(directory, config: OPTConfig, head: bool, dtype: Any) -> tuple[
     ``dtype`` (any framework's or a name), or the checkpoint's own for None / "auto"."""
     target = ckpt.dtype_name(dtype)
     arrays = ckpt.read_checked_arrays(directory, arch.tensor_shapes(config, head), arch.optional_tensors(config, head),
-                                      arch.BASE_PREFIX)
+                                      arch.BASE_PREFIX, arch.IGNORED_KEYS)
     if target is None:
         target = next((a.dtype.name for a in arrays.values() if a.dtype.name in FLOAT_KINDS), "float32")
     return arrays, target
@@ -145,6 +172,39 @@ def prepare(config: OPTConfig, input_ids: Any, attention_mask: Any, framework: s
     return cfg, ids.astype(np.int32), mask
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """What a port's compiled ``generate`` loop needs from a checked :class:`GenerationConfig`: the settings its
+    program is compiled for (``new``, ``sample``, ``top_k``, ``nucleus``; each set compiles once) and the values
+    it takes as inputs."""
+
+    new: int
+    sample: bool
+    top_k: int  # 0: no top-k filter
+    nucleus: bool  # top_p < 1: the top-p filter runs
+    temperature: float
+    top_p: float
+    eos: np.ndarray  # (E,) int32; [-1] when there is none
+    pad: int
+
+    @classmethod
+    def of(cls, cfg: GenerationConfig, config: OPTConfig) -> Decoding:
+        return cls(cfg.max_new_tokens, cfg.sampling, min(cfg.top_k or 0, config.vocab_size), cfg.top_p < 1.0,
+                   cfg.temperature, cfg.top_p, np.asarray(cfg.eos_ids or [-1], np.int32),
+                   0 if cfg.pad_token_id is None else cfg.pad_token_id)
+
+
+def fresh_seed() -> int:
+    """A seed for a sampling call given none (as PyTorch's global generator would differ from call to call)."""
+    return int(np.random.SeedSequence().entropy % 2**31)
+
+
+def capacity(needed: int) -> int:
+    """The slots a cache grows to when a call needs ``needed``: a multiple of 64, so step-by-step decoding with
+    a growing cache changes shape (and compiles again) once every 64 tokens, not every token."""
+    return -(-needed // 64) * 64
+
+
 def call_inputs(config: OPTConfig, input_ids: Any, attention_mask: Any, position_ids: Any, past: int,
                 past_mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A forward call's arguments checked as the PyTorch classes check them (same messages), after ``past``
@@ -182,12 +242,11 @@ def call_inputs(config: OPTConfig, input_ids: Any, attention_mask: Any, position
     return ids.astype(np.int32), positions.astype(np.int32), mask
 
 
-def finish(ids: np.ndarray, new: np.ndarray, steps: int) -> np.ndarray:
+def finish(ids: np.ndarray, new: np.ndarray, steps: int, input_ids: Any) -> np.ndarray:
     """Prompt + the ``steps`` tokens generated (rows that finished early hold the pad id), as transformers
-    returns them: the generation stops when every row has finished."""
-    return np.concatenate([ids, np.asarray(new)[:, :steps].astype(ids.dtype)], axis=1)
+    returns them: the generation stops when every row has finished. Integers of the caller's ``input_ids``."""
+    out = np.concatenate([ids, np.asarray(new)[:, :steps].astype(ids.dtype)], axis=1)
+    given = np.asarray(input_ids).dtype
+    return out.astype(given) if np.issubdtype(given, np.integer) else out
 
 
-def eos_array(cfg: GenerationConfig) -> np.ndarray:
-    """The end-of-sequence ids (at least one entry: -1, which no token equals, when there are none)."""
-    return np.asarray(cfg.eos_ids or [-1], np.int32)

@@ -104,6 +104,8 @@ def test_logits_and_cached_decoding_equal_transformers(checkpoints, framework, n
     first = lm(ids[:, :-1].numpy(), mask[:, :-1].numpy())
     last = lm(ids[:, -1:].numpy(), past_key_values=first.past_key_values)
     np.testing.assert_allclose(np.asarray(last.logits)[:, 0], want[:, -1], rtol=0, atol=1e-5)
+    # It grows in steps of 64 slots: decoding on does not change its shape (and compile again) every token.
+    assert first.past_key_values.capacity == last.past_key_values.capacity == 64
 
 
 def test_greedy_tokens_equal_transformers_in_both_frameworks(checkpoints):
@@ -136,6 +138,18 @@ def test_seeded_sampling_repeats_and_draws_from_the_filtered_softmax(checkpoints
     np.testing.assert_array_equal(a, lm.generate(ids.numpy(), mask.numpy(), seed=7, **kw))
     assert not np.array_equal(a, lm.generate(ids.numpy(), mask.numpy(), seed=8, **kw))
 
+    # Through generate: the model's own next-token distribution, filtered as asked, over 4000 identical rows.
+    prompt = np.array([[5, 9, 17, 30]])
+    last = torch.tensor(np.asarray(lm(prompt).logits, dtype=np.float32)[0, -1])
+    target, keep = filtered_softmax(last, 0.8, 5, 0.9)
+    draws = lm.generate(np.tile(prompt, (4000, 1)), max_new_tokens=1, do_sample=True, temperature=0.8, top_k=5,
+                        top_p=0.9, seed=1)[:, -1]
+    assert_follows(draws, target, keep)
+    greedy = lm.generate(ids.numpy(), mask.numpy(), max_new_tokens=6)
+    for same in (dict(top_k=1), dict(top_p=1e-9), dict(temperature=0.0)):  # each leaves one choice: greedy's
+        np.testing.assert_array_equal(lm.generate(ids.numpy(), mask.numpy(), max_new_tokens=6, do_sample=True,
+                                                  seed=3, **same), greedy)
+
     for temperature, top_k, top_p in SAMPLING_CASES:
         target, keep = filtered_softmax(CHI2_LOGITS, temperature, top_k, top_p)
         draws = ports.draw(framework, CHI2_LOGITS.numpy(), 40_000, temperature, top_k, top_p, seed=0)
@@ -154,7 +168,7 @@ def test_saved_weights_load_in_transformers(checkpoints, framework, tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(back(input_ids=ids, attention_mask=mask).logits.numpy(),
                                    np.asarray(fresh(ids.numpy(), mask.numpy()).logits), rtol=0, atol=1e-5)
-    # bfloat16 round trip: loaded as bfloat16, saved as bfloat16, the same numbers as transformers in bfloat16.
+    # bfloat16 round trip: loaded as bfloat16 and saved as bfloat16, exactly transformers' weights in bfloat16.
     lm = ports.causal_lm(framework).from_pretrained(directory, dtype="bfloat16")
     assert ports.dtype_name(lm) == "bfloat16"
     lm.save_pretrained(tmp_path / "bf16")
@@ -171,8 +185,9 @@ def test_key_layouts_shards_pickles_and_an_untied_head_load(tmp_path):
     ref = transformers.OPTForCausalLM(hf_config(tie_word_embeddings=False, init_std=0.1)).eval()
     ref.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
-    save_file({k.removeprefix("model."): v for k, v in state.items()}, tmp_path / "model.safetensors",
-              metadata={"format": "pt"})
+    hub = {k.removeprefix("model."): v for k, v in state.items()}
+    hub["decoder.version"] = torch.tensor([3.0])  # fairseq bookkeeping some uploads carry: ignored, as in PyTorch
+    save_file(hub, tmp_path / "model.safetensors", metadata={"format": "pt"})
     ids, mask = left_padded_batch()
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).logits.numpy()

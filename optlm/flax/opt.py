@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
@@ -188,10 +187,11 @@ def _weights_dtype(dtype: str) -> Any:
     return ckpt.numpy_dtype(dtype)
 
 
-class _OPT(nnx.Module):
-    """What the two classes share: loading, saving, the cache, the checked public call, the compiled step."""
+class _OPT(port.Ported, nnx.Module):
+    """What the two classes share: the weights, the cache, the checked public call, the compiled step (loading
+    and saving: :class:`port.Ported`)."""
 
-    head = False  # the causal LM has a head, and its decoder under "model." (transformers' names)
+    prefix = "Flax"
 
     def __init__(self, config: OPTConfig, weights: dict[str, np.ndarray] | None = None, dtype: Any = None,
                  seed: int = 0):
@@ -210,16 +210,6 @@ class _OPT(nnx.Module):
     def config(self) -> OPTConfig:
         return self._config.value
 
-    @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: Any = None, revision: str | None = None):
-        """Load an OPT checkpoint (a directory or a hub id; safetensors read straight into JAX arrays, either
-        key layout). ``dtype``: ``"float32"``, ``jnp.bfloat16`` …, or None for the checkpoint's own."""
-        directory, config = port.resolve_config(path_or_hub_id, cls.__name__, revision)
-        weights, dtype = port.read_weights(directory, config, cls.head, dtype)
-        model = cls(config, weights, dtype)
-        model.name_or_path = str(path_or_hub_id)
-        return model
-
     @property
     def dtype(self) -> Any:
         return self._decoder.embed_tokens.weight[...].dtype
@@ -229,12 +219,6 @@ class _OPT(nnx.Module):
         is stored once, as the embedding."""
         return {".".join(str(p) for p in path): np.asarray(value[...])
                 for path, value in nnx.to_flat_state(nnx.state(self, nnx.Param))}
-
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-        """config.json and safetensors weights in transformers' layout (readable by optlm's PyTorch classes,
-        transformers and the TensorFlow port)."""
-        port.save(save_directory, self.state_arrays(), self.config, np.dtype(self.dtype).name,
-                  type(self).__name__.removeprefix("Flax"), max_shard_size)
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty cache for ``batch_size`` rows of up to ``max_length`` tokens."""
@@ -250,7 +234,7 @@ class _OPT(nnx.Module):
         ids, positions, mask = port.call_inputs(self.config, input_ids, attention_mask, position_ids, past,
                                                 None if cache is None else np.asarray(cache.mask))
         B, T = ids.shape
-        cache = (self.init_cache(B, T) if cache is None else cache).grown(past + T)
+        cache = (self.init_cache(B, port.capacity(T)) if cache is None else cache).grown(port.capacity(past + T))
         if attention_mask is not None:
             cache = dataclasses.replace(cache, mask=cache.mask.at[:, :past].set(mask[:, :past]))
         return ids, positions, cache, mask[:, past:]
@@ -277,8 +261,9 @@ class _Body(nnx.Module):
 @functools.partial(jax.jit, static_argnums=0)
 def _step(graphdef, state, ids, positions, new_mask, cache):
     model = nnx.merge(graphdef, state)
-    x, cache = model._run(ids, positions, new_mask, cache)
-    return (model._logits(x) if model.head else x), cache
+    with jax.default_matmul_precision("highest"):  # float32 as float32 (GPUs would otherwise use TF32)
+        x, cache = model._run(ids, positions, new_mask, cache)
+        return (model._logits(x) if model.head else x), cache
 
 
 class FlaxOPTModel(_OPT):
@@ -329,15 +314,15 @@ class FlaxOPTForCausalLM(_OPT):
         hold the pad id; the output stops when every row has finished. The whole loop is one compiled
         function (cached per batch, prompt length, ``max_new_tokens`` and filter settings)."""
         cfg, ids, mask = port.prepare(self.config, input_ids, attention_mask, "FlaxOPTForCausalLM", params)
+        if prng_key is not None and seed is not None:
+            raise ValueError("pass seed= or prng_key=, not both")
         if prng_key is None:
-            prng_key = jax.random.key(int(np.random.SeedSequence().entropy % 2**32) if seed is None else seed)
-        top_k = min(cfg.top_k or 0, self.config.vocab_size)
-        graphdef, state = nnx.split(self)
-        new, steps = _generate(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), prng_key,
-                               jnp.float32(cfg.temperature), jnp.float32(cfg.top_p), jnp.asarray(port.eos_array(cfg)),
-                               jnp.int32(0 if cfg.pad_token_id is None else cfg.pad_token_id),
-                               new=cfg.max_new_tokens, sample=cfg.sampling, top_k=top_k, nucleus=cfg.top_p < 1.0)
-        return port.finish(ids, np.asarray(new), int(steps))
+            prng_key = jax.random.key(port.fresh_seed() if seed is None else seed)
+        d = port.Decoding.of(cfg, self.config)
+        new, steps = _generate(*nnx.split(self), jnp.asarray(ids), jnp.asarray(mask), prng_key,
+                               jnp.float32(d.temperature), jnp.float32(d.top_p), jnp.asarray(d.eos), jnp.int32(d.pad),
+                               new=d.new, sample=d.sample, top_k=d.top_k, nucleus=d.nucleus)
+        return port.finish(ids, np.asarray(new), int(steps), input_ids)
 
 
 def next_tokens(logits: jax.Array, key: jax.Array, temperature, top_p, sample: bool, top_k: int,
@@ -366,7 +351,12 @@ def _generate(graphdef, state, ids, mask, key, temperature, top_p, eos, pad, *, 
               nucleus: bool):
     """Prefill the prompt into a cache of ``P + new`` slots, then decode in one ``while_loop`` until ``new``
     tokens or every row has met an end-of-sequence id."""
-    model = nnx.merge(graphdef, state)
+    with jax.default_matmul_precision("highest"):  # float32 as float32 (GPUs would otherwise use TF32)
+        return _decode(nnx.merge(graphdef, state), ids, mask, key, temperature, top_p, eos, pad, new, sample, top_k,
+                       nucleus)
+
+
+def _decode(model, ids, mask, key, temperature, top_p, eos, pad, new: int, sample: bool, top_k: int, nucleus: bool):
     B, P = ids.shape
     cache = model.init_cache(B, P + new)
     positions = jnp.cumsum(mask, axis=1) * mask - 1  # (B, P)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..models.opt import arch
 from ..models.opt.config import OPTConfig
 from ..models.opt.model import OPTDecoder
 from .base import BaseModel, ForCausalLM, ForQuestionAnswering, ForSequenceClassification, PreTrainedModel
@@ -13,7 +14,7 @@ from .base import BaseModel, ForCausalLM, ForQuestionAnswering, ForSequenceClass
 class OPTPreTrainedModel(PreTrainedModel):
     config_class = OPTConfig
     base_model_prefix = "model"
-    _ignore_checkpoint_keys = (r"\.version$",)  # fairseq bookkeeping buffers, not weights
+    _ignore_checkpoint_keys = arch.IGNORED_KEYS  # fairseq bookkeeping buffers, not weights
     bottleneck_points = {"attention": "self_attn", "mlp": "fc2"}
     tp_plan = {"q_proj": "column", "k_proj": "column", "v_proj": "column", "out_proj": "row", "fc1": "column",
                "fc2": "row"}

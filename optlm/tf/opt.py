@@ -6,6 +6,10 @@ The models are ``tf.Module``s rather than Keras models: Keras 3 picks its backen
 ``tf.Module`` is always TensorFlow; it saves straight to a SavedModel whose signatures load with plain
 ``tf.saved_model.load`` (no Keras, no optlm); and its ``tf.Variable``s train under ``tf.GradientTape``.
 
+On NVIDIA GPUs TensorFlow runs float32 matmuls in TF32 unless
+``tf.config.experimental.enable_tensor_float_32_execution(False)`` is called (a process-wide switch, left to
+the user); the float32 numbers match the reference to 1e-5 only with it off, as on CPUs.
+
 Parameters keep transformers' names and layout (weights ``(out, in)``). The cache is static: keys and values
 ``(L, B, nh, hs)`` per layer for a capacity ``L`` fixed up front (slot-major, so a pass writes its slots with
 one ``tensor_scatter_nd_update``), and ``generate`` is one ``tf.function(jit_compile=True)`` over a
@@ -173,10 +177,11 @@ class Decoder(tf.Module):
         return x, tuple(new_keys), tuple(new_values)
 
 
-class _OPT(tf.Module):
-    """What the two classes share: loading, saving, the cache, the checked public call, the compiled step."""
+class _OPT(port.Ported, tf.Module):
+    """What the two classes share: the weights, the cache, the checked public call, the compiled step (loading
+    and saving: :class:`port.Ported`)."""
 
-    head = False  # the causal LM has a head, and its decoder under "model." (transformers' names)
+    prefix = "TF"
 
     def __init__(self, config: OPTConfig, weights: dict[str, np.ndarray] | None = None, dtype: Any = None,
                  seed: int = 0):
@@ -194,16 +199,6 @@ class _OPT(tf.Module):
     def _build(self, weights: dict[str, np.ndarray], dtype: tf.DType) -> None:
         raise NotImplementedError
 
-    @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: Any = None, revision: str | None = None):
-        """Load an OPT checkpoint (a directory or a hub id; safetensors read straight into TensorFlow variables,
-        either key layout). ``dtype``: ``"float32"``, ``tf.bfloat16`` …, or None for the checkpoint's own."""
-        directory, config = port.resolve_config(path_or_hub_id, cls.__name__, revision)
-        weights, dtype = port.read_weights(directory, config, cls.head, dtype)
-        model = cls(config, weights, dtype)
-        model.name_or_path = str(path_or_hub_id)
-        return model
-
     @property
     def dtype(self) -> tf.DType:
         return self._decoder.embed_tokens.weight.dtype
@@ -211,13 +206,8 @@ class _OPT(tf.Module):
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Every parameter under transformers' names, as host arrays (a tied head stored once, as the
         embedding)."""
-        return {v.name.removesuffix(":0"): v.numpy() for v in self.variables}
-
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-        """config.json and safetensors weights in transformers' layout (readable by optlm's PyTorch classes,
-        transformers and the JAX port)."""
-        port.save(save_directory, self.state_arrays(), self.config, self.dtype.name,
-                  type(self).__name__.removeprefix("TF"), max_shard_size)
+        # A variable's name is its transformers name, after any tf.name_scope the model was built in.
+        return {v.name.rsplit("/", 1)[-1].removesuffix(":0"): v.numpy() for v in self.variables}
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty cache for ``batch_size`` rows of up to ``max_length`` tokens."""
@@ -233,7 +223,7 @@ class _OPT(tf.Module):
         ids, positions, mask = port.call_inputs(self.config, input_ids, attention_mask, position_ids, past,
                                                 None if cache is None else cache.mask.numpy())
         B, T = ids.shape
-        cache = (self.init_cache(B, T) if cache is None else cache).grown(past + T)
+        cache = (self.init_cache(B, port.capacity(T)) if cache is None else cache).grown(port.capacity(past + T))
         if attention_mask is not None:
             cache = dataclasses.replace(cache, mask=tf.concat([tf.constant(mask[:, :past]), cache.mask[:, past:]], 1))
         return ids, positions, cache, mask[:, past:]
@@ -321,19 +311,19 @@ class TFOPTForCausalLM(_OPT):
         pad id; the output stops when every row has finished. The loop is one XLA-compiled function (cached per
         batch, prompt length, ``max_new_tokens`` and filter settings)."""
         cfg, ids, mask = port.prepare(self.config, input_ids, attention_mask, "TFOPTForCausalLM", params)
-        seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else seed
-        new, steps = self._compiled_generate(cfg.max_new_tokens, cfg.sampling, min(cfg.top_k or 0,
-                                             self.config.vocab_size), cfg.top_p < 1.0)(
-            tf.constant(ids), tf.constant(mask), tf.constant(seed, tf.int64), tf.constant(cfg.temperature, tf.float32),
-            tf.constant(cfg.top_p, tf.float32), tf.constant(port.eos_array(cfg)),
-            tf.constant(0 if cfg.pad_token_id is None else cfg.pad_token_id, tf.int32))
-        return port.finish(ids, new.numpy(), int(steps))
+        d = port.Decoding.of(cfg, self.config)
+        new, steps = self._compiled_generate(d)(
+            tf.constant(ids), tf.constant(mask), tf.constant(port.fresh_seed() if seed is None else seed, tf.int64),
+            tf.constant(d.temperature, tf.float32), tf.constant(d.top_p, tf.float32), tf.constant(d.eos),
+            tf.constant(d.pad, tf.int32))
+        return port.finish(ids, new.numpy(), int(steps), input_ids)
 
-    def _compiled_generate(self, new: int, sample: bool, top_k: int, nucleus: bool):
-        key = ("generate", new, sample, top_k, nucleus)
+    def _compiled_generate(self, d: port.Decoding):
+        key = ("generate", d.new, d.sample, d.top_k, d.nucleus)
         if key not in self._compiled:
             def run(ids, mask, seed, temperature, top_p, eos, pad):
-                return self._generate(ids, mask, seed, temperature, top_p, eos, pad, new, sample, top_k, nucleus)
+                return self._generate(ids, mask, seed, temperature, top_p, eos, pad, d.new, d.sample, d.top_k,
+                                      d.nucleus)
 
             self._compiled[key] = tf.function(run, jit_compile=True, reduce_retracing=True)
         return self._compiled[key]
@@ -383,23 +373,31 @@ class TFOPTForCausalLM(_OPT):
         ``pad_token_id``) are fixed here as ``generate``'s keywords."""
         cfg, _, _ = port.prepare(self.config, [[0]], None, "TFOPTForCausalLM.export",
                                  {"max_new_tokens": max_new_tokens, **generate_params})
-        decode = self._compiled_generate(cfg.max_new_tokens, cfg.sampling, min(cfg.top_k or 0, self.config.vocab_size),
-                                         cfg.top_p < 1.0)
+        d = port.Decoding.of(cfg, self.config)
+        decode = self._compiled_generate(d)
         ids_spec = tf.TensorSpec([None, None], tf.int32, name="input_ids")
         mask_spec = tf.TensorSpec([None, None], tf.int32, name="attention_mask")
-        limit = self.config.max_position_embeddings
-        eos, pad = port.eos_array(cfg), 0 if cfg.pad_token_id is None else cfg.pad_token_id
-        temperature, top_p = cfg.temperature, cfg.top_p
+        c = self.config
         step = self._compiled_step()
         module = tf.Module()
         module.model = self  # tracks the variables
 
+        def check(input_ids, attention_mask, new):
+            """What XLA would not catch (its gathers clamp out-of-range ids): the checks of optlm's own calls."""
+            return [tf.debugging.assert_equal(tf.shape(input_ids), tf.shape(attention_mask),
+                                              "attention_mask must have input_ids' shape"),
+                    tf.debugging.assert_non_negative(input_ids, "input_ids must be token ids >= 0"),
+                    tf.debugging.assert_less(input_ids, c.vocab_size,
+                                             f"input_ids must be below vocab_size {c.vocab_size}"),
+                    tf.debugging.assert_less_equal(tf.shape(input_ids)[1] + new, c.max_position_embeddings,
+                                                   f"the prompt (+ {new} new tokens) is longer than the context of "
+                                                   f"{c.max_position_embeddings} tokens")]
+
         @tf.function(input_signature=[ids_spec, mask_spec])
         def serving(input_ids, attention_mask):
-            tf.debugging.assert_less_equal(tf.shape(input_ids)[1], limit, "the prompt is longer than the context")
-            positions = tf.cumsum(attention_mask, axis=1) * attention_mask - 1
+            with tf.control_dependencies(check(input_ids, attention_mask, 0)):
+                positions = tf.cumsum(attention_mask, axis=1) * attention_mask - 1
             B, T = tf.shape(input_ids)[0], tf.shape(input_ids)[1]
-            c = self.config
             zeros = tuple(tf.zeros([T, B, c.num_attention_heads, c.head_dim], self.dtype)
                           for _ in range(c.num_hidden_layers))
             logits, _, _, _ = step(input_ids, positions, attention_mask, zeros, zeros, tf.zeros([B, T], tf.int32), 0)
@@ -407,10 +405,9 @@ class TFOPTForCausalLM(_OPT):
 
         @tf.function(input_signature=[ids_spec, mask_spec, tf.TensorSpec([], tf.int64, name="seed")])
         def generate(input_ids, attention_mask, seed):
-            tf.debugging.assert_less_equal(tf.shape(input_ids)[1] + cfg.max_new_tokens, limit,
-                                           "the prompt and max_new_tokens are longer than the context")
-            new, steps = decode(input_ids, attention_mask, seed, tf.constant(temperature, tf.float32),
-                                tf.constant(top_p, tf.float32), tf.constant(eos), tf.constant(pad, tf.int32))
+            with tf.control_dependencies(check(input_ids, attention_mask, d.new)):
+                new, steps = decode(input_ids, attention_mask, seed, tf.constant(d.temperature, tf.float32),
+                                    tf.constant(d.top_p, tf.float32), tf.constant(d.eos), tf.constant(d.pad, tf.int32))
             return {"sequences": tf.concat([input_ids, new[:, :steps]], axis=1)}
 
         module.serving = serving

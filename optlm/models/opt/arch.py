@@ -9,8 +9,8 @@ checkpoint reader, one name map and one shape check serve the three; a test hold
 The quirks (each cited where transformers' ``modeling_opt.py`` or metaseq does it):
 
 - Learned positions start at :data:`POSITION_OFFSET` (fairseq reserved rows 0 and 1), so position ``p`` reads
-  row ``p + 2``. Positions count real tokens only (:func:`positions_from_mask`): left padding does not shift
-  them, and a padded slot has position -1, which reads row 1.
+  row ``p + 2``. Positions count real tokens only (``cumsum(mask) * mask - 1`` over a 0/1 attention mask): left
+  padding does not shift them, and a padded slot has position -1, which reads row 1.
 - q is multiplied by ``head_dim ** -0.5`` before q·kᵀ (fairseq's order, not the scores after).
 - ``do_layer_norm_before``: True normalises each block's input (pre-LN, every size but 350m); False normalises
   each residual sum (post-LN, opt-350m).
@@ -36,6 +36,7 @@ from .config import OPTConfig
 POSITION_OFFSET = 2
 LAYER_NORM_EPS = 1e-5
 BASE_PREFIX = "model"  # the causal LM's base model lives under "model." (transformers' base_model_prefix)
+IGNORED_KEYS = (r"\.version$",)  # fairseq bookkeeping buffers some checkpoints carry, not weights
 
 
 def has_final_layer_norm(config: OPTConfig) -> bool:
