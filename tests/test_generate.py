@@ -241,6 +241,10 @@ def test_attention_mask_is_inferred_from_pad_ids_like_transformers(pair):
     _, ours = pair
     ids, mask = left_padded()
     assert torch.equal(ours.generate(ids, max_new_tokens=6), ours.generate(ids, mask, max_new_tokens=6))
+    # a mask of any dtype (bool, float, bfloat16) means the same
+    want = ours.generate(ids, mask, max_new_tokens=6)
+    for dtype in (torch.bool, torch.float32, torch.bfloat16):
+        assert torch.equal(ours.generate(ids, mask.to(dtype), max_new_tokens=6), want)
 
 
 @pytest.mark.parametrize("kw,match", [
