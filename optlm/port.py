@@ -60,6 +60,19 @@ class Ported:
         model.name_or_path = str(path_or_hub_id)
         return model
 
+    def _checked(self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: Any):
+        """A forward call's arguments as the port's compiled step takes them (checked by :func:`call_inputs`):
+        ids ``(B, T)``, positions ``(B, T)``, the cache (made or grown to fit; the port's ``init_cache`` and its
+        cache's ``grown`` / ``with_mask``) and the new tokens' mask ``(B, T)``."""
+        past = 0 if cache is None else int(cache.length)
+        ids, positions, mask = call_inputs(self.config, input_ids, attention_mask, position_ids, past,
+                                           None if cache is None else np.asarray(cache.mask))
+        B, T = ids.shape
+        cache = (self.init_cache(B, capacity(T)) if cache is None else cache).grown(capacity(past + T))
+        if attention_mask is not None:
+            cache = cache.with_mask(mask[:, :past])  # the cached tokens' padding, as the caller gives it now
+        return ids, positions, cache, mask[:, past:]
+
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
         """config.json and safetensors weights in transformers' layout, which optlm's PyTorch classes, transformers
         and the other port read."""

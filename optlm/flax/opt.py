@@ -59,6 +59,10 @@ class KVCache:
         return KVCache(tuple(jnp.pad(k, pad) for k in self.keys), tuple(jnp.pad(v, pad) for v in self.values),
                        jnp.pad(self.mask, ((0, 0), (0, extra))), self.length)
 
+    def with_mask(self, past_mask: np.ndarray) -> KVCache:
+        """This cache with its first slots' mask replaced by ``past_mask`` ``(B, P)``."""
+        return dataclasses.replace(self, mask=self.mask.at[:, :past_mask.shape[1]].set(past_mask))
+
 
 def _param(weights: dict[str, np.ndarray], name: str, dtype: Any) -> nnx.Param | None:
     return nnx.Param(jnp.asarray(weights[name], dtype=dtype)) if name in weights else None
@@ -226,18 +230,6 @@ class _OPT(port.Ported, nnx.Module):
         shape = (batch_size, max_length, c.num_attention_heads, c.head_dim)
         zeros = tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_hidden_layers))
         return KVCache(zeros, zeros, jnp.zeros((batch_size, max_length), jnp.int32), jnp.zeros((), jnp.int32))
-
-    def _checked(self, input_ids, attention_mask, position_ids, cache):
-        """The public call's arguments as the compiled step takes them (checked by :func:`port.call_inputs`):
-        ids ``(B, T)``, positions ``(B, T)``, the cache (made or grown to fit) and the new tokens' mask."""
-        past = 0 if cache is None else int(cache.length)
-        ids, positions, mask = port.call_inputs(self.config, input_ids, attention_mask, position_ids, past,
-                                                None if cache is None else np.asarray(cache.mask))
-        B, T = ids.shape
-        cache = (self.init_cache(B, port.capacity(T)) if cache is None else cache).grown(port.capacity(past + T))
-        if attention_mask is not None:
-            cache = dataclasses.replace(cache, mask=cache.mask.at[:, :past].set(mask[:, :past]))
-        return ids, positions, cache, mask[:, past:]
 
     def _run(self, ids, positions, new_mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """The decoder over ``ids`` ``(B, T)`` at the cache's next slots: hidden states ``(B, T, e)`` and the

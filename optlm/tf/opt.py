@@ -64,6 +64,11 @@ class KVCache:
         return KVCache(tuple(tf.pad(k, pad) for k in self.keys), tuple(tf.pad(v, pad) for v in self.values),
                        tf.pad(self.mask, [[0, 0], [0, extra]]), self.length)
 
+    def with_mask(self, past_mask: np.ndarray) -> KVCache:
+        """This cache with its first slots' mask replaced by ``past_mask`` ``(B, P)``."""
+        return dataclasses.replace(self, mask=tf.concat([tf.constant(past_mask, tf.int32),
+                                                         self.mask[:, past_mask.shape[1]:]], axis=1))
+
 
 def _variable(weights: dict[str, np.ndarray], name: str, dtype: tf.DType) -> tf.Variable | None:
     if name not in weights:
@@ -215,18 +220,6 @@ class _OPT(port.Ported, tf.Module):
         shape = (max_length, batch_size, c.num_attention_heads, c.head_dim)
         zeros = tuple(tf.zeros(shape, self.dtype) for _ in range(c.num_hidden_layers))
         return KVCache(zeros, zeros, tf.zeros((batch_size, max_length), tf.int32), tf.constant(0, tf.int32))
-
-    def _checked(self, input_ids, attention_mask, position_ids, cache):
-        """The public call's arguments as the compiled step takes them (checked by :func:`port.call_inputs`):
-        ids ``(B, T)``, positions ``(B, T)``, the cache (made or grown to fit) and the new tokens' mask."""
-        past = 0 if cache is None else int(cache.length)
-        ids, positions, mask = port.call_inputs(self.config, input_ids, attention_mask, position_ids, past,
-                                                None if cache is None else cache.mask.numpy())
-        B, T = ids.shape
-        cache = (self.init_cache(B, port.capacity(T)) if cache is None else cache).grown(port.capacity(past + T))
-        if attention_mask is not None:
-            cache = dataclasses.replace(cache, mask=tf.concat([tf.constant(mask[:, :past]), cache.mask[:, past:]], 1))
-        return ids, positions, cache, mask[:, past:]
 
     def _run(self, ids, positions, new_mask, keys, values, mask, index):
         """The decoder over ``ids`` ``(B, T)`` at slots ``index …``: hidden states ``(B, T, e)``, the caches
