@@ -228,7 +228,10 @@ def load_port(framework: str, checkpoint: Path, precision: str, threads: int) ->
     else:
         import tensorflow as tf
 
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        except RuntimeError:  # TensorFlow already started in this process: its thread pool is set
+            pass
         from .tf import TFOPTForCausalLM as cls
     model = cls.from_pretrained(checkpoint, dtype=dtype)
 

@@ -307,3 +307,21 @@ def test_imports_stay_apart(checkpoints, monkeypatch):
         monkeypatch.setitem(sys.modules, blocked, None)
         with pytest.raises(ImportError, match=re.escape(f'pip install "{extra}"')):
             importlib.import_module(port)
+
+
+def test_the_benchmark_runs_each_port(checkpoints):
+    """``optlm bench --framework``: the ports' engines make exactly the tokens asked for (no end-of-sequence
+    stop), greedily, as the port's own generate does."""
+    from optlm.benchmark import Result, engine_names, first_call_table, load_port
+
+    assert engine_names(["fp32", "int8"], {}, ("torch", "flax", "tf")) == ["optlm fp32", "optlm int8", "flax fp32",
+                                                                         "tf fp32"]
+    directory, _ = checkpoints("pre_ln")
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    for framework in FRAMEWORKS:
+        tokens = load_port(framework, directory, "fp32", 1)(ids, 40)
+        want = ports.causal_lm(framework).from_pretrained(directory).generate(ids.numpy(), max_new_tokens=40,
+                                                                               eos_token_id=[])
+        assert tokens == want[:, 3:].tolist() and len(tokens[0]) == 40
+    r = Result("flax fp32", ttft=[1.0], full=[3.0], first=[2.5, 4.0])
+    assert "| flax fp32 | 2.50 |" in first_call_table({"flax fp32": r})  # (2.5 - 1) + (4 - 3)
