@@ -271,7 +271,7 @@ def read_family_config(directory: Path, self_family: type[ModelConfig], loader: 
     if model_type is not None and model_type != self_family.model_type:
         config_class(model_type)  # an unsupported family is named as such
         raise CheckpointError(f"{directory} holds a {model_type} model; {loader} loads {self_family.model_type} "
-                                   f"checkpoints — use optlm.AutoModelForCausalLM (or the {model_type} class)")
+                              f"checkpoints — use optlm.AutoModelForCausalLM (or the {model_type} class)")
     return self_family.from_json_file(path)
 
 

@@ -16,7 +16,6 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core import Frame, SelfAttention, activation, frame_for
 from . import arch
-from .arch import LAYER_NORM_EPS, POSITION_OFFSET, has_final_layer_norm, has_projections
 from .config import OPTConfig
 
 
@@ -30,10 +29,10 @@ class OPTDecoderLayer(nn.Module):
         self.pre_ln = config.do_layer_norm_before
         self.dropout = config.dropout
         self.act = activation(config.activation_function)
-        self.self_attn_layer_norm = nn.LayerNorm(d, LAYER_NORM_EPS, affine)
+        self.self_attn_layer_norm = nn.LayerNorm(d, arch.LAYER_NORM_EPS, affine)
         self.fc1 = nn.Linear(d, config.ffn_dim, bias=config.enable_bias)
         self.fc2 = nn.Linear(config.ffn_dim, d, bias=config.enable_bias)
-        self.final_layer_norm = nn.LayerNorm(d, LAYER_NORM_EPS, affine)
+        self.final_layer_norm = nn.LayerNorm(d, arch.LAYER_NORM_EPS, affine)
 
     def forward(self, x: Tensor, frame: Frame) -> Tensor:
         drop = (lambda h: F.dropout(h, self.dropout, True)) if self.training else (lambda h: h)
@@ -50,14 +49,14 @@ class OPTDecoder(nn.Module):
         self.config = config
         d, e = config.hidden_size, config.word_embed_proj_dim
         self.embed_tokens = nn.Embedding(config.vocab_size, e, config.pad_token_id)
-        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, d)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + arch.POSITION_OFFSET, d)
         # opt-350m keeps 512-wide embeddings and projects them in and out of the 1024-wide decoder.
-        self.project_out = nn.Linear(d, e, bias=False) if has_projections(config) else None
-        self.project_in = nn.Linear(e, d, bias=False) if has_projections(config) else None
+        self.project_out = nn.Linear(d, e, bias=False) if arch.has_projections(config) else None
+        self.project_in = nn.Linear(e, d, bias=False) if arch.has_projections(config) else None
         # The final norm exists only for pre-LN models (post-LN already ends each block with one), and some
         # converted metaseq checkpoints drop it (_remove_final_layer_norm).
-        if has_final_layer_norm(config):
-            self.final_layer_norm = nn.LayerNorm(d, LAYER_NORM_EPS, config.layer_norm_elementwise_affine)
+        if arch.has_final_layer_norm(config):
+            self.final_layer_norm = nn.LayerNorm(d, arch.LAYER_NORM_EPS, config.layer_norm_elementwise_affine)
         else:
             self.final_layer_norm = None
         self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
