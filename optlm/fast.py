@@ -122,6 +122,11 @@ class CPULinear(nn.Linear):
 
     KERNEL_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 16}  # crossovers measured by benchmarks/kernels.py
 
+    def kernel_spec(self) -> kernels.LinearSpec | None:
+        """This layer for optlm's kernels (``optlm.decode_step``); None for a dtype they do not take."""
+        kind = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(self.weight.dtype)
+        return None if kind is None else kernels.LinearSpec(kind, self.weight.detach(), bias=self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if torch.is_grad_enabled() or x.dtype != w.dtype:
@@ -196,11 +201,16 @@ def upcast_half_attention(model: nn.Module) -> nn.Module:
     return model
 
 
-def optimize(model: nn.Module) -> nn.Module:
+def optimize(model: nn.Module, decode_step: bool = True) -> nn.Module:
     """The speed-ups that cost no start-up time, in place: fused q/k/v (inference), CPU linears routed to
     the faster kernels (:func:`cpu_linears`), half-precision attention in fp32 where that is faster
-    (:func:`upcast_half_attention`), and eval mode."""
+    (:func:`upcast_half_attention`), eval mode, and (``decode_step``) one-token steps run by one C call
+    (:mod:`optlm.decode_step`) where the model and its cache allow it."""
     fuse_qkv(model)
     cpu_linears(model)
     upcast_half_attention(model)
+    if decode_step and hasattr(model, "step") and hasattr(model, "lm_head"):
+        from .decode_step import install
+
+        install(model)
     return model.eval()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .models.core import Frame
+from .models.core import Frame, KVLayout
 
 
 class KVCache:
@@ -250,6 +250,15 @@ class _CacheFrame(Frame):
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self.cache.update(layer, k, v)
+
+    def kv_layout(self) -> KVLayout | None:
+        # Decoding (one token per row) into float32 CPU buffers with no local-attention ring.
+        k, T = self.cache.k, self.positions.shape[1]
+        if T != 1 or k.dtype != torch.float32 or k.device.type != "cpu" or self.cache.ring_k.shape[0]:
+            return None
+        _, B, H, cap, D = k.shape  # (layers, B, nh, capacity, hs): row b's slot s is its s-th token
+        lengths = torch.full((B,), self.past + 1, dtype=torch.long)
+        return KVLayout(k, self.cache.v, (B * H * cap * D, H * cap * D, cap * D, D), None, lengths, self.valid)
 
     def local(self, window: int) -> Tensor | None:
         if all(w is None for w in self.cache.windows):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .models.core import Frame
+from .models.core import Frame, KVLayout
 
 if TYPE_CHECKING:
     from .cache import PagedKVCache
@@ -143,6 +143,13 @@ class PagedFrame(Frame):
         # check=False: the slots and lengths come from the cache's own tables
         out = kernels.paged_decode_attention(q[:, :, 0].float().contiguous(), kb, vb, slots, lengths, check=False)
         return out[:, :, None]  # (B, nh, 1, hs)
+
+    def kv_layout(self) -> KVLayout | None:
+        if not self.kernel or self.local_keys is not None:
+            return None
+        k = self.cache.k
+        _, N, H, D = k.shape  # (layers, slots, nh, hs): one pool shared by every row
+        return KVLayout(k, self.cache.v, (N * H * D, 0, D, H * D), self.keys.slots, self.lengths, None)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self._store(layer, k, v)

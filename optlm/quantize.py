@@ -90,6 +90,12 @@ class Int8Linear(nn.Module):
             start += m.out_features
         return fused
 
+    def kernel_spec(self) -> kernels.LinearSpec | None:
+        """This layer for optlm's kernels (``optlm.decode_step``); None while it runs fbgemm's int8-dynamic path."""
+        if self._packed is not None:
+            return None
+        return kernels.LinearSpec("int8", self.weight, scales=self.scales, bias=self.bias)
+
     def use_dynamic_activations(self) -> None:
         """Compute with activations quantized on the fly (8-bit per tensor; fbgemm's AVX2/AVX-512 int8 GEMM).
 
@@ -235,14 +241,26 @@ class Int4Linear(nn.Module):
             return _frozen_forward(self, x)
         return self._forward(x, self.bias)
 
+    def _scales_mins(self) -> tuple[Tensor, Tensor]:
+        """float32 scales and mins (N, K / group_size) for optlm's kernel, made from scales_and_zeros once."""
+        sz = self.scales_and_zeros
+        if self._groups is None or self._groups[0] is not sz:
+            scales = sz[..., 0].float()
+            self._groups = (sz, scales.T.contiguous(), (sz[..., 1].float() - 8 * scales).T.contiguous())
+        return self._groups[1], self._groups[2]
+
+    def kernel_spec(self) -> kernels.LinearSpec | None:
+        """This layer for optlm's kernels (``optlm.decode_step``); None in PyTorch's packing."""
+        if self.packing != "optlm":
+            return None
+        scales, mins = self._scales_mins()
+        return kernels.LinearSpec("int4", self.weight, scales=scales, mins=mins, bias=self.bias,
+                                  group=self.group_size)
+
     def _forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         if self.packing == "optlm":
             # optlm's AVX2 kernel: exact integer sums of q times int16-quantized x per group, then scale and min.
-            sz = self.scales_and_zeros
-            if self._groups is None or self._groups[0] is not sz:
-                scales = sz[..., 0].float()
-                self._groups = (sz, scales.T.contiguous(), (sz[..., 1].float() - 8 * scales).T.contiguous())
-            _, scales, mins = self._groups
+            scales, mins = self._scales_mins()
             w, gs, b = self.weight, self.group_size, None if bias is None else bias.float()
             return kernels.rowwise(x, self.out_features,
                                    lambda x2: kernels.linear_int4(x2, w, scales, mins, gs, b, check=False))

@@ -372,6 +372,7 @@ class ForCausalLM(_WithBase):
     """The language-model head (tied to the token embeddings unless ``tie_word_embeddings`` is false)."""
 
     _optional_keys = ("lm_head.weight",)
+    decode_step = None  # optlm.decode_step.DecodeStep, set by optlm.fast.optimize
 
     def __init__(self, config: ModelConfig, init: bool = True):
         super().__init__(config)
@@ -409,6 +410,10 @@ class ForCausalLM(_WithBase):
         """The core call of generation and the engine: ``ids`` ``(B, T)`` run in ``frame`` → logits ``(B, V)``
         of each row's token at column ``last`` ``(B,)`` (default: the last column) and the hidden states
         ``(B, T, e)``. The caller owns the cache behind the frame and advances it."""
+        if self.decode_step is not None and ids.shape[1] == 1:  # all layers in one C call (optlm.decode_step)
+            out = self.decode_step(ids, frame)
+            if out is not None:
+                return out
         hidden = self.get_decoder()(ids, frame)
         rows = hidden[:, -1] if last is None else hidden[torch.arange(ids.shape[0], device=ids.device), last]
         return self.lm_head(rows), hidden

@@ -1,5 +1,6 @@
-"""Hand-written CPU kernels for decoding, compiled on first use and cached: matmuls (``linear_avx2.c``) and
-attention over a paged cache (``paged_attention.c``).
+"""Hand-written CPU kernels for decoding, compiled on first use and cached: matmuls (``linear_avx2.c``),
+attention over a paged cache (``paged_attention.c``) and a whole decode step (``decode_step.c``, driven by
+``optlm.decode_step``).
 
 ``available()`` says whether they can run here: an x86-64 CPU with AVX2 + FMA, a C compiler (``$CC``, else
 ``cc``/``gcc``/``clang``) and OpenMP. The build takes about a second and is cached under
@@ -23,11 +24,12 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-SOURCES = [Path(__file__).with_name(name) for name in ("linear_avx2.c", "paged_attention.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("linear_avx2.c", "paged_attention.c", "decode_step.c")]
 # -march=native: built on the machine that runs it, tuned for its core (faster than plain -mavx2 -mfma on a
 # Zen 3 core); the cache key includes the CPU so a shared home directory never serves another CPU's build.
 FLAGS = ["-O3", "-march=native", "-funroll-loops", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
@@ -35,6 +37,19 @@ FLAGS = ["-O3", "-march=native", "-funroll-loops", "-fopenmp", "-shared", "-fPIC
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None  # why the kernels are unavailable, once known
+
+
+class LinearSpec(NamedTuple):
+    """A linear layer as these kernels take it (a layer's ``kernel_spec()``): ``kind`` is ``"f32"``,
+    ``"bf16"``, ``"int8"`` or ``"int4"``; ``weight`` as :func:`linear_f32` … :func:`linear_int4` take it;
+    ``scales`` / ``mins`` / ``bias`` in any float dtype (None where unused); ``group``: int4's group size."""
+
+    kind: str
+    weight: Tensor
+    scales: Tensor | None = None
+    mins: Tensor | None = None
+    bias: Tensor | None = None
+    group: int = 0
 
 
 def cache_dir() -> Path:
@@ -112,6 +127,8 @@ def _load() -> ctypes.CDLL | None:
                 lib.optlm_linear_i4.restype = I
                 lib.optlm_paged_qk.argtypes = [P, P, P, P, P, L, L, L, L, I]
                 lib.optlm_paged_pv.argtypes = [P, P, P, P, P, L, L, L, L, I]
+                lib.optlm_decode_step.argtypes = [P, P, P, L, P, P, I]
+                lib.optlm_decode_step.restype = I
                 _lib = lib
         if _error is not None:
             warnings.warn(f"optlm's AVX2 kernels are not used ({_error}); falling back to PyTorch's kernels, "
@@ -163,6 +180,11 @@ def rowwise(x: Tensor, out_features: int, kernel) -> Tensor:
     dtype; the result has x's leading shape and dtype. The glue every kernel-backed layer needs."""
     y = kernel(x.reshape(-1, x.shape[-1]).float().contiguous())
     return y.view(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernel library (for ``optlm.decode_step``, which passes it structures of pointers)."""
+    return _lib_or_raise()
 
 
 def _lib_or_raise() -> ctypes.CDLL:
@@ -287,5 +309,5 @@ def _check_paged(q: Tensor, k: Tensor, v: Tensor, slots: Tensor, lengths: Tensor
         raise ValueError(f"slots must lie in [0, {k.shape[0]})")
 
 
-__all__ = ["available", "enabled", "unavailable_reason", "cache_dir", "rowwise", "linear_f32", "linear_bf16",
+__all__ = ["LinearSpec", "library", "available", "enabled", "unavailable_reason", "cache_dir", "rowwise", "linear_f32", "linear_bf16",
            "linear_int8", "linear_int4", "pack_int4", "unpack_int4", "paged_decode_attention"]

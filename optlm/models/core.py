@@ -13,6 +13,10 @@ precedes a row's real tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -102,11 +106,56 @@ class Frame:
             return self.allowed  # no key is far enough back to drop out of the window
         return causal_mask(T, S, self.positions.device, self.valid, window)
 
+    def kv_layout(self) -> KVLayout | None:
+        """Where a pass of one new token per row reads and writes every layer's keys/values in place, for a
+        step that runs all layers in one call (``optlm.decode_step``); None: this frame cannot say (the base
+        frame has no cache)."""
+        return None
+
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor | None:
         """A frame that computes attention its own way (a kernel reading a paged cache in place) stores the new
         keys/values and returns the output ``(B, nh, T, hs)``; None (the default) leaves it to the model, which
         then calls :meth:`update`. ``q`` is already scaled; ``window``: a local layer's window, or None."""
         return None
+
+
+class KVLayout(NamedTuple):
+    """A cache's keys/values as one float32 CPU buffer each: the key of layer ``l``, row ``b``, head ``h`` in
+    slot ``slot`` is ``k.view(-1)[l * strides[0] + b * strides[1] + h * strides[2] + slot * strides[3]]``.
+    Row ``b`` reads its keys ``0 … lengths[b] - 1`` (the new token's last, in the slot it is written to); key
+    ``s`` lies in slot ``slots[b, s]``, or in slot ``s`` when ``slots`` is None."""
+
+    k: Tensor
+    v: Tensor
+    strides: tuple[int, int, int, int]
+    slots: Tensor | None  # (B, S) int64
+    lengths: Tensor  # (B,) int64
+    valid: Tensor | None  # (B, S) bool: real keys (False: left padding); None: all real
+
+
+@dataclass
+class LayerParts:
+    """The modules of one decoder layer, for a step that runs them outside PyTorch (``optlm.decode_step``)."""
+
+    attention: nn.Module  # SelfAttention
+    norm1: nn.Module  # before attention (pre-LN) or after its residual sum (post-LN)
+    norm2: nn.Module  # the same for the MLP
+    fc1: nn.Module
+    fc2: nn.Module
+
+
+@dataclass
+class DecoderParts:
+    """What a family's decoder is made of, for ``optlm.decode_step``: a family offers it through
+    ``decoder.parts()`` (a family without that method runs every step in PyTorch)."""
+
+    embed: Callable[[Tensor, Tensor], Tensor]  # (ids (B, T), positions (B, T)) -> the first layer's input
+    layers: list[LayerParts]
+    pre_ln: bool
+    activation: str  # a name in ACTIVATIONS
+    eps: float
+    final_norm: nn.Module | None
+    project_out: nn.Module | None
 
 
 def causal_mask(T: int, S: int, device: torch.device, valid: Tensor | None = None,

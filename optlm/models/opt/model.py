@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core import Frame, SelfAttention, activation, frame_for
+from ..core import DecoderParts, Frame, LayerParts, SelfAttention, activation, frame_for
 from . import arch
 from .config import OPTConfig
 
@@ -65,6 +65,16 @@ class OPTDecoder(nn.Module):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
+
+    def parts(self) -> DecoderParts:
+        """This decoder as data, for a decode step run outside PyTorch (``optlm.decode_step``)."""
+        return DecoderParts(
+            embed=lambda ids, positions: arch.embed_input(ids, positions, self.embed_tokens, self.embed_positions,
+                                                          self.project_in),
+            layers=[LayerParts(layer.self_attn, layer.self_attn_layer_norm, layer.final_layer_norm, layer.fc1,
+                               layer.fc2) for layer in self.layers],
+            pre_ln=self.config.do_layer_norm_before, activation=self.config.activation_function,
+            eps=arch.LAYER_NORM_EPS, final_norm=self.final_layer_norm, project_out=self.project_out)
 
     def set_input_embeddings(self, module: nn.Module) -> None:
         self.embed_tokens = module
