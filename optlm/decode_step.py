@@ -168,9 +168,12 @@ class DecodeStep:
     """``step(ids, frame)`` for one new token per row, all layers in one C call; None where it does not apply
     (see the module docstring), and the caller then runs the PyTorch path."""
 
+    PARTS = ("qkv", "attention", "out_proj", "fc1", "fc2", "head", "other")  # decode_step.c's timing parts
+
     def __init__(self, model: nn.Module):
         self.model = model
         self.plan = _Plan(model)  # raises Unsupported
+        self.timing: Tensor | None = None  # float64 (len(PARTS),): seconds per part, summed, when profiling
 
     def __call__(self, ids: Tensor, frame: Any) -> tuple[Tensor, Tensor] | None:
         if ids.shape[1] != 1 or torch.is_grad_enabled() or self.model.training or frame.adapter is not None:
@@ -201,7 +204,8 @@ class DecodeStep:
         hidden = torch.empty(B, plan.out_dim)
         logits = torch.empty(B, plan.vocab)
         rc = kernels.library().optlm_decode_step(ctypes.byref(plan.model), ctypes.byref(cache), x.data_ptr(), B,
-                                                 hidden.data_ptr(), logits.data_ptr(), torch.get_num_threads())
+                                                 hidden.data_ptr(), logits.data_ptr(), torch.get_num_threads(),
+                                                 None if self.timing is None else self.timing.data_ptr())
         if rc != 0:
             raise MemoryError(f"no memory for a decode step of {B} rows")
         return logits, hidden[:, None]

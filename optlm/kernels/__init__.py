@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 SOURCES = [Path(__file__).with_name(name) for name in ("linear_avx2.c", "paged_attention.c", "decode_step.c")]
+HEADERS = [Path(__file__).with_name("dot.h")]
 # -march=native: built on the machine that runs it, tuned for its core (faster than plain -mavx2 -mfma on a
 # Zen 3 core); the cache key includes the CPU so a shared home directory never serves another CPU's build.
 FLAGS = ["-O3", "-march=native", "-funroll-loops", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
@@ -84,7 +85,7 @@ def _cpu_signature() -> str:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES) + version.encode() + " ".join(FLAGS).encode()
+    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES + HEADERS) + version.encode() + " ".join(FLAGS).encode()
                          + _cpu_signature().encode()).hexdigest()[:16]
     out = cache_dir() / f"optlm-kernels-{key}.so"
     if out.exists():
@@ -127,7 +128,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.optlm_linear_i4.restype = I
                 lib.optlm_paged_qk.argtypes = [P, P, P, P, P, L, L, L, L, I]
                 lib.optlm_paged_pv.argtypes = [P, P, P, P, P, L, L, L, L, I]
-                lib.optlm_decode_step.argtypes = [P, P, P, L, P, P, I]
+                lib.optlm_decode_step.argtypes = [P, P, P, L, P, P, I, P]
                 lib.optlm_decode_step.restype = I
                 _lib = lib
         if _error is not None:

@@ -17,9 +17,12 @@
  * row) and the paged one (slots in a shared pool).
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "dot.h"
 
 void optlm_linear_f32(const float *x, const float *w, const float *bias, float *y, long M, long N, long K,
                       int nthreads);
@@ -136,8 +139,7 @@ static void attend(const optlm_model *m, const optlm_cache *c, long l, const flo
                     continue;
                 }
                 const float *k = kc + base + slot_of(slots, S, b, s) * c->slot_stride;
-                float acc = 0.f;
-                for (long i = 0; i < D; i++) acc += q[i] * k[i];
+                float acc = dot(q, k, D);
                 sc[s] = acc;
                 mx = acc > mx ? acc : mx;
             }
@@ -154,41 +156,63 @@ static void attend(const optlm_model *m, const optlm_cache *c, long l, const flo
     }
 }
 
+/* Parts of a step, for optlm_decode_step's optional timing (seconds added per part). */
+enum { T_QKV, T_ATTN, T_OUT, T_FC1, T_FC2, T_HEAD, T_OTHER, T_PARTS };
+
 /* x (B, d): the embedded new tokens, overwritten. hidden (B, e) and logits (B, V) receive the outputs.
+ * timing: NULL, or T_PARTS doubles to which each part's seconds are added (OTHER: norms, residuals, activation).
  * Returns 0; -1 when scratch memory could not be allocated. */
 int optlm_decode_step(const optlm_model *m, const optlm_cache *c, float *x, long B, float *hidden, float *logits,
-                      int nt) {
-    const long S = c->S;
-    const long d = m->hidden;
+                      int nt, double *timing) {
+    const long d = m->hidden, S = c->S;
     long ffn = 0;
     for (long l = 0; l < m->layers; l++) ffn = m->layer[l].fc1.n > ffn ? m->layer[l].fc1.n : ffn;
     float *h = malloc(sizeof(float) * B * d), *qkv = malloc(sizeof(float) * B * 3 * d),
           *att = malloc(sizeof(float) * B * d), *f = malloc(sizeof(float) * B * (ffn > d ? ffn : d)),
           *sc = malloc(sizeof(float) * B * m->heads * (S > 0 ? S : 1));
     int rc = (!h || !qkv || !att || !f || !sc) ? -1 : 0;
+    double t = timing ? omp_get_wtime() : 0;
+#define LAP(part)                                       \
+    if (timing) {                                       \
+        double now = omp_get_wtime();                   \
+        timing[part] += now - t;                        \
+        t = now;                                        \
+    }
     for (long l = 0; l < m->layers && rc == 0; l++) {
         const optlm_layer *L = m->layer + l;
         if (m->pre_ln) norm(&L->norm1, x, h, B, d, m->eps);
+        LAP(T_OTHER);
         rc |= linear(&L->qkv, m->pre_ln ? h : x, qkv, B, nt);
+        LAP(T_QKV);
         for (long b = 0; b < B; b++)
             for (long i = 0; i < d; i++) qkv[b * 3 * d + i] *= m->scaling;
         attend(m, c, l, qkv, att, sc, B, nt);
+        LAP(T_ATTN);
         rc |= linear(&L->out, att, h, B, nt);
+        LAP(T_OUT);
         for (long i = 0; i < B * d; i++) x[i] += h[i];
         if (!m->pre_ln) norm(&L->norm1, x, x, B, d, m->eps);
         if (m->pre_ln) norm(&L->norm2, x, h, B, d, m->eps);
+        LAP(T_OTHER);
         rc |= linear(&L->fc1, m->pre_ln ? h : x, f, B, nt);
+        LAP(T_FC1);
         activate(f, B * L->fc1.n, m->act);
+        LAP(T_OTHER);
         rc |= linear(&L->fc2, f, h, B, nt);
+        LAP(T_FC2);
         for (long i = 0; i < B * d; i++) x[i] += h[i];
         if (!m->pre_ln) norm(&L->norm2, x, x, B, d, m->eps);
+        LAP(T_OTHER);
     }
     if (rc == 0) {
         if (m->final_norm) norm(&m->norm_f, x, x, B, d, m->eps);
         if (m->project_out) rc |= linear(m->project_out, x, hidden, B, nt);
         else memcpy(hidden, x, sizeof(float) * B * d);
+        LAP(T_OTHER);
         rc |= linear(m->head, hidden, logits, B, nt);
+        LAP(T_HEAD);
     }
+#undef LAP
     free(h), free(qkv), free(att), free(f), free(sc);
     return rc ? -1 : 0;
 }
