@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from . import kernels
-from .models.core import ACTIVATIONS, SelfAttention
+from .models.core import SelfAttention
 
 P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 KINDS = {"f32": 0, "bf16": 1, "int8": 2, "int4": 3}
@@ -47,8 +47,8 @@ class _Norm(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("norm1", _Norm), ("norm2", _Norm), ("qkv", _Linear), ("out", _Linear), ("fc1", _Linear),
-                ("fc2", _Linear)]
+    _fields_ = [("norm1", _Norm), ("norm2", _Norm), ("q", _Linear), ("k", _Linear), ("v", _Linear), ("out", _Linear),
+                ("fc1", _Linear), ("fc2", _Linear)]
 
 
 class _Model(ctypes.Structure):
@@ -87,6 +87,7 @@ class _Plan:
         self.generation = _generation[0]
         self.watched: list[tuple[Tensor, int, int]] = []  # (tensor, data_ptr, version) read or copied from
         self.keep: list[Any] = []  # tensors and structures the C side points into
+        self.modules = list(model.modules())  # none may gain a forward hook (adapters, offloading use them)
         decoder = model.get_decoder()
         if not hasattr(decoder, "parts"):
             raise Unsupported(f"{type(decoder).__name__} does not describe its parts")
@@ -106,13 +107,9 @@ class _Plan:
             a = p.attention
             if (a.num_heads, a.head_dim, a.scaling is None) != (first.num_heads, first.head_dim, first.scaling is None):
                 raise Unsupported("layers of different shapes")
-            if a.fused_qkv is None or not a.fused_qkv.matches(a) or any(
-                    hasattr(m, "delta") for m in (a.q_proj, a.k_proj, a.v_proj)):
-                raise Unsupported("q/k/v projections that are not fused (optlm.fast.fuse_qkv) or carry adapters")
-            for proj in (a.q_proj, a.k_proj, a.v_proj):
-                self._watch(proj.weight)
-            layers[i] = _Layer(self._norm(p.norm1), self._norm(p.norm2), self._linear(a.fused_qkv.linear),
-                               self._linear(a.out_proj), self._linear(p.fc1), self._linear(p.fc2))
+            layers[i] = _Layer(self._norm(p.norm1), self._norm(p.norm2), self._linear(a.q_proj),
+                               self._linear(a.k_proj), self._linear(a.v_proj), self._linear(a.out_proj),
+                               self._linear(p.fc1), self._linear(p.fc2))
         self.keep.append(layers)
         project_out = None if parts.project_out is None else ctypes.pointer(self._linear(parts.project_out))
         head = ctypes.pointer(self._linear(model.lm_head))
@@ -147,7 +144,8 @@ class _Plan:
         return _Norm(self._float(norm.weight), self._float(norm.bias))
 
     def _linear(self, module: nn.Module) -> _Linear:
-        spec = module.kernel_spec() if hasattr(module, "kernel_spec") else None
+        kernel_spec = getattr(type(module), "kernel_spec", None)  # the class's own: wrappers may forward attributes
+        spec = None if kernel_spec is None else kernel_spec(module)
         if spec is None:
             raise Unsupported(f"a {type(module).__name__} layer the kernels do not run")
         w = spec.weight
@@ -162,6 +160,11 @@ class _Plan:
     def current(self) -> bool:
         return self.generation == _generation[0] and all(
             t.data_ptr() == ptr and t._version == version for t, ptr, version in self.watched)
+
+    def hooked(self) -> bool:
+        """Whether some module runs forward hooks, which a step outside PyTorch would skip."""
+        return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks) or any(
+            m._forward_hooks or m._forward_pre_hooks for m in self.modules)
 
 
 class DecodeStep:
@@ -188,6 +191,8 @@ class DecodeStep:
                 self.model.decode_step = None  # the model changed into one this step does not run
                 return None
         plan = self.plan
+        if plan.hooked():
+            return None
         B = ids.shape[0]
         x = plan.embed(ids, frame.positions)  # (B, 1, d)
         if x.dtype != torch.float32 or x.shape != (B, 1, plan.hidden):

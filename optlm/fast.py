@@ -129,7 +129,7 @@ class CPULinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if torch.is_grad_enabled() or x.dtype != w.dtype:
+        if torch.is_grad_enabled() or x.dtype != w.dtype or not x.is_cpu:
             return super().forward(x)
         rows = x.numel() // self.in_features
         if rows <= self.KERNEL_MAX_ROWS.get(w.dtype, 0) and kernels.enabled() and w.is_contiguous():
@@ -201,16 +201,31 @@ def upcast_half_attention(model: nn.Module) -> nn.Module:
     return model
 
 
-def optimize(model: nn.Module, decode_step: bool = True) -> nn.Module:
-    """The speed-ups that cost no start-up time, in place: fused q/k/v (inference), CPU linears routed to
-    the faster kernels (:func:`cpu_linears`), half-precision attention in fp32 where that is faster
-    (:func:`upcast_half_attention`), eval mode, and (``decode_step``) one-token steps run by one C call
-    (:mod:`optlm.decode_step`) where the model and its cache allow it."""
-    fuse_qkv(model)
+def on_by_default() -> bool:
+    """Whether loading applies the speed-ups (:func:`for_inference`, :func:`optimize`): yes unless the
+    environment sets ``OPTLM_FAST=0`` (for every load in the process: ``from_pretrained``, ``optlm.load``,
+    ``LLM``, the CLI); ``fast=False`` does the same for one load."""
+    return os.environ.get("OPTLM_FAST", "1") != "0"
+
+
+def for_inference(model: nn.Module) -> nn.Module:
+    """What ``from_pretrained`` applies by default, in place: the speed-ups that replace no parameter, so a model
+    loaded this way trains, saves and takes adapters as before. CPU linears routed to the faster kernels
+    (:func:`cpu_linears`), half-precision attention in fp32 where that is faster (:func:`upcast_half_attention`),
+    and a causal LM's one-token steps run by one C call where the model and its cache allow it
+    (:mod:`optlm.decode_step`)."""
     cpu_linears(model)
     upcast_half_attention(model)
-    if decode_step and hasattr(model, "step") and hasattr(model, "lm_head"):
+    if hasattr(model, "step") and hasattr(model, "lm_head"):
         from .decode_step import install
 
         install(model)
+    return model
+
+
+def optimize(model: nn.Module) -> nn.Module:
+    """Every speed-up that costs no start-up time, in place: fused q/k/v (:func:`fuse_qkv`, which makes the q/k/v
+    parameters views of one weight: call it before building an optimizer), :func:`for_inference`, eval mode."""
+    fuse_qkv(model)
+    for_inference(model)
     return model.eval()

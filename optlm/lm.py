@@ -163,7 +163,7 @@ class LM:
 def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
          device: torch.device | str | None = None, quantize: str | None = None, revision: str | None = None,
          tokenizer: Any = None, adapter: str | os.PathLike | None = None, tensor_parallel: bool = False,
-         offload: bool | int = False, max_memory: int | str | None = None) -> LM:
+         offload: bool | int = False, max_memory: int | str | None = None, fast: bool | None = None) -> LM:
     """Load a checkpoint directory or hub id (None: the bundled default model, or the adapter's base model)
     with its tokenizer.
 
@@ -178,6 +178,8 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
     adapter stays a pair of small layers.
     ``offload`` / ``max_memory``: a model larger than memory streams its decoder layers from the checkpoint
     (see ``from_pretrained``; :mod:`optlm.parallel.offload`).
+    ``fast`` (default: on, unless the environment sets ``OPTLM_FAST=0``): the speed-ups of
+    :func:`optlm.fast.optimize`, which keep outputs as they are; ``fast=False`` runs the plain PyTorch modules.
     """
     from .tokenizer import Tokenizer
 
@@ -205,7 +207,7 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
                              "process; it does not combine with tensor parallelism, quantization or adapters yet")
         dtype = _cpu_dtype(path, revision, dtype, device)  # converting afterwards would undo the streaming
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device, revision=revision,
-                                                     offload=offload, max_memory=max_memory)
+                                                     offload=offload, max_memory=max_memory, fast=False)
     elif tensor_parallel:
         if adapter is not None and adapter_config.peft_type != "LORA":
             raise ValueError("tensor parallelism carries LoRA adapters (merged into each rank's slices); a "
@@ -219,7 +221,8 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
         if quantize is not None:  # each rank quantizes its slices as the whole model's quantization would
             model, quantize = quantize_tensor_parallel(model, quantize), None
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device, revision=revision,
+                                                     fast=False)  # optimized below
     if dtype is None and model.dtype == torch.float16 and model.device.type == "cpu":
         model = model.float()
     lora = adapter_config is not None and adapter_config.peft_type == "LORA"
@@ -229,9 +232,10 @@ def load(path_or_hub_id: str | os.PathLike | None = None, *, dtype: torch.dtype 
         model = _quantize(model, quantize)
     if adapter is not None and not lora:
         model = _with_adapter(model, adapter, revision)
-    from .fast import optimize
+    from .fast import on_by_default, optimize
 
-    model = optimize(model)  # fused q/k/v and faster CPU linears; outputs unchanged (tests/test_fast.py)
+    if on_by_default() if fast is None else fast:
+        model = optimize(model)  # fused q/k/v, faster CPU linears, one-call decode steps; outputs unchanged
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         source = tokenizer if tokenizer is not None else path
         tokenizer = Tokenizer.from_pretrained(source, revision=revision if tokenizer is None else None)

@@ -30,7 +30,8 @@ class LLM:
     ``tensor_parallel_size=N`` splits the model across N worker processes started here (a checkpoint path or
     hub id; :mod:`optlm.parallel`): ``generate`` runs on all of them and answers as one; ``close()`` stops them.
     In a script torchrun runs N times, each process is instead one of the ranks, holding its share; every rank
-    runs the script's calls alike and gets the same outputs.
+    runs the script's calls alike and gets the same outputs. ``fast=False`` (or ``OPTLM_FAST=0`` in the
+    environment) loads the model without optlm's output-preserving speed-ups (:func:`optlm.fast.optimize`).
     """
 
     def __init__(self, model: str | os.PathLike | torch.nn.Module | None = None, tokenizer: Any = None, *,
@@ -38,7 +39,7 @@ class LLM:
                  quantize: str | None = None, revision: str | None = None, max_num_seqs: int = 64,
                  max_model_len: int | None = None, kv_cache_memory: int | None = None, block_size: int = 16,
                  max_num_batched_tokens: int = 512, enable_lora: bool = False, max_loras: int = 8,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, fast: bool | None = None):
         from ..parallel import joined
 
         self._workers = None
@@ -46,7 +47,7 @@ class LLM:
         in_group = tensor_parallel_size != 1 and joined()  # under torchrun: this process is one of the ranks
         if tensor_parallel_size != 1 and not in_group:
             self._start_workers(model, tokenizer, tensor_parallel_size, enable_lora, quantize,
-                                dict(dtype=dtype, device=device, revision=revision, tokenizer=tokenizer),
+                                dict(dtype=dtype, device=device, revision=revision, tokenizer=tokenizer, fast=fast),
                                 dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                      kv_cache_memory=kv_cache_memory, block_size=block_size,
                                      max_num_batched_tokens=max_num_batched_tokens))
@@ -62,7 +63,7 @@ class LLM:
             if in_group:
                 _join_group(tensor_parallel_size)
             lm = load(model, dtype=dtype, device=device, quantize=quantize, revision=revision, tokenizer=tokenizer,
-                      tensor_parallel=in_group)
+                      tensor_parallel=in_group, fast=fast)
             model, tokenizer = lm.model, lm.tokenizer
         self.llm_engine = LLMEngine(model, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                     kv_cache_memory=kv_cache_memory, block_size=block_size,

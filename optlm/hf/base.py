@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import checkpoint as ckpt
 from ..checkpoint import read_family_config
+from ..fast import for_inference, on_by_default
 from ..kv_cache import KVCache
 from ..models.config import ModelConfig
 from ..models.core import Frame, kv_heads, set_attn_implementation
@@ -194,7 +195,7 @@ class PreTrainedModel(nn.Module):
                         revision: str | None = None, config: ModelConfig | None = None,
                         torch_dtype: torch.dtype | str | None = None, quantize: str | None = None,
                         max_memory: int | str | dict | None = None, offload: bool | int = False,
-                        **config_overrides: Any):
+                        fast: bool | None = None, **config_overrides: Any):
         """Load a Hugging Face checkpoint of this class's family (directory or hub id).
 
         The model is built on the meta device and the memory-mapped checkpoint tensors are assigned to it,
@@ -207,6 +208,10 @@ class PreTrainedModel(nn.Module):
         accelerate's ``{"cpu": "4GB"}``) keeps as many decoder layers resident as fit beside the embeddings and
         streams the rest from the files (:mod:`optlm.parallel.offload`; the whole model when it fits);
         ``offload=True`` streams through 2 layers, the least memory, ``offload=N`` through N.
+
+        ``fast`` (default: on, unless the environment sets ``OPTLM_FAST=0``) applies the speed-ups that keep
+        outputs and parameters as they are (:func:`optlm.fast.for_inference`): faster CPU matmul routing and,
+        for a causal LM, decoding steps run in one C call. ``fast=False`` gives the plain PyTorch modules.
         """
         dtype = parse_dtype(dtype if dtype is not None else torch_dtype)
         device = parse_device(device)
@@ -255,6 +260,8 @@ class PreTrainedModel(nn.Module):
         if quantize is not None:
             quantize_model(model, quantize)
         model.name_or_path = str(path_or_hub_id)  # as transformers records it (adapters save it as their base)
+        if on_by_default() if fast is None else fast:
+            for_inference(model)
         return model.eval()
 
     def _materialize(self, new_keys: list[str], dtype: torch.dtype) -> None:

@@ -85,7 +85,8 @@ def _cpu_signature() -> str:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES + HEADERS) + version.encode() + " ".join(FLAGS).encode()
+    sources = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
+    key = hashlib.sha256(sources + version.encode() + " ".join(FLAGS).encode()
                          + _cpu_signature().encode()).hexdigest()[:16]
     out = cache_dir() / f"optlm-kernels-{key}.so"
     if out.exists():
@@ -310,5 +311,6 @@ def _check_paged(q: Tensor, k: Tensor, v: Tensor, slots: Tensor, lengths: Tensor
         raise ValueError(f"slots must lie in [0, {k.shape[0]})")
 
 
-__all__ = ["LinearSpec", "library", "available", "enabled", "unavailable_reason", "cache_dir", "rowwise", "linear_f32", "linear_bf16",
+__all__ = ["LinearSpec", "library", "available", "enabled", "unavailable_reason", "cache_dir", "rowwise", "linear_f32",
+           "linear_bf16",
            "linear_int8", "linear_int4", "pack_int4", "unpack_int4", "paged_decode_attention"]

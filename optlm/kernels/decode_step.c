@@ -49,7 +49,7 @@ typedef struct {
 
 typedef struct {
     optlm_norm norm1, norm2; /* before (pre-LN) or after (post-LN) attention and MLP */
-    optlm_linear qkv, out, fc1, fc2;
+    optlm_linear q, k, v, out, fc1, fc2; /* q, k, v may be row blocks of one fused weight */
 } optlm_layer;
 
 typedef struct {
@@ -111,9 +111,9 @@ static void activate(float *x, long n, int act) {
 static inline long slot_of(const int64_t *slots, long S, long b, long s) { return slots ? slots[b * S + s] : s; }
 
 /* Attention of row b's new query over its keys 0 .. len[b] - 1 (the last is the new token, written here first).
- * qkv: (B, 3d) with q already scaled; out: (B, d); scores: (B, H, S) scratch. */
-static void attend(const optlm_model *m, const optlm_cache *c, long l, const float *qkv, float *out, float *scores,
-                   long B, int nt) {
+ * q (already scaled), k, v: (B, d) each; out: (B, d); scores: (B, H, S) scratch. */
+static void attend(const optlm_model *m, const optlm_cache *c, long l, const float *q_new, const float *k_new,
+                   const float *v_new, float *out, float *scores, long B, int nt) {
     const long H = m->heads, D = m->head_dim, d = m->hidden, S = c->S;
     float *kc = c->k + l * c->layer_stride, *vc = c->v + l * c->layer_stride;
     const int64_t *slots = c->slots, *lens = c->lens;
@@ -122,14 +122,14 @@ static void attend(const optlm_model *m, const optlm_cache *c, long l, const flo
         long slot = slot_of(slots, S, b, lens[b] - 1);
         for (long h = 0; h < H; h++) {
             long at = b * c->batch_stride + h * c->head_stride + slot * c->slot_stride;
-            memcpy(kc + at, qkv + b * 3 * d + d + h * D, sizeof(float) * D);
-            memcpy(vc + at, qkv + b * 3 * d + 2 * d + h * D, sizeof(float) * D);
+            memcpy(kc + at, k_new + b * d + h * D, sizeof(float) * D);
+            memcpy(vc + at, v_new + b * d + h * D, sizeof(float) * D);
         }
     }
 #pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
     for (long b = 0; b < B; b++) {
         for (long h = 0; h < H; h++) {
-            const float *q = qkv + b * 3 * d + h * D;
+            const float *q = q_new + b * d + h * D;
             float *sc = scores + (b * H + h) * S, *o = out + b * d + h * D;
             const long n = lens[b], base = b * c->batch_stride + h * c->head_stride;
             float mx = -INFINITY;
@@ -167,10 +167,11 @@ int optlm_decode_step(const optlm_model *m, const optlm_cache *c, float *x, long
     const long d = m->hidden, S = c->S;
     long ffn = 0;
     for (long l = 0; l < m->layers; l++) ffn = m->layer[l].fc1.n > ffn ? m->layer[l].fc1.n : ffn;
-    float *h = malloc(sizeof(float) * B * d), *qkv = malloc(sizeof(float) * B * 3 * d),
+    float *h = malloc(sizeof(float) * B * d), *q = malloc(sizeof(float) * B * 3 * d),
           *att = malloc(sizeof(float) * B * d), *f = malloc(sizeof(float) * B * (ffn > d ? ffn : d)),
           *sc = malloc(sizeof(float) * B * m->heads * (S > 0 ? S : 1));
-    int rc = (!h || !qkv || !att || !f || !sc) ? -1 : 0;
+    float *k = q + B * d, *v = q + 2 * B * d;
+    int rc = (!h || !q || !att || !f || !sc) ? -1 : 0;
     double t = timing ? omp_get_wtime() : 0;
 #define LAP(part)                                       \
     if (timing) {                                       \
@@ -182,11 +183,11 @@ int optlm_decode_step(const optlm_model *m, const optlm_cache *c, float *x, long
         const optlm_layer *L = m->layer + l;
         if (m->pre_ln) norm(&L->norm1, x, h, B, d, m->eps);
         LAP(T_OTHER);
-        rc |= linear(&L->qkv, m->pre_ln ? h : x, qkv, B, nt);
+        const float *in = m->pre_ln ? h : x;
+        rc |= linear(&L->q, in, q, B, nt) | linear(&L->k, in, k, B, nt) | linear(&L->v, in, v, B, nt);
         LAP(T_QKV);
-        for (long b = 0; b < B; b++)
-            for (long i = 0; i < d; i++) qkv[b * 3 * d + i] *= m->scaling;
-        attend(m, c, l, qkv, att, sc, B, nt);
+        for (long i = 0; i < B * d; i++) q[i] *= m->scaling;
+        attend(m, c, l, q, k, v, att, sc, B, nt);
         LAP(T_ATTN);
         rc |= linear(&L->out, att, h, B, nt);
         LAP(T_OUT);
@@ -213,6 +214,6 @@ int optlm_decode_step(const optlm_model *m, const optlm_cache *c, float *x, long
         LAP(T_HEAD);
     }
 #undef LAP
-    free(h), free(qkv), free(att), free(f), free(sc);
+    free(h), free(q), free(att), free(f), free(sc);
     return rc ? -1 : 0;
 }

@@ -75,6 +75,9 @@ class RowParallelQuantized:
 
     group: dist.ProcessGroup | None = None
 
+    def kernel_spec(self) -> None:
+        return None  # optlm.decode_step would skip the all-reduce: this layer runs in PyTorch
+
     def forward(self, x: Tensor) -> Tensor:
         y = self._forward(x, None)
         dist.all_reduce(y, group=self.group)
@@ -236,7 +239,7 @@ def load_tensor_parallel(path_or_hub_id, dtype: torch.dtype | str | None = None,
     config = read_config(directory / "config.json")
     cls = model_class(config.model_type, task)
     if any(f.suffix != ".safetensors" for f in files) or ckpt.QUANTIZED_STEM in files[0].name:
-        return tensor_parallel(cls.from_pretrained(directory, dtype=dtype), group)
+        return tensor_parallel(cls.from_pretrained(directory, dtype=dtype, fast=False), group)
     model = empty_model(cls, config)
     model.tie_weights()
     tensor_parallel(model, group)

@@ -504,7 +504,7 @@ def _build(args: TrainArgs, task: Task, resume_from: Path | None) -> tuple[nn.Mo
     if args.adapter is not None:
         model = _with_adapter(args, task, tokenizer, overrides, resume_from)
     elif resume_from is not None:  # its config.json already carries the overrides
-        model = task.model_class.from_pretrained(resume_from, dtype=torch.float32)
+        model = task.model_class.from_pretrained(resume_from, dtype=torch.float32, fast=False)  # plain modules
         _same_labels(model, from_data, resume_from)
     elif args.model is not None:
         model = _fine_tuning_start(task, args.model, overrides)
@@ -539,7 +539,7 @@ def _fine_tuning_start(task: Task, source: str, overrides: dict[str, Any]) -> nn
     with warnings.catch_warnings():
         for head in task.heads:
             warnings.filterwarnings("ignore", message=rf".*\b{head}\.weight not in the checkpoint")
-        return task.model_class.from_pretrained(source, dtype=torch.float32, **overrides)
+        return task.model_class.from_pretrained(source, dtype=torch.float32, fast=False, **overrides)  # plain modules
 
 
 def _same_labels(model_or_config: Any, from_data: dict[str, Any], source: Path, fine_tuning: bool = False) -> None:
