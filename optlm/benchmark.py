@@ -181,6 +181,7 @@ def load_optlm(checkpoint: Path, precision: str) -> Callable:
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         return out[:, ids.shape[1]:].tolist()
 
+    run.model = model  # for the roofline (bytes_per_token)
     return run
 
 
@@ -337,6 +338,57 @@ def _memory_probe(name: str, checkpoint: str, threads: int, prompt: int, new: in
     return [_rss_mb("VmHWM:") - base, _rss_mb() - base]
 
 
+# ---- the memory roofline -------------------------------------------------------------------------------
+
+def bytes_per_token(model: torch.nn.Module, context: float) -> tuple[int, int]:
+    """What one decode step of one sequence reads: (weight bytes, key/value bytes at ``context`` cached tokens).
+
+    Weights: every parameter and buffer once (a tied embedding and head share their storage), except the position
+    table, of which a step reads one row. Keys/values: each layer's ``context`` cached keys and values, in the
+    cache's dtype."""
+    from .generate import cache_dtype
+    from .models.core import kv_heads
+
+    tensors = {t.data_ptr(): t.nbytes for t in (*model.parameters(), *model.buffers())}
+    positions = model.get_decoder().embed_positions.weight
+    weights = sum(tensors.values()) - positions.nbytes
+    config = model.config
+    width = kv_heads(model) * config.head_dim
+    kv = int(2 * config.num_hidden_layers * context * width * torch.empty((), dtype=cache_dtype(model)).element_size())
+    return weights, kv
+
+
+def read_speed(nbytes: int, repeats: int = 5) -> float:
+    """Bytes per second at which this process reads a buffer of ``nbytes`` (at least 64 MiB), with the threads set
+    for the benchmark: the best of ``repeats`` passes of a sum over float32 values, after one untimed pass."""
+    buf = torch.ones(max(nbytes, 64 * 2**20) // 4)
+    buf.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return buf.nbytes / best
+
+
+def roofline_table(engines: dict[str, Callable], results: dict[str, Result], prompt: int, new: int) -> str:
+    """optlm's batch-1 decode speed beside the memory roofline: bytes read per token ÷ the measured read speed
+    (over a buffer as large as those bytes, so it is the speed of whichever level of memory holds them)."""
+    lines = ["| engine | weights MB/token | KV MB/token | read speed GB/s | roofline tok/s | decode tok/s | "
+             "of roofline |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, run in engines.items():
+        model = getattr(run, "model", None)
+        if model is None:
+            continue
+        weights, kv = bytes_per_token(model, prompt + (new + 1) / 2)  # the average context of the decode
+        speed = read_speed(weights + kv)
+        roof = speed / (weights + kv)
+        decode = results[name].median("decode")
+        lines.append(f"| {name} | {weights / 1e6:.1f} | {kv / 1e6:.1f} | {speed / 1e9:.1f} | {roof:.1f} | "
+                     f"{decode:.1f} | {decode / roof:.0%} |")
+    return "\n".join(lines)
+
+
 # ---- reporting -----------------------------------------------------------------------------------------
 
 def single_table(results: dict[str, Result]) -> str:
@@ -410,7 +462,7 @@ def run_benchmark(shapes: list[str], precisions: list[str], prompt: int = 128, n
             for n in names:
                 results[n].peak_mb = peak_memory_mb(n, checkpoint, threads, prompt, new)
         report += [f"\n### {shape}, batch 1\n", single_table(results), "", ratio_table(results, "decode"), "",
-                   ratio_table(results, "prefill")]
+                   ratio_table(results, "prefill"), "", roofline_table(engines, results, prompt, new)]
         compiled = any(not n.startswith(("optlm", "transformers", "ctranslate2")) for n in names)
         if compiled:
             report += ["", first_call_table(results)]

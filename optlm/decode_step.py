@@ -15,7 +15,9 @@ which answers None (so the PyTorch path runs) for anything it does not cover:
   an int8-dynamic layer, weights on another device, or no C compiler (``optlm.kernels``).
 
 Results equal the PyTorch path's up to float rounding (the sums run in another order); fp32 greedy tokens are
-the same (``tests/test_decode_step.py``). The weights are read where they lie: nothing is copied except
+the same (``tests/test_decode_step.py``). A bfloat16 model's step multiplies its bfloat16 weights with float32
+activations and keeps float32 between the matmuls (its keys/values are cached in float32), where the PyTorch
+path rounds each intermediate result to bfloat16: the step's numbers are the more precise ones. The weights are read where they lie: nothing is copied except
 float32 versions of half-precision biases and norm parameters. When the model changes (a parameter or module
 replaced or moved, a copied tensor edited in place), the step rebuilds its description before the next call.
 """
@@ -175,8 +177,12 @@ class DecodeStep:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.plan = _Plan(model)  # raises Unsupported
+        self.plan: _Plan | None = _Plan(model)  # raises Unsupported; None: built at the next call
         self.timing: Tensor | None = None  # float64 (len(PARTS),): seconds per part, summed, when profiling
+
+    def __getstate__(self) -> dict:
+        # A copied or pickled model gets a step of its own, described afresh (the plan holds raw pointers).
+        return {"model": self.model, "plan": None, "timing": None}
 
     def __call__(self, ids: Tensor, frame: Any) -> tuple[Tensor, Tensor] | None:
         if ids.shape[1] != 1 or torch.is_grad_enabled() or self.model.training or frame.adapter is not None:
@@ -184,7 +190,7 @@ class DecodeStep:
         layout = frame.kv_layout()
         if layout is None or not kernels.enabled():
             return None
-        if not self.plan.current():
+        if self.plan is None or not self.plan.current():
             try:
                 self.plan = _Plan(self.model)
             except Unsupported:
@@ -195,9 +201,10 @@ class DecodeStep:
             return None
         B = ids.shape[0]
         x = plan.embed(ids, frame.positions)  # (B, 1, d)
-        if x.dtype != torch.float32 or x.shape != (B, 1, plan.hidden):
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.shape != (B, 1, plan.hidden):
             return None
-        x = x.reshape(B, plan.hidden).contiguous()  # a new tensor (embeddings plus positions): C overwrites it
+        dtype = x.dtype
+        x = x.reshape(B, plan.hidden).float().contiguous()  # a new tensor (embeddings plus positions): C overwrites it
         lengths = layout.lengths.contiguous()
         slots = None if layout.slots is None else layout.slots.contiguous()
         valid = None if layout.valid is None else layout.valid.contiguous().view(torch.uint8)
@@ -213,7 +220,7 @@ class DecodeStep:
                                                  None if self.timing is None else self.timing.data_ptr())
         if rc != 0:
             raise MemoryError(f"no memory for a decode step of {B} rows")
-        return logits, hidden[:, None]
+        return logits, hidden[:, None].to(dtype)
 
 
 def install(model: nn.Module) -> str | None:
@@ -226,4 +233,10 @@ def install(model: nn.Module) -> str | None:
     except Unsupported as e:
         model.decode_step = None
         return str(e)
+    if next(p.dtype for p in model.parameters() if p.is_floating_point()) == torch.bfloat16:
+        # a bfloat16 model's step computes in float32 from a float32 cache, which the attention of its PyTorch
+        # passes (the prompt) then fills and reads in float32 too
+        for attn in model.modules():
+            if isinstance(attn, SelfAttention):
+                attn.upcast_attention = True
     return None
