@@ -17,9 +17,11 @@ which answers None (so the PyTorch path runs) for anything it does not cover:
 Results equal the PyTorch path's up to float rounding (the sums run in another order); fp32 greedy tokens are
 the same (``tests/test_decode_step.py``). A bfloat16 model's step multiplies its bfloat16 weights with float32
 activations and keeps float32 between the matmuls (its keys/values are cached in float32), where the PyTorch
-path rounds each intermediate result to bfloat16: the step's numbers are the more precise ones. The weights are read where they lie: nothing is copied except
-float32 versions of half-precision biases and norm parameters. When the model changes (a parameter or module
-replaced or moved, a copied tensor edited in place), the step rebuilds its description before the next call.
+path rounds each intermediate result to bfloat16: the step's numbers are the more precise ones.
+
+The weights are read where they lie: nothing is copied except float32 versions of half-precision biases, norm
+parameters and scales. When the model changes (a parameter or module replaced or moved, a copied tensor edited
+in place), the step rebuilds its description before the next call; a copied model gets a step of its own.
 """
 
 from __future__ import annotations
