@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from . import kernels
+from . import huge_pages, kernels
+from .fast import attention_modules
 from .models.core import SelfAttention
 
 P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
@@ -231,6 +232,10 @@ def install(model: nn.Module) -> str | None:
         model.decode_step = None
         return f"the kernels are unavailable ({kernels.unavailable_reason()})"
     try:
+        _Plan(model)  # raises Unsupported before anything moves
+        fused = [t for attn in attention_modules(model) if attn.fused_qkv is not None
+                 for t in (*attn.fused_qkv.linear.parameters(), *attn.fused_qkv.linear.buffers())]
+        huge_pages.place(model, fused)  # every weight in 2 MiB pages: read ~1.4x faster per token
         model.decode_step = DecodeStep(model)
     except Unsupported as e:
         model.decode_step = None

@@ -18,7 +18,7 @@ from conftest import CONFIGS, left_padded_batch
 from helpers_generate import need_tokenizer
 
 import optlm
-from optlm import kernels
+from optlm import huge_pages, kernels
 from optlm.fast import optimize
 from optlm.generate import new_cache, prefill
 
@@ -223,3 +223,32 @@ def test_its_profile_accounts_for_every_part():
     ids, mask = left_padded_batch(vocab=256, lengths=(7, 5))
     _steps(model, ids, mask, 3)
     assert bool((model.decode_step.timing > 0).all())
+
+
+@pytest.mark.skipif(not huge_pages.available(), reason="this system gives no transparent huge pages")
+def test_weights_move_into_huge_pages_unchanged_and_still_shared():
+    def build():  # 7 MB of weights
+        torch.manual_seed(0)
+        config = optlm.OPTConfig(**{**SMALL, "hidden_size": 256, "ffn_dim": 1024, "vocab_size": 1024})
+        return optlm.OPTForCausalLM(config).eval()
+
+    model = optimize(build())  # fused q/k/v, then the weights placed in huge pages
+    attn = model.model.decoder.layers[0].self_attn
+    fused = attn.fused_qkv.linear.weight
+    params = dict(model.named_parameters())
+    assert fused.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
+    storages = {p.untyped_storage().data_ptr() for p in params.values()}
+    assert len(storages) == 1  # one region
+    # Same values as a model built alike; views still views: an in-place edit reaches both.
+    with torch.no_grad():
+        for name, p in build().named_parameters():
+            assert torch.equal(params[name], p)
+        attn.q_proj.weight.mul_(2)
+    assert torch.equal(fused[:256], attn.q_proj.weight)
+    # A model under 2 MiB is left where it is; the place() call reports the bytes it moved.
+    assert huge_pages.place(torch.nn.Linear(8, 8)) == 0
+    big = torch.nn.Linear(1024, 1024)
+    before = big.weight.detach().clone()
+    weight = big.weight
+    assert huge_pages.place(big) >= 4 * 1024 * 1024
+    assert big.weight is weight and torch.equal(big.weight, before) and big.weight.requires_grad
