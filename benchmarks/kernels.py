@@ -1,12 +1,15 @@
 """Every linear layer of a model shape, once, through each CPU kernel: the time a decode step spends in matmuls.
 
 Usage: python benchmarks/kernels.py [--size opt-125m] [--rows 1,2,4,8,32,128] [--repeats 5] [--threads N]
+                                   [--huge-pages]
 
 Random weights. Prints the machine's memory read speed for reference, then, for each row count M
 (1 = batch-1 decode), milliseconds for one pass over all weights (q/k/v fused, out_proj, fc1, fc2 per layer,
 and the LM head) and the weight bytes read per second, for optlm's AVX2 kernels (fp32, bf16, int8, int4
 group 64) and PyTorch's (fp32 F.linear, fp32 oneDNN, bf16 F.linear, int8 ``_weight_int8pack_mm``, int4
 ``_weight_int4pack_mm_for_cpu``). Kernels are interleaved within each repeat and medians reported.
+``--huge-pages`` first moves every weight into memory backed by 2 MiB pages (``optlm.huge_pages``), as the
+decode step's install does with a model's weights.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from optlm import OPTConfig, kernels
+from optlm import OPTConfig, huge_pages, kernels
 from optlm.fast import set_threads
 
 
@@ -44,6 +47,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,4,8,32,128")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--huge-pages", action="store_true", help="weights in 2 MiB pages (optlm.huge_pages)")
     args = ap.parse_args()
     threads = set_threads(args.threads)
     if not kernels.available():
@@ -60,6 +64,9 @@ def main() -> None:
                        torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.int(), 1),
                        torch.rand(k // 64, n, 2).bfloat16()))
     params = sum(n * k for n, k in shapes(cfg))
+    if args.huge_pages:
+        moved = huge_pages.place(torch.nn.Module(), [t for layer in layers for t in layer])
+        print(f"weights in 2 MiB pages: {moved / 1e6:.0f} MB moved" if moved else "huge pages unavailable here")
     engines = {
         "optlm fp32": (4, lambda x, L: kernels.linear_f32(x, L[0], L[5])),
         "torch fp32 F.linear": (4, lambda x, L: F.linear(x, L[0], L[5])),

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import huge_pages
 from .paged_frame import PagedFrame
 
 
@@ -124,8 +125,8 @@ class PagedKVCache:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         shape = (len(full), num_blocks * block_size, num_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = huge_pages.zeros(shape, dtype, device)  # decoding reads each sequence's slots every step
+        self.v = huge_pages.zeros(shape, dtype, device)
         self.local_pool = None
         self.lk = self.lv = None
         if local:

@@ -10,7 +10,8 @@ for them with ``madvise(MADV_HUGEPAGE)`` before it is first touched (the usual `
 objects at it (``Tensor.set_``): parameters stay the objects optimizers and modules hold, views of one storage
 (fused q/k/v, a tied head) stay views of one another, values are unchanged. Nothing happens — the weights stay
 where they are — on other systems, where huge pages are off, for models under 2 MiB, or when the copy would not
-fit in the memory available (it is made before the old storage is let go).
+fit in the memory available (it is made before the old storage is let go). :func:`zeros` allocates a key/value
+cache there.
 """
 
 from __future__ import annotations
@@ -58,6 +59,28 @@ def _tensors(model: nn.Module, extra: list[Tensor]) -> list[Tensor]:
     return out
 
 
+def _region(nbytes: int) -> Tensor:
+    """``nbytes`` zeroed bytes (uint8) starting on a huge page boundary, in memory that asked for huge pages."""
+    # private: shared anonymous memory is shmem, which Linux gives huge pages under another setting (often never)
+    region = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the pages come huge
+    arena = torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
+    start = -arena.data_ptr() % HUGE
+    return arena[start:start + nbytes]
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+    """``torch.zeros(shape, dtype=dtype, device=device)``, in huge pages where :func:`available` and the tensor
+    is a CPU one of at least 2 MiB (a key/value cache: decoding reads all of it every step)."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if (device is not None and torch.device(device).type != "cpu") or nbytes < HUGE or not available():
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return _region(nbytes).view(dtype).view(shape)  # anonymous memory starts zeroed
+
+
 @torch.no_grad()
 def place(model: nn.Module, extra: list[Tensor] = ()) -> int:
     """Move the storage of ``model``'s CPU parameters and buffers (and of the tensors in ``extra``) into one
@@ -74,14 +97,11 @@ def place(model: nn.Module, extra: list[Tensor] = ()) -> int:
         total += -(-storage.nbytes() // ALIGN) * ALIGN
     if total < HUGE or 2 * total > _available_memory():
         return 0
-    region = mmap.mmap(-1, total + HUGE)
-    region.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the pages come huge
-    arena = torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
-    start = -arena.data_ptr() % HUGE  # the first huge page boundary
+    arena = _region(total)
     target = arena.untyped_storage()
     for key, (storage, tensors) in by_storage.items():
-        at = start + offsets[key]
-        arena[at:at + storage.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
+        arena[offsets[key]:offsets[key] + storage.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
+        at = arena.storage_offset() + offsets[key]  # bytes into the mapping
         for t in tensors:
             t.set_(target, at // t.element_size() + t.storage_offset(), t.size(), t.stride())
     return total

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import huge_pages
 from .models.core import Frame, KVLayout
 
 
@@ -40,8 +41,8 @@ class KVCache:
                        **{layer: (False, i) for i, layer in enumerate(local)}}
         self.ring_size = max(w for w in windows if w is not None) if local else 0
         shape = (len(full), batch_size, num_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = huge_pages.zeros(shape, dtype, device)  # read whole every decoding step: 2 MiB pages
+        self.v = huge_pages.zeros(shape, dtype, device)
         ring = (len(local), batch_size, num_heads, self.ring_size, head_dim)
         self.ring_k = torch.zeros(ring, dtype=dtype, device=device)
         self.ring_v = torch.zeros(ring, dtype=dtype, device=device)

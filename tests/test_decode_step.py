@@ -252,3 +252,8 @@ def test_weights_move_into_huge_pages_unchanged_and_still_shared():
     weight = big.weight
     assert huge_pages.place(big) >= 4 * 1024 * 1024
     assert big.weight is weight and torch.equal(big.weight, before) and big.weight.requires_grad
+    # zeros(): a zeroed tensor of the asked shape and dtype (a key/value cache's buffers), huge pages or not.
+    z = huge_pages.zeros((3, 1 << 20), torch.bfloat16)
+    assert z.shape == (3, 1 << 20) and z.dtype == torch.bfloat16 and not bool(z.any())
+    z += 1
+    assert int(z.sum()) == 3 << 20
