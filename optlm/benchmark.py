@@ -8,11 +8,11 @@ one producing 1 token and one producing N:
 * prefill tok/s = batch x prompt tokens / TTFT;
 * decode tok/s = batch x (N - 1) / (time of the N-token run - TTFT).
 
-Engines run in one process, interleaved (every engine once per round, several rounds) so drifting machine
-load hits them alike; the tables report medians. Memory is measured in a fresh process per engine (load +
-one run) as the growth of resident memory over the bare interpreter with its libraries imported: the peak
-(for optlm's quantized modes it includes the fp32 checkpoint being read and converted at load time) and
-what stays resident after the run.
+Engines run interleaved (every engine once per round, several rounds) so drifting machine load hits them
+alike, each in a process of its own (:class:`Isolated`); the tables report medians. Memory is measured in a
+fresh process per engine (load + one run) as the growth of resident memory over the bare interpreter with its
+libraries imported: the peak (for optlm's quantized modes it includes the fp32 checkpoint being read and
+converted at load time) and what stays resident after the run.
 transformers and CTranslate2 are optional: without them only optlm is measured.
 """
 
@@ -268,12 +268,90 @@ def load_engine(name: str, checkpoint: Path, threads: int) -> Callable:
     return load_ctranslate2(checkpoint, precision, threads)
 
 
+class Isolated:
+    """An engine loaded and run in a process of its own, driven from here: ``run(ids, n)`` as the engine, and
+    :meth:`timed`, timed in that process.
+
+    Why: engines sharing a process changed each other's speed. After CTranslate2 had run in the same process,
+    optlm's int8 decoding ran at half its speed for as long as the process lived (88 vs 50 tok/s, with 3 s
+    pauses between runs; cause not found: CTranslate2 brings its own OpenMP runtime), and the pause below was
+    already there for a shorter slowdown. Each engine alone in its process, the rounds still interleaved, is
+    the fair comparison."""
+
+    def __init__(self, name: str, checkpoint: Path, threads: int):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no thread pools or runtimes inherited
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve_engine, args=(child, name, str(checkpoint), threads), daemon=True)
+        self.proc.start()
+        child.close()
+        self._answer()  # loaded, or the loading error
+
+    def _call(self, *message):
+        self.conn.send(message)
+        return self._answer()
+
+    def _answer(self):
+        try:
+            kind, value = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"{self.name}: its benchmark process ended (exit code {self.proc.exitcode})") from None
+        if kind == "error":
+            raise RuntimeError(f"{self.name}: {value}")
+        return value
+
+    def __call__(self, ids: torch.Tensor, n: int) -> list[list[int]]:
+        return self.timed(ids, n)[1]
+
+    def timed(self, ids: torch.Tensor, n: int) -> tuple[float, list[list[int]]]:
+        return self._call("run", ids, n)
+
+    def bytes_per_token(self, context: float) -> tuple[int, int] | None:
+        """:func:`bytes_per_token` of the engine's model (None: not an optlm engine)."""
+        return self._call("bytes", context)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.conn.send(("stop",))
+            self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def _serve_engine(conn, name: str, checkpoint: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        run = load_engine(name, Path(checkpoint), threads)
+    except Exception as e:  # noqa: BLE001 (reported to the driving process, which raises it)
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ok", None))
+    while True:
+        kind, *args = conn.recv()
+        if kind == "stop":
+            return
+        try:
+            if kind == "run":
+                start = time.perf_counter()
+                out = run(*args)
+                conn.send(("ok", (time.perf_counter() - start, out)))
+            else:
+                model = getattr(run, "model", None)
+                conn.send(("ok", None if model is None else bytes_per_token(model, *args)))
+        except Exception as e:  # noqa: BLE001
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
 # ---- measuring -----------------------------------------------------------------------------------------
 
 def _timed(run: Callable, ids: torch.Tensor, n: int) -> tuple[float, list[list[int]]]:
     # A pause between runs: right after another engine ran (CTranslate2 above all), the next one in the same
     # process measured ~30 % slower for a few seconds on a 2-core machine; after ~3 s idle it is back.
     time.sleep(3.0)
+    if isinstance(run, Isolated):
+        return run.timed(ids, n)
     start = time.perf_counter()
     out = run(ids, n)
     return time.perf_counter() - start, out
@@ -377,10 +455,14 @@ def roofline_table(engines: dict[str, Callable], results: dict[str, Result], pro
     lines = ["| engine | weights MB/token | KV MB/token | read speed GB/s | roofline tok/s | decode tok/s | "
              "of roofline |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, run in engines.items():
-        model = getattr(run, "model", None)
-        if model is None:
+        context = prompt + (new + 1) / 2  # the average context of the decode
+        if isinstance(run, Isolated):
+            counted = run.bytes_per_token(context)
+        else:
+            counted = None if getattr(run, "model", None) is None else bytes_per_token(run.model, context)
+        if counted is None:
             continue
-        weights, kv = bytes_per_token(model, prompt + (new + 1) / 2)  # the average context of the decode
+        weights, kv = counted
         speed = read_speed(weights + kv)
         roof = speed / (weights + kv)
         decode = results[name].median("decode")
@@ -454,8 +536,8 @@ def run_benchmark(shapes: list[str], precisions: list[str], prompt: int = 128, n
             report.append(f"{shape}: CTranslate2 left out (it has no GPT-Neo converter; the GPT-2 stand-in computes "
                           f"the same only up to the {window}-token window, and {prompt} + {new} tokens exceed it)")
             log(report[-1])
-        log(f"{shape}: loading {', '.join(names)}")
-        engines = {n: load_engine(n, checkpoint, threads) for n in names}
+        log(f"{shape}: loading {', '.join(names)}, each in a process of its own")
+        engines = {n: Isolated(n, checkpoint, threads) for n in names}
         vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
         results = measure(engines, 1, prompt, new, repeats, vocab, log)
         if memory:
@@ -472,7 +554,8 @@ def run_benchmark(shapes: list[str], precisions: list[str], prompt: int = 128, n
             by_batch = {b: measure(engines, b, prompt, new, max(1, repeats // 2), vocab, log, warmup=compiled)
                         for b in batch_sizes}
             report += [f"\n### {shape}, batched decode throughput\n", throughput_table(by_batch)]
-        del engines
+        for engine in engines.values():
+            engine.close()
         log("\n".join(report))
     return "\n".join(report)
 
