@@ -183,3 +183,24 @@ def test_half_attention_in_fp32_caches_exact_values_and_tracks_plain_bf16():
             nxt = fast(seq, attention_mask=m).logits[:, -1].float().argmax(-1, keepdim=True)
             seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
     assert torch.equal(out, seq)
+
+
+def test_a_benchmark_engine_in_its_own_process_answers_as_in_this_one(tmp_path):
+    from optlm.benchmark import Isolated, load_engine
+
+    model = _model()
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(4, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    there = Isolated("optlm fp32", tmp_path, 1)
+    try:
+        seconds, out = there.timed(ids, 5)
+        assert seconds > 0 and out == load_engine("optlm fp32", tmp_path, 1)(ids, 5)
+        # what a decode step reads: every weight once (the head is the embedding), one row of the positions
+        positions = model.model.decoder.embed_positions.weight
+        assert there.bytes_per_token(100) == (sum(p.nbytes for p in model.parameters()) - positions.nbytes,
+                                             2 * 2 * 100 * 64 * 4)  # k and v, 2 layers, 100 tokens, 64 wide
+    finally:
+        there.close()
+    assert not there.proc.is_alive()
+    with pytest.raises(RuntimeError, match="optlm fp32: .*missing"):
+        Isolated("optlm fp32", tmp_path / "missing", 1)
