@@ -254,12 +254,13 @@ class _CacheFrame(Frame):
 
     def kv_layout(self) -> KVLayout | None:
         # Decoding (one token per row) into float32 CPU buffers with no local-attention ring.
-        k, T = self.cache.k, self.positions.shape[1]
-        if T != 1 or k.dtype != torch.float32 or k.device.type != "cpu" or self.cache.ring_k.shape[0]:
+        k, v, T = self.cache.k, self.cache.v, self.positions.shape[1]
+        if (T != 1 or k.dtype != torch.float32 or k.device.type != "cpu" or self.cache.ring_k.shape[0]
+                or not (k.is_contiguous() and v.is_contiguous())):
             return None
         _, B, H, cap, D = k.shape  # (layers, B, nh, capacity, hs): row b's slot s is its s-th token
         lengths = torch.full((B,), self.past + 1, dtype=torch.long)
-        return KVLayout(k, self.cache.v, (B * H * cap * D, H * cap * D, cap * D, D), None, lengths, self.valid)
+        return KVLayout(k, v, (B * H * cap * D, H * cap * D, cap * D, D), None, lengths, self.valid)
 
     def local(self, window: int) -> Tensor | None:
         if all(w is None for w in self.cache.windows):

@@ -145,9 +145,9 @@ class PagedFrame(Frame):
         return out[:, :, None]  # (B, nh, 1, hs)
 
     def kv_layout(self) -> KVLayout | None:
-        if not self.kernel or self.local_keys is not None:
-            return None
         k = self.cache.k
+        if not self.kernel or self.local_keys is not None or not k.is_contiguous():
+            return None
         _, N, H, D = k.shape  # (layers, slots, nh, hs): one pool shared by every row
         return KVLayout(k, self.cache.v, (N * H * D, 0, D, H * D), self.keys.slots, self.lengths, None)
 

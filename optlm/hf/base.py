@@ -210,8 +210,9 @@ class PreTrainedModel(nn.Module):
         ``offload=True`` streams through 2 layers, the least memory, ``offload=N`` through N.
 
         ``fast`` (default: on, unless the environment sets ``OPTLM_FAST=0``) applies the speed-ups that keep
-        outputs and parameters as they are (:func:`optlm.fast.for_inference`): faster CPU matmul routing and,
-        for a causal LM, decoding steps run in one C call. ``fast=False`` gives the plain PyTorch modules.
+        outputs and parameter objects as they are (:func:`optlm.fast.for_inference`): faster CPU matmul routing
+        and, for a causal LM, decoding steps run in one C call over weights moved into huge pages.
+        ``fast=False`` gives the plain PyTorch modules.
         """
         dtype = parse_dtype(dtype if dtype is not None else torch_dtype)
         device = parse_device(device)
@@ -379,7 +380,7 @@ class ForCausalLM(_WithBase):
     """The language-model head (tied to the token embeddings unless ``tie_word_embeddings`` is false)."""
 
     _optional_keys = ("lm_head.weight",)
-    decode_step = None  # optlm.decode_step.DecodeStep, set by optlm.fast.optimize
+    decode_step = None  # optlm.decode_step.DecodeStep, set by optlm.fast.for_inference / optimize
 
     def __init__(self, config: ModelConfig, init: bool = True):
         super().__init__(config)
