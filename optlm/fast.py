@@ -1,8 +1,10 @@
 """Inference speed-ups that leave results unchanged (up to float rounding): fused q/k/v projections, CPU
-linear layers routed to the fastest kernel for their dtype and row count, thread settings.
+linear layers routed to the fastest kernel for their dtype and row count, one-call decode steps
+(``optlm.decode_step``), thread settings.
 
 Each is a transformation of a built model (or of the process), so the plain path stays the reference;
-``optimize(model)`` applies them all and costs no start-up time.
+``optimize(model)`` applies them all and costs little start-up time (the weights are copied once, into huge
+pages). ``from_pretrained`` applies :func:`for_inference` by default; ``fast=False`` or ``OPTLM_FAST=0`` opt out.
 """
 
 from __future__ import annotations
@@ -213,7 +215,7 @@ def for_inference(model: nn.Module) -> nn.Module:
     loaded this way trains, saves and takes adapters as before. CPU linears routed to the faster kernels
     (:func:`cpu_linears`), half-precision attention in fp32 where that is faster (:func:`upcast_half_attention`),
     and a causal LM's one-token steps run by one C call where the model and its cache allow it
-    (:mod:`optlm.decode_step`)."""
+    (:mod:`optlm.decode_step`; its install also moves the weights into huge pages, :mod:`optlm.huge_pages`)."""
     cpu_linears(model)
     upcast_half_attention(model)
     if hasattr(model, "step") and hasattr(model, "lm_head"):
