@@ -175,7 +175,8 @@ def load_optlm(checkpoint: Path, precision: str) -> Callable:
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     quantize = precision if precision.startswith("int") else None
-    model = optimize(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, quantize=quantize))
+    # fast=False: optimize() applies everything once (from_pretrained's default would copy the weights twice)
+    model = optimize(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, quantize=quantize, fast=False))
 
     def run(ids: torch.Tensor, n: int) -> list[list[int]]:
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -273,8 +274,8 @@ class Isolated:
     :meth:`timed`, timed in that process.
 
     Why: engines sharing a process changed each other's speed. After CTranslate2 had run in the same process,
-    optlm's int8 decoding ran at half its speed for as long as the process lived (88 vs 50 tok/s, with 3 s
-    pauses between runs; cause not found: CTranslate2 brings its own OpenMP runtime), and the pause below was
+    optlm's int8 decoding ran far slower for as long as the process lived, 3 s pauses between runs or not
+    (an ad-hoc check; cause not found: CTranslate2 brings its own OpenMP runtime), and the pause below was
     already there for a shorter slowdown. Each engine alone in its process, the rounds still interleaved, is
     the fair comparison."""
 
