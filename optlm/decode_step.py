@@ -107,8 +107,8 @@ class _Plan:
         if parts.activation not in ACTS:
             raise Unsupported(f"activation {parts.activation!r}")
         attn = [p.attention for p in parts.layers]
-        if any(not isinstance(a, SelfAttention) or a.window is not None or a.dropout and a.training for a in attn):
-            raise Unsupported("local attention layers")
+        if any(not isinstance(a, SelfAttention) or a.window is not None for a in attn):
+            raise Unsupported("local attention layers, or attention of another kind")
         first = attn[0]
         self.embed = parts.embed
         self.hidden = first.num_heads * first.head_dim
@@ -117,7 +117,7 @@ class _Plan:
         layers = (_Layer * len(parts.layers))()
         for i, p in enumerate(parts.layers):
             a = p.attention
-            if (a.num_heads, a.head_dim, a.scaling is None) != (first.num_heads, first.head_dim, first.scaling is None):
+            if (a.num_heads, a.head_dim, a.scaling) != (first.num_heads, first.head_dim, first.scaling):
                 raise Unsupported("layers of different shapes")
             layers[i] = _Layer(self._norm(p.norm1), self._norm(p.norm2), self._linear(a.q_proj),
                                self._linear(a.k_proj), self._linear(a.v_proj), self._linear(a.out_proj),
