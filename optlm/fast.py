@@ -28,10 +28,19 @@ class FusedQKV:
 
     def __init__(self, linear: nn.Module, attn: nn.Module):
         self.linear = linear
-        self._key = _identity(attn)
+        self._key = self._identity(attn)
 
     def matches(self, attn: nn.Module) -> bool:
-        return _identity(attn) == self._key
+        return self._identity(attn) == self._key
+
+    def _identity(self, attn: nn.Module) -> tuple:
+        # The same three modules, each weight still a view of the fused one at the same place. Where that
+        # storage lives may change (optlm.huge_pages moves it, views and all) without breaking the fusion.
+        # An adapter's wrapper keeps the projection as ``base_layer`` (peft's convention): the base still matches.
+        mods = [getattr(m, "base_layer", m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        fused = self.linear.weight
+        shared = all(m.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr() for m in mods)
+        return (shared, *(id(m) for m in mods), *(m.weight.storage_offset() - fused.storage_offset() for m in mods))
 
     def __call__(self, x: Tensor, attn: nn.Module) -> Tensor:
         y = self.linear(x)  # (B, T, 3C)
@@ -45,12 +54,6 @@ class FusedQKV:
                     parts[i] = parts[i] + d.to(y.dtype)
             y = torch.cat(parts, dim=-1)
         return y
-
-
-def _identity(attn: nn.Module) -> tuple:
-    # An adapter's wrapper keeps the projection as ``base_layer`` (peft's convention): the base still matches.
-    mods = [getattr(m, "base_layer", m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-    return tuple(id(m) for m in mods) + tuple(m.weight.data_ptr() for m in mods)
 
 
 def _fuse_float(mods: list[nn.Linear]) -> nn.Linear:

@@ -245,6 +245,16 @@ def test_weights_move_into_huge_pages_unchanged_and_still_shared():
             assert torch.equal(params[name], p)
         attn.q_proj.weight.mul_(2)
     assert torch.equal(fused[:256], attn.q_proj.weight)
+    # The fusion survives the move (prompts still take one q/k/v matmul), and a moved-away projection ends it.
+    assert all(layer.self_attn.fused_qkv.matches(layer.self_attn) for layer in model.model.decoder.layers)
+    calls = []
+    hook = attn.fused_qkv.linear.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        model(torch.randint(4, 1024, (1, 5)))
+    hook.remove()
+    assert calls == [1]
+    attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach().clone())
+    assert not attn.fused_qkv.matches(attn)
     # A model under 2 MiB is left where it is; the place() call reports the bytes it moved.
     assert huge_pages.place(torch.nn.Linear(8, 8)) == 0
     big = torch.nn.Linear(1024, 1024)
