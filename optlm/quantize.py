@@ -8,7 +8,9 @@ calibration data, and batch-1 decoding is bound by reading weights, which is wha
 * ``int8`` (the default choice): symmetric, one scale per output channel (per row of the weight).
   On x86 CPUs with AVX2 optlm's own kernel (:mod:`optlm.kernels`) multiplies the int8 weights by rows of
   activations quantized to int16 (one scale per row, ~15 bits kept: finer than bf16) with exact integer
-  sums; elsewhere PyTorch's ``_weight_int8pack_mm``, activations entering it as bf16.
+  sums; elsewhere PyTorch's ``_weight_int8pack_mm``, activations entering it as bf16. Calls of 4+ rows
+  (prompts, batches) run the same sums on AMX tiles where the CPU has them (``optlm.kernels.amx_int8``),
+  several times faster than fp32 with the same results as the one-row loop.
 * ``int8-dynamic``: the int8 weights above, with activations quantized on the fly to 7 bits (one scale
   per matmul) so fbgemm's int8 GEMM does the arithmetic, as CTranslate2's int8 does. It pays for the
   activation-outlier sensitivity above (fine for opt-125m/350m, measured in benchmarks/quality.py; not

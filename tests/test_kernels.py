@@ -18,6 +18,8 @@ needs_kernels = pytest.mark.skipif(not kernels.available(),
 
 # M covers 1..MB, MB + tails; K covers tails of the 8- and 16-wide loops and more than one int8 CHUNK (4096).
 SHAPES = [(1, 7, 64), (2, 5, 24), (3, 33, 100), (4, 16, 128), (5, 9, 8), (13, 40, 200), (1, 6, 4096 * 2 + 19)]
+# Shapes the int8 tile kernel takes (4+ rows, K a multiple of 64, N of 32), row counts off its 16-row tiles.
+TILE_SHAPES = [(4, 32, 64), (17, 64, 192), (37, 96, 768), (130, 32, 4096 + 64)]
 
 
 def _ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -41,7 +43,7 @@ def test_float_kernels_match_float64(M, N, K, with_bias):
 
 
 @needs_kernels
-@pytest.mark.parametrize(("M", "N", "K"), SHAPES)
+@pytest.mark.parametrize(("M", "N", "K"), SHAPES + TILE_SHAPES)
 def test_int8_kernel_within_int16_rounding_of_float64(M, N, K):
     g = torch.Generator().manual_seed(K)
     x = torch.randn(M, K, generator=g)
@@ -97,15 +99,39 @@ def test_int4_layer_same_with_either_packing(monkeypatch):
 
 
 @needs_kernels
-def test_int8_kernel_cannot_overflow():
+@pytest.mark.parametrize(("M", "N"), [(2, 3), (5, 32)])  # the AVX loop; the tile kernel where the CPU has it
+def test_int8_kernel_cannot_overflow(M, N):
     # Every product at the int16/int8 extremes, over several int32 chunks: the exact sum needs > 31 bits.
-    M, N, K = 2, 3, 4096 * 3
+    K = 4096 * 3
     x = torch.full((M, K), 5.0)
+    x[-1] = -5.0  # the tile kernel splits int16 into a signed high and an unsigned low byte: both signs
     q = torch.full((N, K), 127, dtype=torch.int8)
     q[1] = -127
     got = kernels.linear_int8(x, q, torch.ones(N))
     want = _ref(x, q.double(), None)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
+@needs_kernels
+def test_int8_rows_give_the_same_result_alone_or_in_a_prompt():
+    # A prompt's rows (the tile kernel, where the CPU has it) and the same rows one at a time (decoding's loop)
+    # share the int16 quantization and exact integer sums; only the float epilogue (times the scales, plus
+    # bias: fused multiply-adds or not, as the compiler vectorised each loop) may differ, by an ulp or two.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 768, generator=g) * torch.rand(37, 1, generator=g) * 10
+    q = torch.randint(-127, 128, (96, 768), dtype=torch.int8, generator=g)
+    s, bias = torch.rand(96, generator=g) / 100, torch.randn(96, generator=g)
+    together = kernels.linear_int8(x, q, s, bias)
+    alone = torch.cat([kernels.linear_int8(x[i:i + 1], q, s, bias) for i in range(37)])
+    torch.testing.assert_close(together, alone, rtol=5e-7, atol=1e-6)
+
+
+@needs_kernels
+def test_amx_is_used_where_the_cpu_has_it():
+    flags = open("/proc/cpuinfo", encoding="utf-8").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " amx_int8" not in flags:
+        pytest.skip("this CPU has no AMX-INT8; the AVX loop runs every int8 call")
+    assert kernels.amx_int8()
 
 
 @needs_kernels
@@ -120,12 +146,14 @@ def test_zero_rows_give_the_bias():
 def test_same_bits_for_any_thread_count():
     x, w = torch.randn(3, 256), torch.randn(301, 256)
     q, s = torch.randint(-127, 128, (301, 256), dtype=torch.int8), torch.rand(301)
+    xt, qt, st = torch.randn(37, 256), torch.randint(-127, 128, (96, 256), dtype=torch.int8), torch.rand(96)  # tiles
     before = torch.get_num_threads()
     try:
         outs = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            outs.append((kernels.linear_f32(x, w), kernels.linear_bf16(x, w.bfloat16()), kernels.linear_int8(x, q, s)))
+            outs.append((kernels.linear_f32(x, w), kernels.linear_bf16(x, w.bfloat16()), kernels.linear_int8(x, q, s),
+                         kernels.linear_int8(xt, qt, st)))
     finally:
         torch.set_num_threads(before)
     for other in outs[1:]:

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-SOURCES = [Path(__file__).with_name(name) for name in ("linear_avx2.c", "paged_attention.c", "decode_step.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("linear_avx2.c", "gemm_amx.c", "paged_attention.c", "decode_step.c")]
 HEADERS = [Path(__file__).with_name("dot.h")]
 # -march=native: built on the machine that runs it, tuned for its core (faster than plain -mavx2 -mfma on a
 # Zen 3 core); the cache key includes the CPU so a shared home directory never serves another CPU's build.
@@ -131,6 +131,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.optlm_paged_pv.argtypes = [P, P, P, P, P, L, L, L, L, I]
                 lib.optlm_decode_step.argtypes = [P, P, P, L, P, P, I, P]
                 lib.optlm_decode_step.restype = I
+                lib.optlm_amx_int8.restype = I
                 _lib = lib
         if _error is not None:
             warnings.warn(f"optlm's AVX2 kernels are not used ({_error}); falling back to PyTorch's kernels, "
@@ -182,6 +183,14 @@ def rowwise(x: Tensor, out_features: int, kernel) -> Tensor:
     dtype; the result has x's leading shape and dtype. The glue every kernel-backed layer needs."""
     y = kernel(x.reshape(-1, x.shape[-1]).float().contiguous())
     return y.view(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def amx_int8() -> bool:
+    """Whether :func:`linear_int8` runs calls of 4+ rows (prompts, batches) on AMX tiles here (``gemm_amx.c``:
+    same results, several times faster): an AMX-INT8 CPU, a compiler that knows it, and Linux letting the
+    process use tile data. Shapes the tile kernel does not take (inputs not a multiple of 64, outputs not of
+    32) use the AVX loop either way."""
+    return enabled() and bool(_lib_or_raise().optlm_amx_int8())
 
 
 def library() -> ctypes.CDLL:

@@ -270,7 +270,8 @@ int optlm_linear_bf16(const float *x, const uint16_t *w, const float *bias, floa
 }
 
 /* Symmetric int16 per row of x: xq = round(x / sx), sx = max|x| / 32767. */
-static void quantize_rows_i16(const float *x, int16_t *xq, float *sx, long M, long K) {
+static void quantize_rows_i16(const float *x, int16_t *xq, float *sx, long M, long K, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * K >= 65536)
     for (long m = 0; m < M; m++) {
         const float *r = x + m * K;
         float mx = 0.f;
@@ -281,9 +282,15 @@ static void quantize_rows_i16(const float *x, int16_t *xq, float *sx, long M, lo
     }
 }
 
+#define AMX_MIN_ROWS 4 /* from here on the tile kernel wins (at 2 rows the AVX loop still does) */
+int optlm_gemm_i8_amx(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, long M,
+                      long N, long K, int nthreads);
+
 /* Returns 0, or -1 when scratch memory could not be allocated (y untouched). */
 int optlm_linear_i8(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, long M,
                     long N, long K, int nthreads) {
+    /* Prompts and big batches: the same sums on AMX tiles where the CPU has them (gemm_amx.c). */
+    if (M >= AMX_MIN_ROWS && optlm_gemm_i8_amx(x, w, scale, bias, y, M, N, K, nthreads) == 0) return 0;
     int16_t *xq = malloc(sizeof(int16_t) * M * K);
     float *sx = malloc(sizeof(float) * M);
     if (!xq || !sx) {
@@ -291,7 +298,7 @@ int optlm_linear_i8(const float *x, const int8_t *w, const float *scale, const f
         free(sx);
         return -1;
     }
-    quantize_rows_i16(x, xq, sx, M, K);
+    quantize_rows_i16(x, xq, sx, M, K, nthreads);
     DRIVE(row_i8, rows4_i8, int16_t, xq, w, K, 8, v *= sx[m0 + i] * scale[n])
     free(xq);
     free(sx);
@@ -347,7 +354,7 @@ int optlm_linear_i4(const float *x, const uint8_t *w, const float *scale, const 
         free(xq), free(xs), free(sx), free(xg);
         return -1;
     }
-    quantize_rows_i16(x, xq, sx, M, K);
+    quantize_rows_i16(x, xq, sx, M, K, nthreads);
     for (long m = 0; m < M; m++) {
         for (long k = 0; k < K; k += 32)
             for (long j = 0; j < 16; j++) {
