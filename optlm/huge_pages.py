@@ -13,13 +13,14 @@ objects at it (``Tensor.set_``): parameters stay the objects optimizers and modu
 (fused q/k/v, a tied head) stay views of one another, values are unchanged. Nothing happens — the weights stay
 where they are — on other systems, where huge pages are off, for models under 2 MiB, or when the copy would not
 fit in the memory available (it is made before the old storage is let go). :func:`zeros` allocates a key/value
-cache there.
+cache there, reusing the memory of caches no longer in use (up to ``KEEP_FREE`` of them stay mapped).
 """
 
 from __future__ import annotations
 
 import mmap
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -61,14 +62,23 @@ def _tensors(model: nn.Module, extra: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def _region(nbytes: int) -> Tensor:
-    """``nbytes`` zeroed bytes (uint8) starting on a huge page boundary, in memory that asked for huge pages."""
+def _map(nbytes: int) -> mmap.mmap:
+    """A private anonymous mapping with room for ``nbytes`` from a huge page boundary, asking for huge pages."""
     # private: shared anonymous memory is shmem, which Linux gives huge pages under another setting (often never)
     region = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     region.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the pages come huge
+    return region
+
+
+def _aligned(region: mmap.mmap, nbytes: int) -> Tensor:
     arena = torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
     start = -arena.data_ptr() % HUGE
     return arena[start:start + nbytes]
+
+
+def _region(nbytes: int) -> Tensor:
+    """``nbytes`` zeroed bytes (uint8) starting on a huge page boundary, in memory that asked for huge pages."""
+    return _aligned(_map(nbytes), nbytes)
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
@@ -80,7 +90,43 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if (device is not None and torch.device(device).type != "cpu") or nbytes < HUGE or not available():
         return torch.zeros(shape, dtype=dtype, device=device)
-    return _region(nbytes).view(dtype).view(shape)  # anonymous memory starts zeroed
+    return _reused_region(nbytes).view(dtype).view(shape)
+
+
+# Caches come and go with every generate() call. A fresh region costs its page faults on first touch, and with
+# the usual ``defrag`` setting (``madvise``) a huge-page fault may wait for the kernel to compact memory: a
+# 128-token prompt's cache writes took from 2 to 20 ms on one machine. So the last few regions whose tensors
+# are all gone stay mapped and are handed out again, zeroed.
+KEEP_FREE = 2  # unused regions kept for reuse (the memory they hold stays resident)
+_pool: list[tuple[mmap.mmap, int]] = []  # (mapping, its usable bytes), least recently handed out first
+_pool_lock = threading.Lock()
+
+
+def _in_use(entry: tuple[mmap.mmap, int]) -> bool:
+    # Every tensor made from a mapping keeps a reference to it (torch.frombuffer). Unused, only the pool's
+    # entry and getrefcount's argument refer to it (callers never bind the mapping itself before asking).
+    return sys.getrefcount(entry[0]) > 2
+
+
+def _reused_region(nbytes: int) -> Tensor:
+    with _pool_lock:
+        return _reuse_or_map(nbytes)
+
+
+def _reuse_or_map(nbytes: int) -> Tensor:
+    for entry in _pool:
+        if nbytes <= entry[1] <= 2 * nbytes and not _in_use(entry):
+            _pool.remove(entry)
+            _pool.append(entry)
+            out = _aligned(entry[0], nbytes)
+            out.zero_()
+            return out
+    entry = (_map(nbytes), nbytes)
+    _pool.append(entry)
+    free = [e for e in _pool if not _in_use(e)]
+    for e in free[:max(0, len(free) - KEEP_FREE)]:  # the oldest unused ones go (unmapped once unreferenced)
+        _pool.remove(e)
+    return _aligned(entry[0], nbytes)  # anonymous memory starts zeroed
 
 
 @torch.no_grad()

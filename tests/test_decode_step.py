@@ -267,3 +267,13 @@ def test_weights_move_into_huge_pages_unchanged_and_still_shared():
     assert z.shape == (3, 1 << 20) and z.dtype == torch.bfloat16 and not bool(z.any())
     z += 1
     assert int(z.sum()) == 3 << 20
+    # A cache's region is handed out again once no tensor uses it, zeroed; never while a view of it lives on.
+    at, view = z.data_ptr(), z[1]
+    del z
+    other = huge_pages.zeros((3, 1 << 20), torch.bfloat16)
+    assert other.data_ptr() != at
+    del view
+    again = huge_pages.zeros((3, 1 << 20), torch.bfloat16)
+    assert again.data_ptr() == at and not bool(again.any())
+    del other, again
+    assert sum(not huge_pages._in_use(e) for e in huge_pages._pool) <= huge_pages.KEEP_FREE + 1
