@@ -54,7 +54,7 @@ class _Norm(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("norm1", _Norm), ("norm2", _Norm), ("q", _Linear), ("k", _Linear), ("v", _Linear), ("out", _Linear),
-                ("fc1", _Linear), ("fc2", _Linear)]
+                ("fc1", _Linear), ("fc2", _Linear), ("qkv", _Linear)]
 
 
 class _Model(ctypes.Structure):
@@ -119,9 +119,12 @@ class _Plan:
             a = p.attention
             if (a.num_heads, a.head_dim, a.scaling) != (first.num_heads, first.head_dim, first.scaling):
                 raise Unsupported("layers of different shapes")
+            # q, k and v in one call where optlm.fast fused them (one pass, not three short ones); n = 0: none
+            fused = a.fused_qkv is not None and a.fused_qkv.matches(a)
+            qkv = self._linear(a.fused_qkv.linear) if fused else _Linear()
             layers[i] = _Layer(self._norm(p.norm1), self._norm(p.norm2), self._linear(a.q_proj),
                                self._linear(a.k_proj), self._linear(a.v_proj), self._linear(a.out_proj),
-                               self._linear(p.fc1), self._linear(p.fc2))
+                               self._linear(p.fc1), self._linear(p.fc2), qkv)
         self.keep.append(layers)
         project_out = None if parts.project_out is None else ctypes.pointer(self._linear(parts.project_out))
         head = ctypes.pointer(self._linear(model.lm_head))

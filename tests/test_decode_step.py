@@ -71,6 +71,8 @@ def _steps(model, ids, mask, n: int = 6, feed: list | None = None) -> list[tuple
 def test_each_step_equals_the_pytorch_path(layout, quantize, tol):
     model = _model(layout, quantize)
     assert model.decode_step is not None
+    plan = model.decode_step.plan.model
+    assert all(plan.layer[i].qkv.n == 3 * plan.hidden for i in range(plan.layers))  # q/k/v in one call
     ids, mask = left_padded_batch(vocab=256, lengths=(11, 4, 8))
     spy = Spy(model)
     fast = _steps(model, ids, mask)

@@ -50,6 +50,7 @@ typedef struct {
 typedef struct {
     optlm_norm norm1, norm2; /* before (pre-LN) or after (post-LN) attention and MLP */
     optlm_linear q, k, v, out, fc1, fc2; /* q, k, v may be row blocks of one fused weight */
+    optlm_linear qkv;                    /* that fused weight, run in one call; n = 0: none */
 } optlm_layer;
 
 typedef struct {
@@ -169,9 +170,10 @@ int optlm_decode_step(const optlm_model *m, const optlm_cache *c, float *x, long
     for (long l = 0; l < m->layers; l++) ffn = m->layer[l].fc1.n > ffn ? m->layer[l].fc1.n : ffn;
     float *h = malloc(sizeof(float) * B * d), *q = malloc(sizeof(float) * B * 3 * d),
           *att = malloc(sizeof(float) * B * d), *f = malloc(sizeof(float) * B * (ffn > d ? ffn : d)),
-          *sc = malloc(sizeof(float) * B * m->heads * (S > 0 ? S : 1));
+          *sc = malloc(sizeof(float) * B * m->heads * (S > 0 ? S : 1)),
+          *rows3 = B > 1 ? malloc(sizeof(float) * B * 3 * d) : q; /* a fused q/k/v call's (B, 3d) output */
     float *k = q + B * d, *v = q + 2 * B * d;
-    int rc = (!h || !q || !att || !f || !sc) ? -1 : 0;
+    int rc = (!h || !q || !att || !f || !sc || !rows3) ? -1 : 0;
     double t = timing ? omp_get_wtime() : 0;
 #define LAP(part)                                       \
     if (timing) {                                       \
@@ -184,7 +186,15 @@ int optlm_decode_step(const optlm_model *m, const optlm_cache *c, float *x, long
         if (m->pre_ln) norm(&L->norm1, x, h, B, d, m->eps);
         LAP(T_OTHER);
         const float *in = m->pre_ln ? h : x;
-        rc |= linear(&L->q, in, q, B, nt) | linear(&L->k, in, k, B, nt) | linear(&L->v, in, v, B, nt);
+        if (L->qkv.n == 3 * d) {
+            rc |= linear(&L->qkv, in, rows3, B, nt);
+            for (long b = 0; b < B && rows3 != q; b++) { /* rows [q_b k_b v_b] into q, k, v (B, d) each */
+                memcpy(q + b * d, rows3 + b * 3 * d, sizeof(float) * d);
+                memcpy(k + b * d, rows3 + b * 3 * d + d, sizeof(float) * d);
+                memcpy(v + b * d, rows3 + b * 3 * d + 2 * d, sizeof(float) * d);
+            }
+        } else
+            rc |= linear(&L->q, in, q, B, nt) | linear(&L->k, in, k, B, nt) | linear(&L->v, in, v, B, nt);
         LAP(T_QKV);
         for (long i = 0; i < B * d; i++) q[i] *= m->scaling;
         attend(m, c, l, q, k, v, att, sc, B, nt);
@@ -214,6 +224,7 @@ int optlm_decode_step(const optlm_model *m, const optlm_cache *c, float *x, long
         LAP(T_HEAD);
     }
 #undef LAP
+    if (rows3 != q) free(rows3);
     free(h), free(q), free(att), free(f), free(sc);
     return rc ? -1 : 0;
 }
