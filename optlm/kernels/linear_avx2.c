@@ -160,8 +160,14 @@ static inline void rows4_bf16(const float *x, const float *xs, long K, const uin
     }
 }
 
-/* int8: with AVX-512 VNNI (known at build time: -march=native), 32 products per vpdpwssd; else AVX2. */
+/* int8: with AVX-512 VNNI (known at build time: -march=native), 32 products per vpdpwssd; else AVX2.
+ * Prefetch: int8 rows are short (768 bytes in opt-125m), so 1 KiB ahead in a row lands in the rows being read
+ * anyway. The four rows are one contiguous run, and a thread reads its runs one after another, so each step
+ * fetches the same share of a run at least I8_AHEAD bytes further on. One pass over opt-125m's int8 weights
+ * went from 21 to 30-35 GB/s; the same scheme made the fp32 and bf16 kernels slower, so they keep theirs. */
+#define I8_AHEAD 8192
 static inline void rows4_i8(const int16_t *xq, long K, const int8_t *w, float *out) {
+    const char *ahead = (const char *)w + W4 * K * ((I8_AHEAD + W4 * K - 1) / (W4 * K));
     for (int r = 0; r < W4; r++) out[r] = 0.f;
     for (long c0 = 0; c0 < K; c0 += CHUNK) {
         long c1 = c0 + CHUNK < K ? c0 + CHUNK : K, k = c0;
@@ -171,8 +177,9 @@ static inline void rows4_i8(const int16_t *xq, long K, const int8_t *w, float *o
         for (int r = 0; r < W4; r++) acc[r] = _mm512_setzero_si512();
         for (; k + 32 <= c1; k += 32) {
             __m512i xv = _mm512_loadu_si512((const void *)(xq + k));
+            _mm_prefetch(ahead + W4 * k, _MM_HINT_T0); /* 4 x 32 bytes consumed per step: two lines */
+            _mm_prefetch(ahead + W4 * k + 64, _MM_HINT_T0);
             for (int r = 0; r < W4; r++) {
-                _mm_prefetch((const char *)(w + r * K + k) + PREFETCH, _MM_HINT_T0);
                 __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + r * K + k)));
                 acc[r] = _mm512_dpwssd_epi32(acc[r], wv, xv);
             }
@@ -184,8 +191,8 @@ static inline void rows4_i8(const int16_t *xq, long K, const int8_t *w, float *o
         for (int r = 0; r < W4; r++) acc[r] = _mm256_setzero_si256();
         for (; k + 16 <= c1; k += 16) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k));
+            _mm_prefetch(ahead + W4 * k, _MM_HINT_T0); /* 4 x 16 bytes consumed per step: one line */
             for (int r = 0; r < W4; r++) {
-                _mm_prefetch((const char *)(w + r * K + k) + PREFETCH, _MM_HINT_T0);
                 __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + r * K + k)));
                 acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(wv, xv));
             }
