@@ -163,8 +163,9 @@ static inline void rows4_bf16(const float *x, const float *xs, long K, const uin
 /* int8: with AVX-512 VNNI (known at build time: -march=native), 32 products per vpdpwssd; else AVX2.
  * Prefetch: int8 rows are short (768 bytes in opt-125m), so 1 KiB ahead in a row lands in the rows being read
  * anyway. The four rows are one contiguous run, and a thread reads its runs one after another, so each step
- * fetches the same share of a run at least I8_AHEAD bytes further on. One pass over opt-125m's int8 weights
- * went from 21 to 30-35 GB/s; the same scheme made the fp32 and bf16 kernels slower, so they keep theirs. */
+ * fetches the same share of a run at least I8_AHEAD bytes further on. An opt-125m int8 decode step went from
+ * 6.6-6.8 to 5.7-6.0 ms (benchmarks/decode_profile.py); the same scheme made the fp32 and bf16 kernels slower
+ * (benchmarks/kernels.py --rows 1 --huge-pages), so they keep theirs. */
 #define I8_AHEAD 8192
 static inline void rows4_i8(const int16_t *xq, long K, const int8_t *w, float *out) {
     const char *ahead = (const char *)w + W4 * K * ((I8_AHEAD + W4 * K - 1) / (W4 * K));
