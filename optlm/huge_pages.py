@@ -94,9 +94,9 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
 
 
 # Caches come and go with every generate() call. A fresh region costs its page faults on first touch, and with
-# the usual ``defrag`` setting (``madvise``) a huge-page fault may wait for the kernel to compact memory: a
-# 128-token prompt's cache writes took from 2 to 20 ms on one machine. So the last few regions whose tensors
-# are all gone stay mapped and are handed out again, zeroed.
+# the usual ``defrag`` setting (``madvise``) a huge-page fault may wait for the kernel to compact memory, which
+# made a prompt's cache writes slow by a varying amount. So the last few regions whose tensors are all gone
+# stay mapped and are handed out again, zeroed.
 KEEP_FREE = 2  # unused regions kept for reuse (the memory they hold stays resident)
 _pool: list[tuple[mmap.mmap, int]] = []  # (mapping, its usable bytes), least recently handed out first
 _pool_lock = threading.Lock()
