@@ -97,7 +97,7 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
 # the usual ``defrag`` setting (``madvise``) a huge-page fault may wait for the kernel to compact memory, which
 # made a prompt's cache writes slow by a varying amount. So the last few regions whose tensors are all gone
 # stay mapped and are handed out again, zeroed.
-KEEP_FREE = 2  # unused regions kept for reuse (the memory they hold stays resident)
+KEEP_FREE = 2  # unused regions kept for reuse at each allocation (the memory they hold stays resident)
 _pool: list[tuple[mmap.mmap, int]] = []  # (mapping, its usable bytes), least recently handed out first
 _pool_lock = threading.Lock()
 
@@ -114,19 +114,20 @@ def _reused_region(nbytes: int) -> Tensor:
 
 
 def _reuse_or_map(nbytes: int) -> Tensor:
-    for entry in _pool:
-        if nbytes <= entry[1] <= 2 * nbytes and not _in_use(entry):
-            _pool.remove(entry)
-            _pool.append(entry)
-            out = _aligned(entry[0], nbytes)
-            out.zero_()
-            return out
-    entry = (_map(nbytes), nbytes)
-    _pool.append(entry)
+    entry = next((e for e in _pool if nbytes <= e[1] <= 2 * nbytes and not _in_use(e)), None)
+    reused = entry is not None
+    if reused:
+        _pool.remove(entry)
+    else:
+        entry = (_map(nbytes), nbytes)
+    out = _aligned(entry[0], nbytes)  # in use from here on
+    _pool.append(entry)  # most recently handed out last
     free = [e for e in _pool if not _in_use(e)]
     for e in free[:max(0, len(free) - KEEP_FREE)]:  # the oldest unused ones go (unmapped once unreferenced)
         _pool.remove(e)
-    return _aligned(entry[0], nbytes)  # anonymous memory starts zeroed
+    if reused:
+        out.zero_()  # fresh anonymous memory starts zeroed
+    return out
 
 
 @torch.no_grad()
